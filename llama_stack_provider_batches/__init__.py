@@ -1,0 +1,32 @@
+"""llama-stack-provider-batches: a production-grade OpenAI Batch API provider for llama-stack.
+
+Enable it by adding `module: llama_stack_provider_batches` to the batches provider of run.yaml.
+The stack then calls `provider.get_provider_spec()` and `get_provider_impl(config, deps, policy)`.
+"""
+
+from typing import Any
+
+from llama_stack.core.storage.kvstore import kvstore_impl
+from llama_stack_api import Api
+
+from .config import BatchesProviderConfig
+from .engine import BatchRunner
+from .service import BatchesService
+from .store import BatchStore
+
+__all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
+
+
+async def get_provider_impl(
+    config: BatchesProviderConfig, deps: dict[Api, Any], policy: list[Any] | None = None
+) -> BatchesService:
+    """Build the provider over the configured kvstore and the stack's inference, files and models APIs."""
+    missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
+    if missing:
+        raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
+    kvstore = await kvstore_impl(config.kvstore)
+    store = BatchStore(kvstore, config.kvstore.namespace)
+    runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
+    service = BatchesService(config, store, runner)
+    await service.initialize()
+    return service

@@ -1,0 +1,31 @@
+"""Operator settings, as written under the batches provider entry of run.yaml.
+
+The first three fields are those of llama-stack's built-in `inline::reference` provider, with the
+same names and defaults, so an existing run.yaml needs only the `module:` line. Every setting added
+here has a default that is safe for production.
+"""
+
+from typing import Any
+
+from llama_stack.core.storage.datatypes import KVStoreReference
+from pydantic import BaseModel, Field
+
+
+class BatchesProviderConfig(BaseModel):
+    """Configuration of the batches provider."""
+
+    kvstore: KVStoreReference = Field(description="Where batches are stored (a `kv_*` backend and a namespace).")
+    max_concurrent_batches: int = Field(default=1, ge=1, description="Batches processed at the same time.")
+    max_concurrent_requests_per_batch: int = Field(
+        default=10, ge=1, description="Requests of one batch in flight at the same time."
+    )
+    completion_window_seconds: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="How long a batch may run before it expires. OpenAI's `24h` window; shorter for tests.",
+    )
+
+    @classmethod
+    def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:
+        """The config block `llama stack` writes into a generated run.yaml."""
+        return {"kvstore": {"backend": "kv_default", "namespace": "batches"}}

@@ -1,0 +1,58 @@
+"""Sending one batch request through the stack's inference API, and turning the outcome into a result line."""
+
+from typing import Any
+
+import openai
+from llama_stack_api import (
+    Inference,
+    OpenAIChatCompletionRequestWithExtraBody,
+    OpenAICompletionRequestWithExtraBody,
+    OpenAIEmbeddingsRequestWithExtraBody,
+)
+from pydantic import BaseModel, ValidationError
+
+from . import formats
+from .input_file import RequestLine
+
+
+async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Run one request body against `endpoint`; return the response body as a JSON object."""
+    response: BaseModel
+    if endpoint == "/v1/chat/completions":
+        response = await inference.openai_chat_completion(  # type: ignore[assignment]
+            OpenAIChatCompletionRequestWithExtraBody.model_validate(body)
+        )
+    elif endpoint == "/v1/completions":
+        response = await inference.openai_completion(  # type: ignore[assignment]
+            OpenAICompletionRequestWithExtraBody.model_validate(body)
+        )
+    elif endpoint == "/v1/embeddings":
+        response = await inference.openai_embeddings(OpenAIEmbeddingsRequestWithExtraBody.model_validate(body))
+    else:
+        raise ValueError(f"Unsupported endpoint {endpoint!r}")
+    return response.model_dump(mode="json", exclude_none=True)
+
+
+def _backend_error(exc: openai.APIStatusError) -> dict[str, Any]:
+    """The OpenAI error object a backend sent, whether or not the client already unwrapped it."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body["error"] if isinstance(body.get("error"), dict) else body
+    return {**error, "message": error.get("message") or exc.message}
+
+
+def result_for_exception(request: RequestLine, exc: BaseException) -> dict[str, Any]:
+    """The error-file line for a request that raised `exc`."""
+    if isinstance(exc, openai.APIStatusError):
+        return formats.http_error_line(request.custom_id, exc.status_code, _backend_error(exc), exc.request_id)
+    if isinstance(exc, ValidationError):
+        error = {"message": str(exc), "type": "invalid_request_error", "code": "invalid_request"}
+        return formats.http_error_line(request.custom_id, 400, error)
+    status_code = getattr(exc, "status_code", None)
+    if isinstance(status_code, int) and 400 <= status_code < 600:
+        error = {"message": str(exc), "type": "invalid_request_error" if status_code < 500 else "server_error"}
+        return formats.http_error_line(request.custom_id, status_code, error)
+    if isinstance(exc, openai.APITimeoutError | TimeoutError):
+        return formats.failure_line(request.custom_id, "timeout", str(exc) or "The request timed out.")
+    if isinstance(exc, openai.APIConnectionError | ConnectionError):
+        return formats.failure_line(request.custom_id, "connection_error", str(exc))
+    return formats.failure_line(request.custom_id, "internal_error", f"{type(exc).__name__}: {exc}")

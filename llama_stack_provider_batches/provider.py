@@ -1,0 +1,16 @@
+"""The provider spec llama-stack reads when run.yaml names `module: llama_stack_provider_batches`."""
+
+from llama_stack_api import Api, InlineProviderSpec
+
+
+def get_provider_spec() -> InlineProviderSpec:
+    """Describe this package to the stack: a batches provider needing inference, files and models."""
+    return InlineProviderSpec(
+        api=Api.batches,
+        provider_type="inline::reference",
+        pip_packages=["llama-stack-provider-batches"],
+        module="llama_stack_provider_batches",
+        config_class="llama_stack_provider_batches.config.BatchesProviderConfig",
+        api_dependencies=[Api.inference, Api.files, Api.models],
+        description="Durable OpenAI-compatible Batch API with idempotent creation.",
+    )

@@ -1,0 +1,173 @@
+"""The Batches API surface: create, retrieve, cancel and list, as the stack and Python callers call them.
+
+The stack calls each method with its request model. Python callers (such as tests written against
+the upstream provider) may pass the same fields as keyword arguments, the idempotency key also
+under its older name `idem_tok`, and a plain batch id to retrieve and cancel.
+"""
+
+import time
+import uuid
+from collections.abc import Callable
+
+from llama_stack.log import get_logger
+from llama_stack_api import (
+    Batches,
+    BatchObject,
+    CancelBatchRequest,
+    ConflictError,
+    CreateBatchRequest,
+    ListBatchesRequest,
+    ListBatchesResponse,
+    RetrieveBatchRequest,
+)
+from openai.types.batch_request_counts import BatchRequestCounts
+
+from . import idempotency
+from .config import BatchesProviderConfig
+from .engine import BatchRunner
+from .idempotency import CreateParams
+from .lifecycle import is_terminal, transition
+from .store import DEFAULT_SCOPE, BatchStore, StoredBatch
+from .validation import InvalidParameterError, validate_create_params, validate_list_limit
+
+logger = get_logger(name=__name__, category="providers")
+
+
+def new_batch_id() -> str:
+    """A batch id in OpenAI's shape."""
+    return f"batch_{uuid.uuid4().hex}"
+
+
+class BatchesService(Batches):
+    """The provider object the stack routes `/v1/batches` to."""
+
+    def __init__(
+        self,
+        config: BatchesProviderConfig,
+        store: BatchStore,
+        runner: BatchRunner,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._runner = runner
+        self._clock = clock
+
+    async def initialize(self) -> None:
+        """Nothing to prepare: batches start running when created."""
+
+    async def shutdown(self) -> None:
+        """Stop background work, leaving every batch in a status it can resume from."""
+        await self._runner.shutdown()
+
+    # --- create ---------------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        request: CreateBatchRequest | None = None,
+        *,
+        input_file_id: str | None = None,
+        endpoint: str | None = None,
+        completion_window: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        idem_tok: str | None = None,
+    ) -> BatchObject:
+        """Create a batch, or return the one an earlier call with the same idempotency key created."""
+        if request is not None:
+            input_file_id, endpoint = request.input_file_id, request.endpoint
+            completion_window, metadata = request.completion_window, request.metadata
+            idempotency_key = request.idempotency_key
+        key = idempotency_key if idempotency_key is not None else idem_tok
+        validate_create_params(input_file_id, endpoint, completion_window, metadata)
+        params = CreateParams(
+            input_file_id=input_file_id,  # type: ignore[arg-type]  # checked just above
+            endpoint=endpoint,  # type: ignore[arg-type]
+            completion_window=completion_window,  # type: ignore[arg-type]
+            metadata=None if metadata is None else dict(metadata),
+        )
+        scope = DEFAULT_SCOPE
+        if key is None:
+            batch = await self._store_new_batch(new_batch_id(), params, scope, key=None)
+        else:
+            async with self._store.idempotency_guard(scope, key):
+                existing_id = await self._store.batch_id_for_key(scope, key)
+                existing = await self._store.get(existing_id) if existing_id else None
+                if existing is not None:
+                    if not idempotency.same_request(existing.batch, params):
+                        raise idempotency.conflict(key, existing.batch, params)
+                    return existing.batch
+                # The key is written before the batch, so a crash in between leaves a key whose
+                # batch is missing; a retry then creates the batch under the id the key names.
+                batch_id = existing_id or new_batch_id()
+                if existing_id is None:
+                    await self._store.remember_key(scope, key, batch_id)
+                batch = await self._store_new_batch(batch_id, params, scope, key)
+        self._runner.submit(batch.id)
+        return batch
+
+    async def _store_new_batch(self, batch_id: str, params: CreateParams, scope: str, key: str | None) -> BatchObject:
+        now = int(self._clock())
+        batch = BatchObject(
+            id=batch_id,
+            object="batch",
+            endpoint=params.endpoint,
+            input_file_id=params.input_file_id,
+            completion_window=params.completion_window,
+            status="validating",
+            created_at=now,
+            expires_at=now + self._config.completion_window_seconds,
+            metadata=None if params.metadata is None else dict(params.metadata),
+            request_counts=BatchRequestCounts(total=0, completed=0, failed=0),
+        )
+        position = await self._store.append_to_index(scope, batch_id)
+        await self._store.put(StoredBatch(batch=batch, scope=scope, idempotency_key=key, index_position=position))
+        logger.info("Created batch", batch_id=batch_id, idempotent=key is not None)
+        return batch
+
+    # --- retrieve and cancel --------------------------------------------------------------------
+
+    async def retrieve_batch(self, request: RetrieveBatchRequest | str) -> BatchObject:
+        """The batch with this id; BatchNotFoundError (HTTP 404) if there is none."""
+        batch_id = request if isinstance(request, str) else request.batch_id
+        return await self._store.get_batch(batch_id)
+
+    async def cancel_batch(self, request: CancelBatchRequest | str) -> BatchObject:
+        """Ask a batch to stop. Finished batches refuse (HTTP 409); cancelling ones are returned as they are."""
+        batch_id = request if isinstance(request, str) else request.batch_id
+
+        def to_cancelling(batch: BatchObject) -> BatchObject:
+            if batch.status in ("cancelling", "cancelled"):
+                return batch
+            if is_terminal(batch.status):
+                raise ConflictError(f"Cannot cancel a batch with status '{batch.status}'.")
+            return transition(batch, "cancelling", int(self._clock()))
+
+        batch = await self._store.update(batch_id, to_cancelling)
+        self._runner.request_cancel(batch_id)
+        return batch
+
+    # --- list -----------------------------------------------------------------------------------
+
+    async def list_batches(
+        self, request: ListBatchesRequest | None = None, *, after: str | None = None, limit: int = 20
+    ) -> ListBatchesResponse:
+        """A page of batches, newest first, starting after the batch id `after`."""
+        if request is not None:
+            after, limit = request.after, request.limit
+        limit = validate_list_limit(limit)
+        scope = DEFAULT_SCOPE
+        before = None
+        if after is not None:
+            cursor = await self._store.get(after)
+            if cursor is None or cursor.scope != scope or cursor.index_position is None:
+                raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")
+            before = cursor.index_position
+        ids = await self._store.newest_ids(scope, before, limit + 1)
+        page = [stored.batch for stored in await self._store.get_many(ids[:limit])]
+        return ListBatchesResponse(
+            data=page,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(ids) > limit,
+        )

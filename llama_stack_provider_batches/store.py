@@ -1,0 +1,194 @@
+"""How batches are laid out in the stack's key-value store, and the only code that reads or writes it.
+
+Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release migrates from):
+
+    batch/<batch_id>               StoredBatch JSON: the OpenAI batch object plus provider bookkeeping
+    idem/<scope>/<sha256(key)>     the batch id an idempotency key was first used for
+    index/<scope>/head             IndexHead JSON: the newest index page and how full it is
+    index/<scope>/page/<n>         JSON list of up to PAGE_SIZE batch ids, oldest first
+
+`scope` separates the batches of different owners; it is `_` while batches have no owner.
+
+The key-value interface only guarantees point reads and writes: its range queries differ between
+backends (inclusive or exclusive ends, prefix scans over the whole keyspace on Redis). The list
+index is therefore a chain of fixed-size pages read by key, so a page of `limit` batches costs
+about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many batches exist.
+
+Read-modify-write sequences (status updates, index appends) are serialised per key with asyncio
+locks, which is enough inside one server process.
+"""
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from llama_stack_api import BatchNotFoundError, BatchObject
+from llama_stack_api.internal.kvstore import KVStore
+from pydantic import BaseModel
+
+LAYOUT_VERSION = "v1"
+PAGE_SIZE = 100
+DEFAULT_SCOPE = "_"
+
+
+class IndexPosition(BaseModel):
+    """Where a batch id sits in its scope's list index."""
+
+    page: int
+    slot: int
+
+
+class StoredBatch(BaseModel):
+    """A batch as stored: the object clients see, and what the provider keeps beside it."""
+
+    batch: BatchObject
+    scope: str = DEFAULT_SCOPE
+    idempotency_key: str | None = None
+    index_position: IndexPosition | None = None
+
+
+class IndexHead(BaseModel):
+    """The newest page of a scope's index and the number of ids in it."""
+
+    page: int = 0
+    count: int = 0
+
+
+class KeyedLocks:
+    """One asyncio lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                del self._users[key]
+                del self._locks[key]
+
+
+class BatchStore:
+    """Batches, idempotency keys and the list index, kept in one KVStore namespace."""
+
+    def __init__(self, kvstore: KVStore, namespace: str) -> None:
+        self._kv = kvstore
+        # The SQLite backend ignores the stack's namespace, so every key carries it as well.
+        self._prefix = f"{namespace}/{LAYOUT_VERSION}/"
+        self._locks = KeyedLocks()
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def _batch_key(self, batch_id: str) -> str:
+        return f"{self._prefix}batch/{batch_id}"
+
+    def _idempotency_key(self, scope: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self._prefix}idem/{scope}/{digest}"
+
+    def _index_head_key(self, scope: str) -> str:
+        return f"{self._prefix}index/{scope}/head"
+
+    def _index_page_key(self, scope: str, page: int) -> str:
+        return f"{self._prefix}index/{scope}/page/{page}"
+
+    # --- batches --------------------------------------------------------------------------------
+
+    async def get(self, batch_id: str) -> StoredBatch | None:
+        """The stored batch, or None if there is none with this id."""
+        raw = await self._kv.get(self._batch_key(batch_id))
+        return StoredBatch.model_validate_json(raw) if raw else None
+
+    async def get_batch(self, batch_id: str) -> BatchObject:
+        """The batch object; BatchNotFoundError if there is none."""
+        stored = await self.get(batch_id)
+        if stored is None:
+            raise BatchNotFoundError(batch_id)
+        return stored.batch
+
+    async def put(self, stored: StoredBatch) -> None:
+        """Write a batch record as it is (creation; updates go through `update`)."""
+        await self._kv.set(self._batch_key(stored.batch.id), stored.model_dump_json())
+
+    async def update(self, batch_id: str, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
+        """Apply `change` to the stored batch atomically with respect to other updates; return the result.
+
+        `change` may raise (for example IllegalTransitionError); then nothing is written.
+        """
+        async with self._locks.hold(self._batch_key(batch_id)):
+            stored = await self.get(batch_id)
+            if stored is None:
+                raise BatchNotFoundError(batch_id)
+            changed = change(stored.batch)
+            if changed is not stored.batch:
+                await self.put(stored.model_copy(update={"batch": changed}))
+            return changed
+
+    # --- idempotency keys -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def idempotency_guard(self, scope: str, key: str) -> AsyncIterator[None]:
+        """Serialise creates that use the same idempotency key."""
+        async with self._locks.hold(self._idempotency_key(scope, key)):
+            yield
+
+    async def batch_id_for_key(self, scope: str, key: str) -> str | None:
+        """The batch id an idempotency key was first used for, if any."""
+        return await self._kv.get(self._idempotency_key(scope, key))
+
+    async def remember_key(self, scope: str, key: str, batch_id: str) -> None:
+        """Record that an idempotency key now names `batch_id`."""
+        await self._kv.set(self._idempotency_key(scope, key), batch_id)
+
+    # --- list index -----------------------------------------------------------------------------
+
+    async def _read_page(self, scope: str, page: int) -> list[str]:
+        raw = await self._kv.get(self._index_page_key(scope, page))
+        return json.loads(raw) if raw else []
+
+    async def _read_head(self, scope: str) -> IndexHead:
+        raw = await self._kv.get(self._index_head_key(scope))
+        return IndexHead.model_validate_json(raw) if raw else IndexHead()
+
+    async def append_to_index(self, scope: str, batch_id: str) -> IndexPosition:
+        """Add a batch id as the newest entry of its scope's index; return where it went."""
+        async with self._locks.hold(self._index_head_key(scope)):
+            head = await self._read_head(scope)
+            if head.count == PAGE_SIZE:
+                head = IndexHead(page=head.page + 1, count=0)
+            ids = await self._read_page(scope, head.page) if head.count else []
+            # A page may hold ids beyond head.count if a previous append died between its two writes.
+            ids = [*ids[: head.count], batch_id]
+            await self._kv.set(self._index_page_key(scope, head.page), json.dumps(ids))
+            await self._kv.set(self._index_head_key(scope), IndexHead(page=head.page, count=len(ids)).model_dump_json())
+            return IndexPosition(page=head.page, slot=len(ids) - 1)
+
+    async def newest_ids(self, scope: str, before: IndexPosition | None, count: int) -> list[str]:
+        """Up to `count` batch ids of a scope, newest first, all older than `before` if it is given."""
+        if before is None:
+            head = await self._read_head(scope)
+            if head.count == 0:
+                return []
+            page, end = head.page, head.count
+        else:
+            page, end = before.page, before.slot
+        found: list[str] = []
+        while len(found) < count and page >= 0:
+            ids = await self._read_page(scope, page)
+            found.extend(reversed(ids[:end]))
+            page, end = page - 1, PAGE_SIZE
+        return found[:count]
+
+    async def get_many(self, batch_ids: list[str]) -> list[StoredBatch]:
+        """The stored batches for these ids, in the same order, skipping ids with no record."""
+        found = await asyncio.gather(*(self.get(batch_id) for batch_id in batch_ids))
+        return [stored for stored in found if stored is not None]

@@ -1,0 +1,143 @@
+"""Unit-test fixtures: the provider built through `get_provider_impl` over a real SQLite kvstore,
+with in-memory stand-ins for the stack's Files, Inference and Models APIs."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llama_stack.core.storage.datatypes import KVStoreReference, SqliteKVStoreConfig
+from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
+from llama_stack_api import Api, ModelNotFoundError
+from pydantic import BaseModel
+
+from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
+from llama_stack_provider_batches.store import BatchStore
+
+
+class FakeResponse(BaseModel, extra="allow"):
+    """Any OpenAI response body: the engine only dumps it to JSON."""
+
+
+class FakeFiles:
+    """The Files API, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.contents: dict[str, bytes] = {}
+        self.names: dict[str, str] = {}
+
+    def add(self, content: bytes, name: str = "input.jsonl") -> str:
+        file_id = f"file-{uuid.uuid4().hex}"
+        self.contents[file_id] = content
+        self.names[file_id] = name
+        return file_id
+
+    async def openai_retrieve_file_content(self, request: Any) -> Any:
+        if request.file_id not in self.contents:
+            raise FileNotFoundError(request.file_id)
+        return FakeResponse(body=self.contents[request.file_id])
+
+    async def openai_upload_file(self, request: Any, file: Any) -> Any:
+        file_id = self.add(await file.read(), file.filename)
+        return FakeResponse(id=file_id, purpose=request.purpose)
+
+
+class FakeInference:
+    """The Inference API: echoes prompts; `behaviour(body)` may raise or wait to script a request."""
+
+    def __init__(self) -> None:
+        self.behaviour: Callable[[dict[str, Any]], Any] | None = None
+        self.calls: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def _answer(self, params: BaseModel, kind: str) -> FakeResponse:
+        body = params.model_dump(exclude_none=True)
+        self.calls.append(body)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.behaviour is not None:
+                outcome = self.behaviour(body)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            await asyncio.sleep(0)
+            return FakeResponse(object=kind, model=body["model"], echo=str(body.get("messages") or body.get("prompt")))
+        finally:
+            self.in_flight -= 1
+
+    async def openai_chat_completion(self, params: BaseModel) -> FakeResponse:
+        return await self._answer(params, "chat.completion")
+
+    async def openai_completion(self, params: BaseModel) -> FakeResponse:
+        return await self._answer(params, "text_completion")
+
+    async def openai_embeddings(self, params: BaseModel) -> FakeResponse:
+        return await self._answer(params, "list")
+
+
+class FakeModels:
+    """The Models API, knowing a fixed set of model ids."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+        self.lookups: list[str] = []
+
+    async def get_model(self, request: Any) -> Any:
+        self.lookups.append(request.model_id)
+        if request.model_id not in self.known:
+            raise ModelNotFoundError(request.model_id)
+        return FakeResponse(identifier=request.model_id)
+
+
+@pytest.fixture
+def files() -> FakeFiles:
+    return FakeFiles()
+
+
+@pytest.fixture
+def inference() -> FakeInference:
+    return FakeInference()
+
+
+@pytest.fixture
+def models() -> FakeModels:
+    return FakeModels({"local/m-chat", "local/m-embed"})
+
+
+@pytest.fixture
+def kvstore_reference(tmp_path: Path) -> KVStoreReference:
+    register_kvstore_backends({"kv_unit": SqliteKVStoreConfig(db_path=str(tmp_path / "kv.db"))})
+    return KVStoreReference(backend="kv_unit", namespace="batches")
+
+
+@pytest.fixture
+def config(kvstore_reference: KVStoreReference) -> BatchesProviderConfig:
+    return BatchesProviderConfig(kvstore=kvstore_reference, max_concurrent_requests_per_batch=4)
+
+
+@pytest.fixture
+async def store(kvstore_reference: KVStoreReference) -> BatchStore:
+    return BatchStore(await kvstore_impl(kvstore_reference), kvstore_reference.namespace)
+
+
+@pytest.fixture
+async def provider(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> AsyncIterator[BatchesService]:
+    deps = {Api.files: files, Api.inference: inference, Api.models: models}
+    service = await get_provider_impl(config, deps, [])
+    yield service
+    await service.shutdown()
+
+
+@pytest.fixture
+def sample_batch_data() -> dict[str, Any]:
+    return {
+        "input_file_id": "file-abc123",
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        "metadata": {"purpose": "unit-test"},
+    }

@@ -1,12 +1,15 @@
 """Checks of what a client sends to create or list batches. Pure functions, no I/O.
 
-A failed check raises InvalidParameterError, a ValueError, which the stack answers with HTTP 400.
-The stack's error body carries only a message, so the message names the parameter and the OpenAI
-error code; the exception keeps both as attributes for Python callers.
+A failed check raises InvalidParameterError, which the stack answers with HTTP 400. The stack's
+error body carries only a message, so the message names the parameter and the OpenAI error code;
+the exception keeps both as attributes (`param`, `code`) for Python callers.
 """
 
 from collections.abc import Mapping
 from typing import Any
+
+import httpx
+import openai
 
 SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SUPPORTED_COMPLETION_WINDOWS: tuple[str, ...] = ("24h",)
@@ -19,13 +22,19 @@ MIN_LIST_LIMIT = 1
 MAX_LIST_LIMIT = 100
 
 
-class InvalidParameterError(ValueError):
-    """A request parameter that OpenAI's Batch API would refuse with HTTP 400."""
+class InvalidParameterError(openai.BadRequestError, ValueError):
+    """A request parameter that OpenAI's Batch API would refuse with HTTP 400.
+
+    Why openai.BadRequestError: the stack registers its error handler for that class (and answers
+    400), while a plain ValueError reaches Starlette's catch-all handler, which answers 400 too but
+    then re-raises, and uvicorn drops the client's keep-alive connection.
+    """
 
     def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
-        super().__init__(f"{message} (param: {param}, code: {code})")
-        self.param = param
-        self.code = code
+        text = f"{message} (param: {param}, code: {code})"
+        error = {"message": text, "type": "invalid_request_error", "param": param, "code": code}
+        response = httpx.Response(400, request=httpx.Request("POST", "/v1/batches"))
+        super().__init__(text, response=response, body=error)
 
 
 def validate_create_params(

@@ -1,0 +1,60 @@
+"""Integration fixtures: per test session, the stand-in model server and a real `llama stack run`
+with this provider, both separate processes on free ports, driven through real clients."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from llama_stack_client import LlamaStackClient
+from openai import OpenAI
+
+from tests.integration.servers import ServerProcess, StandInControl, start_stack, start_standin
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def standin_server(run_dir: Path) -> Iterator[ServerProcess]:
+    server = start_standin(run_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def standin(standin_server: ServerProcess) -> Iterator[StandInControl]:
+    """The stand-in's controls; its behaviour is reset to instant, clean answers after each test."""
+    control = StandInControl(standin_server.url)
+    yield control
+    control.configure(latency_mean=0, latency_sigma=0, fail_503=0, fail_429=0)
+
+
+@pytest.fixture(scope="session")
+def stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
+    server = start_stack(run_dir, run_dir / "state", f"{standin_server.url}/v1")
+    # The stack's SQLite inference store fails under concurrent writes until its table exists:
+    # one request first creates it.
+    OpenAI(base_url=f"{server.url}/v1", api_key="none").chat.completions.create(
+        model="local/m-chat", messages=[{"role": "user", "content": "warm up"}]
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_client(stack: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def stack_client(stack: ServerProcess) -> LlamaStackClient:
+    return LlamaStackClient(base_url=stack.url, max_retries=0, timeout=60)

@@ -1,0 +1,104 @@
+"""Starting and stopping the real processes integration tests talk to: the stand-in model server
+and `llama stack run` with this provider."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
+RUN_YAML = REPO / "run.yaml"
+LLAMA = Path(sys.executable).parent / "llama"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A server started by the tests, with its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_healthy(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not become healthy in {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _spawn(name: str, command: list[str], log_path: Path, url: str, env: dict[str, str]) -> ServerProcess:
+    log = log_path.open("ab")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
+    return ServerProcess(name, process, url, log_path)
+
+
+def start_standin(log_dir: Path, **behaviour: Any) -> ServerProcess:
+    """The stand-in model server on a free port; `behaviour` as its command-line options."""
+    port = free_port()
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in behaviour.items()]
+    command = [sys.executable, str(STANDIN_SCRIPT), "--port", str(port), *options]
+    server = _spawn("stand-in", command, log_dir / "standin.log", f"http://127.0.0.1:{port}", {})
+    server.wait_healthy("/health", timeout=30)
+    return server
+
+
+def start_stack(log_dir: Path, state_dir: Path, model_url: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """`llama stack run run.yaml` on a free port with its state under `state_dir`."""
+    port = free_port()
+    command = [str(LLAMA), "stack", "run", str(RUN_YAML), "--port", str(port)]
+    variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
+    server = _spawn("llama stack", command, log_dir / f"stack-{port}.log", f"http://127.0.0.1:{port}", variables)
+    server.wait_healthy("/v1/health", timeout=120)
+    return server
+
+
+class StandInControl:
+    """The stand-in's admin endpoints: counters and behaviour."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/admin/stats", timeout=10).json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/admin/reset", timeout=10).raise_for_status()
+
+    def configure(self, **behaviour: float) -> None:
+        httpx.post(f"{self.url}/admin/config", json=behaviour, timeout=10).raise_for_status()

@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from llama_stack_client import LlamaStackClient
 from llama_stack_client import ConflictError as StackConflictError
+from llama_stack_client import LlamaStackClient
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl, wait_for_batch

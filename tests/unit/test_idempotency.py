@@ -1,19 +1,11 @@
 from llama_stack_api import BatchObject, ConflictError
 
 from llama_stack_provider_batches.idempotency import CreateParams, conflict, same_request
+from tests.unit.helpers import make_batch
 
 
 def stored(metadata: dict[str, str] | None) -> BatchObject:
-    return BatchObject(
-        id="batch_1",
-        object="batch",
-        endpoint="/v1/chat/completions",
-        input_file_id="file-1",
-        completion_window="24h",
-        status="completed",
-        created_at=1,
-        metadata=metadata,
-    )
+    return make_batch(status="completed", metadata=metadata)
 
 
 def params(**change: object) -> CreateParams:

@@ -1,5 +1,4 @@
 import pytest
-from llama_stack_api import BatchObject
 
 from llama_stack_provider_batches.lifecycle import (
     ALLOWED_MOVES,
@@ -9,18 +8,7 @@ from llama_stack_provider_batches.lifecycle import (
     is_terminal,
     transition,
 )
-
-
-def make_batch(status: str) -> BatchObject:
-    return BatchObject(
-        id="batch_1",
-        object="batch",
-        endpoint="/v1/chat/completions",
-        input_file_id="file-1",
-        completion_window="24h",
-        status=status,
-        created_at=100,
-    )
+from tests.unit.helpers import make_batch
 
 
 def test_terminal_statuses_are_exactly_the_openai_end_states() -> None:
@@ -30,7 +18,7 @@ def test_terminal_statuses_are_exactly_the_openai_end_states() -> None:
 @pytest.mark.parametrize("current", sorted(ALLOWED_MOVES))
 @pytest.mark.parametrize("target", sorted(ALLOWED_MOVES))
 def test_transition_follows_the_table(current: str, target: str) -> None:
-    batch = make_batch(current)
+    batch = make_batch(status=current)
     if target in ALLOWED_MOVES[current]:
         moved = transition(batch, target, now=200)
         assert moved.status == target
@@ -52,12 +40,12 @@ def test_transition_follows_the_table(current: str, target: str) -> None:
     ],
 )
 def test_entering_a_status_stamps_its_timestamp(current: str, target: str, stamp: str) -> None:
-    moved = transition(make_batch(current), target, now=321)
+    moved = transition(make_batch(status=current), target, now=321)
     assert getattr(moved, stamp) == 321
 
 
 def test_transition_sets_extra_fields_and_leaves_the_original_alone() -> None:
-    original = make_batch("finalizing")
+    original = make_batch(status="finalizing")
     moved = transition(original, "completed", now=5, output_file_id="file-out")
     assert moved.output_file_id == "file-out"
     assert original.status == "finalizing"
@@ -73,5 +61,5 @@ def test_a_cancel_cannot_be_undone() -> None:
 
 def test_illegal_transition_is_a_conflict_naming_both_statuses() -> None:
     with pytest.raises(IllegalTransitionError, match="'completed' to 'in_progress'") as info:
-        transition(make_batch("completed"), "in_progress", now=1)
+        transition(make_batch(status="completed"), "in_progress", now=1)
     assert info.value.status_code == 409

@@ -19,6 +19,7 @@ from llama_stack_api import BatchNotFoundError, BatchObject
 
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.store import PAGE_SIZE, BatchStore, KeyedLocks, StoredBatch
+from tests.unit.helpers import make_batch
 
 
 def server_up(port: int) -> bool:
@@ -64,29 +65,16 @@ async def kv_store(request, tmp_path: Path) -> AsyncIterator[BatchStore]:
     await kvstore.shutdown()
 
 
-def make_batch(batch_id: str, created_at: int = 1, status: str = "validating") -> BatchObject:
-    return BatchObject(
-        id=batch_id,
-        object="batch",
-        endpoint="/v1/chat/completions",
-        input_file_id="file-1",
-        completion_window="24h",
-        status=status,
-        created_at=created_at,
-        metadata={"k": "v"},
-    )
-
-
 async def add(store: BatchStore, batch_id: str, scope: str = "_") -> None:
     position = await store.append_to_index(scope, batch_id)
     await store.put(StoredBatch(batch=make_batch(batch_id), scope=scope, index_position=position))
 
 
 async def test_put_get_round_trip(kv_store: BatchStore) -> None:
-    await kv_store.put(StoredBatch(batch=make_batch("batch_a"), idempotency_key="k"))
+    await kv_store.put(StoredBatch(batch=make_batch("batch_a", metadata={"k": "v"}), idempotency_key="k"))
     stored = await kv_store.get("batch_a")
     assert stored is not None
-    assert stored.batch == make_batch("batch_a")
+    assert stored.batch == make_batch("batch_a", metadata={"k": "v"})
     assert stored.idempotency_key == "k"
     assert await kv_store.get("batch_missing") is None
     with pytest.raises(BatchNotFoundError):

@@ -24,6 +24,11 @@ class BatchesProviderConfig(BaseModel):
         ge=1,
         description="How long a batch may run before it expires. OpenAI's `24h` window; shorter for tests.",
     )
+    cancel_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="After a cancel or expiry, how long requests in flight may still finish before they are abandoned.",
+    )
 
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:

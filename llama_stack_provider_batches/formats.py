@@ -65,12 +65,19 @@ def failure_line(custom_id: str, code: str, message: str) -> JsonObject:
     }
 
 
+def expired_line(custom_id: str) -> JsonObject:
+    """An error-file line for a request the completion window closed on before it ran."""
+    return failure_line(
+        custom_id, "batch_expired", "This request could not be executed before the completion window expired."
+    )
+
+
 def is_success(line: JsonObject) -> bool:
     """Whether a result line belongs in the output file rather than the error file."""
     response = line.get("response")
     return response is not None and response.get("status_code") == 200
 
 
-def to_jsonl(lines: list[JsonObject]) -> bytes:
-    """Result lines as the bytes of a JSONL file."""
-    return "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+def dumps(line: JsonObject) -> str:
+    """One result line as compact JSON (no newline inside, so it is one line of a JSONL file)."""
+    return json.dumps(line, separators=(",", ":"))

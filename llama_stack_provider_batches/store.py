@@ -3,6 +3,7 @@
 Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release migrates from):
 
     batch/<batch_id>               StoredBatch JSON: the OpenAI batch object plus provider bookkeeping
+    results/<batch_id>/<n>         the n-th chunk of finished request results, in finishing order
     idem/<scope>/<sha256(key)>     the batch id an idempotency key was first used for
     index/<scope>/head             IndexHead JSON: the newest index page and how full it is
     index/<scope>/page/<n>         JSON list of up to PAGE_SIZE batch ids, oldest first
@@ -14,6 +15,11 @@ backends (inclusive or exclusive ends, prefix scans over the whole keyspace on R
 index is therefore a chain of fixed-size pages read by key, so a page of `limit` batches costs
 about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many batches exist.
 
+A results chunk is text, one entry a line: `<position>\t<1 if success else 0>\t<result line JSON>`
+(JSON never holds a raw tab or newline), so finalizing copies result lines into files without
+parsing them again. Chunks are written before the batch record counts them, and read back by
+probing keys in order, so a crash between the two writes loses nothing.
+
 Read-modify-write sequences (status updates, index appends) are serialised per key with asyncio
 locks, which is enough inside one server process.
 """
@@ -23,6 +29,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_api.internal.kvstore import KVStore
@@ -47,6 +54,30 @@ class StoredBatch(BaseModel):
     scope: str = DEFAULT_SCOPE
     idempotency_key: str | None = None
     index_position: IndexPosition | None = None
+    result_chunks: int = 0
+    # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
+    uploaded_files: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class ResultEntry:
+    """The result of one request: its position among the file's requests, and its result line."""
+
+    position: int
+    ok: bool
+    line_json: str
+
+
+def encode_results(entries: list[ResultEntry]) -> str:
+    return "".join(f"{e.position}\t{int(e.ok)}\t{e.line_json}\n" for e in entries)
+
+
+def decode_results(text: str) -> list[ResultEntry]:
+    entries = []
+    for row in text.splitlines():
+        position, ok, line_json = row.split("\t", 2)
+        entries.append(ResultEntry(int(position), ok == "1", line_json))
+    return entries
 
 
 class IndexHead(BaseModel):
@@ -95,6 +126,9 @@ class BatchStore:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{self._prefix}idem/{scope}/{digest}"
 
+    def _results_key(self, batch_id: str, chunk: int) -> str:
+        return f"{self._prefix}results/{batch_id}/{chunk}"
+
     def _index_head_key(self, scope: str) -> str:
         return f"{self._prefix}index/{scope}/head"
 
@@ -119,8 +153,8 @@ class BatchStore:
         """Write a batch record as it is (creation; updates go through `update`)."""
         await self._kv.set(self._batch_key(stored.batch.id), stored.model_dump_json())
 
-    async def update(self, batch_id: str, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
-        """Apply `change` to the stored batch atomically with respect to other updates; return the result.
+    async def update_record(self, batch_id: str, change: Callable[[StoredBatch], StoredBatch]) -> StoredBatch:
+        """Apply `change` to the stored record atomically with respect to other updates; return the result.
 
         `change` may raise (for example IllegalTransitionError); then nothing is written.
         """
@@ -128,10 +162,47 @@ class BatchStore:
             stored = await self.get(batch_id)
             if stored is None:
                 raise BatchNotFoundError(batch_id)
-            changed = change(stored.batch)
-            if changed is not stored.batch:
-                await self.put(stored.model_copy(update={"batch": changed}))
+            changed = change(stored)
+            if changed != stored:
+                await self.put(changed)
             return changed
+
+    async def update(self, batch_id: str, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
+        """Apply `change` to the stored batch object, as `update_record` does; return the new batch."""
+        stored = await self.update_record(batch_id, lambda s: s.model_copy(update={"batch": change(s.batch)}))
+        return stored.batch
+
+    # --- request results ------------------------------------------------------------------------
+
+    async def save_results(
+        self, batch_id: str, entries: list[ResultEntry], change: Callable[[BatchObject], BatchObject]
+    ) -> BatchObject:
+        """Store a chunk of results durably, then count it in the record and apply `change` to the batch."""
+        async with self._locks.hold(self._batch_key(batch_id)):
+            stored = await self.get(batch_id)
+            if stored is None:
+                raise BatchNotFoundError(batch_id)
+            await self._kv.set(self._results_key(batch_id, stored.result_chunks), encode_results(entries))
+            changed = stored.model_copy(
+                update={"batch": change(stored.batch), "result_chunks": stored.result_chunks + 1}
+            )
+            await self.put(changed)
+            return changed.batch
+
+    async def load_results(self, batch_id: str) -> list[ResultEntry]:
+        """Every stored result of a batch; also repairs the record's chunk count after a crash."""
+        entries: list[ResultEntry] = []
+        chunk = 0
+        while (text := await self._kv.get(self._results_key(batch_id, chunk))) is not None:
+            entries.extend(decode_results(text))
+            chunk += 1
+        await self.update_record(batch_id, lambda s: s.model_copy(update={"result_chunks": chunk}))
+        return entries
+
+    async def delete_results(self, batch_id: str, chunks: int) -> None:
+        """Drop the result chunks of a finished batch (its files now hold them)."""
+        for chunk in range(chunks):
+            await self._kv.delete(self._results_key(batch_id, chunk))
 
     # --- idempotency keys -----------------------------------------------------------------------
 

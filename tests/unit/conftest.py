@@ -34,6 +34,11 @@ class FakeFiles:
         self.names[file_id] = name
         return file_id
 
+    async def openai_retrieve_file(self, request: Any) -> Any:
+        if request.file_id not in self.contents:
+            raise FileNotFoundError(request.file_id)
+        return FakeResponse(id=request.file_id, bytes=len(self.contents[request.file_id]))
+
     async def openai_retrieve_file_content(self, request: Any) -> Any:
         if request.file_id not in self.contents:
             raise FileNotFoundError(request.file_id)
@@ -64,7 +69,9 @@ class FakeInference:
                 if asyncio.iscoroutine(outcome):
                     await outcome
             await asyncio.sleep(0)
-            return FakeResponse(object=kind, model=body["model"], echo=str(body.get("messages") or body.get("prompt")))
+            echo = str(body.get("messages") or body.get("prompt"))
+            usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+            return FakeResponse(object=kind, model=body["model"], echo=echo, usage=usage)
         finally:
             self.in_flight -= 1
 

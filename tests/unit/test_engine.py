@@ -193,3 +193,157 @@ async def test_other_endpoints_run(provider: BatchesService, files: FakeFiles, e
     batch = await provider.retrieve_batch(batch.id)
     assert batch.status == "completed"
     assert read_lines(files, batch.output_file_id)[0]["custom_id"] == "x"
+
+
+def provider_with(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels, **settings: Any
+):
+    from llama_stack_api import Api
+
+    deps = {Api.files: files, Api.inference: inference, Api.models: models}
+    return get_provider_impl(config.model_copy(update=settings), deps)
+
+
+async def test_usage_and_model_are_filled(provider: BatchesService, files: FakeFiles) -> None:
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(4)])
+    assert batch.model == "local/m-chat"
+    assert (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (12, 8, 20)
+
+
+async def test_counts_move_while_the_batch_runs(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    async def slow(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+
+    inference.behaviour = slow
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(80)]))  # about 1 s at a window of 4
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    seen: set[int] = set()
+    while (current := await provider.retrieve_batch(batch.id)).status not in ("completed", "failed"):
+        seen.add(current.request_counts.completed)
+        await asyncio.sleep(0.05)
+    assert len(seen - {0, 80}) >= 1  # at least one count strictly between start and end was visible
+
+
+async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    gate = asyncio.Event()
+
+    async def hold_the_last(body: dict[str, Any]) -> None:
+        if "last" in str(body["messages"]):
+            await gate.wait()
+
+    inference.behaviour = hold_the_last
+    file_id = files.add(jsonl([*(chat_line(f"r{i}") for i in range(9)), chat_line("z", "last")]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    for _ in range(100):
+        if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
+            break
+        await asyncio.sleep(0.05)
+    stored = await provider._store.load_results(batch.id)
+    assert len(stored) == 9  # durable while the batch still runs
+    gate.set()
+    await provider._runner.wait_idle()
+    assert await provider._store.load_results(batch.id) == []
+
+
+async def test_expiry_writes_partial_output_and_expired_lines(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def slow_after_three(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 3:
+            await asyncio.sleep(30)
+
+    inference.behaviour = slow_after_three
+    provider = await provider_with(
+        config,
+        files,
+        inference,
+        models,
+        completion_window_seconds=1,
+        cancel_grace_seconds=0.1,
+        max_concurrent_requests_per_batch=1,
+    )
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(10)])
+    assert batch.status == "expired"
+    assert batch.expired_at is not None
+    assert [line["custom_id"] for line in read_lines(files, batch.output_file_id)] == ["r0", "r1", "r2"]
+    errors = read_lines(files, batch.error_file_id)
+    assert [line["custom_id"] for line in errors] == [f"r{i}" for i in range(3, 10)]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 7)
+    await provider.shutdown()
+
+
+async def test_cancel_abandons_stuck_requests_after_the_grace_period(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def stuck_after_two(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 2:
+            await asyncio.sleep(3600)
+
+    inference.behaviour = stuck_after_two
+    provider = await provider_with(config, files, inference, models, cancel_grace_seconds=0.2)
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(10)]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    while len(inference.calls) < 6:
+        await asyncio.sleep(0.01)
+    await provider.cancel_batch(batch.id)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=5)
+    batch = await provider.retrieve_batch(batch.id)
+    assert batch.status == "cancelled"
+    assert len(read_lines(files, batch.output_file_id)) == 2
+    await provider.shutdown()
+
+
+async def test_a_resumed_job_skips_requests_whose_results_are_stored(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def stop_after_five(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 5:
+            await asyncio.sleep(3600)
+
+    inference.behaviour = stop_after_five
+    first = await provider_with(config, files, inference, models, max_concurrent_requests_per_batch=2)
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
+    batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    while (await first.retrieve_batch(batch.id)).request_counts.completed < 5:
+        await asyncio.sleep(0.05)
+    await first.shutdown()  # as a server stop: the batch stays in_progress
+    assert (await first.retrieve_batch(batch.id)).status == "in_progress"
+
+    inference.behaviour = None
+    calls_before = len(inference.calls)
+    second = await provider_with(config, files, inference, models)
+    second._runner.submit(batch.id)
+    await second._runner.wait_idle()
+    batch = await second.retrieve_batch(batch.id)
+    assert batch.status == "completed"
+    assert len(inference.calls) - calls_before == 15
+    output = read_lines(files, batch.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(20)]
+    await second.shutdown()
+
+
+async def test_an_internal_error_is_retried_without_losing_results(
+    provider: BatchesService, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_stack_provider_batches import engine
+
+    monkeypatch.setattr(engine, "RETRY_DELAYS_SECONDS", (0.01,))
+    real_upload = files.openai_upload_file
+    failures = []
+
+    async def flaky_upload(request: Any, file: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise OSError("disk full")
+        return await real_upload(request, file)
+
+    monkeypatch.setattr(files, "openai_upload_file", flaky_upload)
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(5)])
+    assert failures == [1]
+    assert batch.status == "completed"
+    assert len(read_lines(files, batch.output_file_id)) == 5

@@ -35,8 +35,14 @@ def test_line_ids_are_unique() -> None:
     assert len({formats.success_line("x", {})["id"] for _ in range(100)}) == 100
 
 
-def test_jsonl_round_trips() -> None:
-    lines = [formats.success_line("a", {"n": 1}), formats.failure_line("b", "c", "m")]
-    data = formats.to_jsonl(lines)
-    assert data.endswith(b"\n")
-    assert [json.loads(raw) for raw in data.splitlines()] == lines
+def test_expired_line_uses_openais_code() -> None:
+    line = formats.expired_line("req-4")
+    assert line["response"] is None
+    assert line["error"]["code"] == "batch_expired"
+
+
+def test_dumps_is_one_line_that_round_trips() -> None:
+    line = formats.success_line("a", {"text": "two\nlines\tand a tab"})
+    text = formats.dumps(line)
+    assert "\n" not in text and "\t" not in text
+    assert json.loads(text) == line

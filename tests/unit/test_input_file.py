@@ -1,7 +1,9 @@
 import json
+from array import array
 
 import pytest
 
+from llama_stack_provider_batches import input_file
 from llama_stack_provider_batches.input_file import MAX_LISTED_ERRORS, RequestLine, check_line, parse_input
 from tests.unit.helpers import chat_line, jsonl
 
@@ -18,8 +20,29 @@ def code_of(line: dict | bytes, endpoint: str = CHAT) -> str:
 def test_valid_lines_become_requests_in_order() -> None:
     parsed = parse_input(jsonl([chat_line("a"), chat_line("b")]) + b"\n\n", CHAT)
     assert parsed.errors == []
-    assert [(r.custom_id, r.line) for r in parsed.requests] == [("a", 1), ("b", 2)]
-    assert parsed.models == {"local/m-chat"}
+    requests = [parsed.index.request(position) for position in range(len(parsed.index))]
+    assert [(r.custom_id, r.line) for r in requests] == [("a", 1), ("b", 2)]
+    assert requests[1].body == chat_line("b")["body"]
+    assert parsed.first_line_of_model == {"local/m-chat": 1}
+
+
+def test_the_index_keeps_offsets_not_parsed_lines() -> None:
+    parsed = parse_input(jsonl([chat_line(f"r{i}") for i in range(1000)]), CHAT)
+    assert len(parsed.index) == 1000
+    assert {type(value) for value in vars(parsed.index).values()} == {bytes, array}
+
+
+def test_more_than_the_request_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(input_file, "MAX_REQUESTS", 5)
+    parsed = parse_input(jsonl([chat_line(f"r{i}") for i in range(6)]), CHAT)
+    assert [(e.param, e.line) for e in parsed.errors] == [("input_file_id", None)]
+    assert "more than 5 requests" in parsed.errors[0].message
+
+
+def test_more_than_the_size_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(input_file, "MAX_FILE_BYTES", 100)
+    parsed = parse_input(jsonl([chat_line(f"r{i}") for i in range(6)]), CHAT)
+    assert "larger than" in parsed.errors[0].message
 
 
 def test_blank_lines_are_skipped_but_counted_for_line_numbers() -> None:

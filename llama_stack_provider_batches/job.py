@@ -1,0 +1,318 @@
+"""One batch's run: validation, sliding-window execution, finalization.
+
+A job starts from whatever status its batch is stored in, so the same code runs a new batch and
+resumes an interrupted one:
+
+    validating   read the input file through the Files API and check every line (off the event loop)
+    in_progress  skip requests whose results are stored; run the rest, at most `window` in flight,
+                 a new one starting as soon as any finishes
+    finalizing   write `<batch_id>_output.jsonl` / `_error.jsonl` from the stored results
+    cancelling   stop dispatching, give in-flight requests a grace period, keep every result
+
+Results are buffered for at most FLUSH_INTERVAL_SECONDS, then stored as one chunk together with
+`request_counts` and `usage`: a request counts as done once its result is durable. Expiry works
+like a cancel, but every request left without a result gets a `batch_expired` error line.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from io import BytesIO
+from typing import Any
+
+from fastapi import UploadFile
+from llama_stack.log import get_logger
+from llama_stack_api import (
+    BatchObject,
+    Files,
+    GetModelRequest,
+    Inference,
+    Models,
+    OpenAIFilePurpose,
+    RetrieveFileContentRequest,
+    RetrieveFileRequest,
+    UploadFileRequest,
+)
+from openai.types.batch import Errors
+from openai.types.batch_error import BatchError
+from openai.types.batch_request_counts import BatchRequestCounts
+from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputTokensDetails
+
+from . import formats
+from .endpoints import call_endpoint, result_for_exception
+from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
+from .lifecycle import BatchStatus, IllegalTransitionError, transition
+from .store import BatchStore, ResultEntry
+
+logger = get_logger(name=__name__, category="providers")
+
+FLUSH_INTERVAL_SECONDS = 0.5
+
+
+class Stop(Enum):
+    """Why dispatching ended before every request ran."""
+
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+@dataclass
+class JobSettings:
+    """The parts of the provider config a job needs."""
+
+    window: int
+    grace_seconds: float
+
+
+@dataclass
+class Tally:
+    """Counts and token usage of the results stored so far."""
+
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, ok: bool, line: dict[str, Any] | None = None) -> None:
+        if not ok:
+            self.failed += 1
+            return
+        self.completed += 1
+        usage = ((line or {}).get("response") or {}).get("body", {}).get("usage") or {}
+        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+
+    def counts(self, total: int) -> BatchRequestCounts:
+        return BatchRequestCounts(total=total, completed=self.completed, failed=self.failed)
+
+    def usage(self) -> BatchUsage:
+        return BatchUsage(
+            input_tokens=self.input_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=0),
+            output_tokens=self.output_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+            total_tokens=self.input_tokens + self.output_tokens,
+        )
+
+
+@dataclass
+class BatchJob:
+    """Runs one batch to a terminal status."""
+
+    batch_id: str
+    store: BatchStore
+    inference: Inference
+    files: Files
+    models: Models
+    settings: JobSettings
+    cancel_requested: asyncio.Event
+    clock: Callable[[], float] = time.time
+    _tally: Tally = field(default_factory=Tally)
+    _done: bytearray = field(default_factory=bytearray)
+    _pending: list[ResultEntry] = field(default_factory=list)
+    _total: int = 0
+    _flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    async def _move(self, target: BatchStatus, **fields: Any) -> BatchObject:
+        return await self.store.update(self.batch_id, lambda b: transition(b, target, self._now(), **fields))
+
+    # --- the run --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        batch = await self.store.get_batch(self.batch_id)
+        if batch.status not in ("validating", "in_progress", "finalizing", "cancelling"):
+            return
+        parsed = await self._read_input(batch)
+        if parsed.errors and batch.status == "validating":
+            await self._move("failed", errors=Errors(object="list", data=parsed.errors))
+            return
+        if parsed.errors:
+            # The file was valid when the batch started and has gone since: no request can run any
+            # more, so the batch is finished with the results it has.
+            logger.error("Input file unreadable on resume", batch_id=self.batch_id, errors=str(parsed.errors))
+            await self._finalize(None, parsed.index, total=batch.request_counts.total if batch.request_counts else 0)
+            return
+        self._total = len(parsed.index)
+        self._done = bytearray(self._total)
+        for entry in await self.store.load_results(self.batch_id):
+            self._done[entry.position] = 1
+            self._tally.add(entry.ok, json.loads(entry.line_json) if entry.ok else None)
+
+        stop: Stop | None = None
+        if batch.status == "validating":
+            model = next(iter(parsed.first_line_of_model), None)
+            try:
+                batch = await self._move("in_progress", request_counts=self._tally.counts(self._total), model=model)
+            except IllegalTransitionError:  # cancelled while validating
+                batch = await self.store.get_batch(self.batch_id)
+        if batch.status == "in_progress":
+            stop = await self._execute(batch, parsed.index)
+        elif batch.status == "cancelling":
+            stop = Stop.CANCELLED
+        await self._finalize(stop, parsed.index, self._total)
+
+    async def _read_input(self, batch: BatchObject) -> ParsedInput:
+        try:
+            info = await self.files.openai_retrieve_file(RetrieveFileRequest(file_id=batch.input_file_id))
+            if info.bytes > MAX_FILE_BYTES:
+                return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
+            response = await self.files.openai_retrieve_file_content(
+                RetrieveFileContentRequest(file_id=batch.input_file_id)
+            )
+        except Exception:
+            return ParsedInput(errors=[file_error(f"Cannot find the input file {batch.input_file_id!r}.")])
+        # Checking 50,000 lines takes a while: a thread keeps the event loop answering meanwhile.
+        parsed = await asyncio.to_thread(parse_input, bytes(response.body), batch.endpoint)
+        if not parsed.errors:
+            parsed.errors.extend(await self._unknown_models(parsed.first_line_of_model))
+        return parsed
+
+    async def _unknown_models(self, first_line_of_model: dict[str, int]) -> list[BatchError]:
+        """A model_not_found error for each distinct unknown model, at the first line naming it."""
+        errors = []
+        for model, line in first_line_of_model.items():
+            try:
+                await self.models.get_model(GetModelRequest(model_id=model))
+            except Exception:
+                message = f"The model {model!r} does not exist or is not available."
+                errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
+        return errors
+
+    # --- execution ------------------------------------------------------------------------------
+
+    async def _execute(self, batch: BatchObject, index: InputIndex) -> Stop | None:
+        """Run every request without a stored result; return why it stopped early, if it did."""
+        window = asyncio.Semaphore(self.settings.window)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def run_one(position: int) -> None:
+            request = index.request(position)
+            try:
+                body = await call_endpoint(self.inference, batch.endpoint, request.body)
+                line = formats.success_line(request.custom_id, body)
+            except Exception as exc:
+                line = result_for_exception(request, exc)
+            finally:
+                window.release()
+            self._record(position, line)
+
+        async def dispatch() -> None:
+            for position in range(self._total):
+                if self._done[position]:
+                    continue
+                await window.acquire()
+                task = asyncio.create_task(run_one(position))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            while in_flight:
+                await asyncio.gather(*in_flight)
+
+        dispatcher = asyncio.create_task(dispatch())
+        cancelled = asyncio.create_task(self.cancel_requested.wait())
+        expiry = asyncio.create_task(asyncio.sleep(max(0, (batch.expires_at or 0) - self.clock())))
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            await asyncio.wait({dispatcher, cancelled, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            stop = None if dispatcher.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
+            if stop is not None:
+                dispatcher.cancel()
+                await self._let_in_flight_finish(in_flight)
+            else:
+                dispatcher.result()  # re-raise what went wrong, if anything did
+            return stop
+        finally:
+            for task in (dispatcher, cancelled, expiry, flusher, *in_flight):
+                task.cancel()
+            await self._flush()
+
+    async def _let_in_flight_finish(self, in_flight: set[asyncio.Task[None]]) -> None:
+        """Give requests in flight a bounded time to finish, then abandon them."""
+        if in_flight:
+            _, abandoned = await asyncio.wait(set(in_flight), timeout=self.settings.grace_seconds)
+            for task in abandoned:
+                task.cancel()
+            await asyncio.gather(*abandoned, return_exceptions=True)
+
+    def _record(self, position: int, line: dict[str, Any]) -> None:
+        ok = formats.is_success(line)
+        self._pending.append(ResultEntry(position, ok, formats.dumps(line)))
+        self._tally.add(ok, line)
+        self._done[position] = 1
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            # Shielded: cancelling this loop must not drop results taken out of the buffer.
+            await asyncio.shield(self._flush())
+
+    async def _flush(self) -> None:
+        """Store the buffered results as one chunk, with the counts and usage they bring."""
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            entries, self._pending = self._pending, []
+            progress = {"request_counts": self._tally.counts(self._total), "usage": self._tally.usage()}
+            await self.store.save_results(self.batch_id, entries, lambda b: b.model_copy(update=progress))
+
+    # --- finalization ---------------------------------------------------------------------------
+
+    async def _finalize(self, stop: Stop | None, index: InputIndex, total: int) -> None:
+        """Write the result files from the stored results and move the batch to its final status."""
+        if stop is None:
+            # A cancel may have come in as the last requests finished; then the batch stays cancelling.
+            now = self._now()
+            await self.store.update(
+                self.batch_id, lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b
+            )
+        entries = await self.store.load_results(self.batch_id)
+        if stop is Stop.EXPIRED:
+            entries.extend(self._expired_entries(index))
+        entries.sort(key=lambda entry: entry.position)
+        stored = await self.store.get(self.batch_id)
+        uploaded = dict(stored.uploaded_files) if stored else {}
+        for kind, ok in (("output", True), ("error", False)):
+            lines = [entry.line_json for entry in entries if entry.ok is ok]
+            if kind not in uploaded and lines:
+                uploaded[kind] = await self._upload(kind, lines)
+                await self.store.update_record(
+                    self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)})
+                )
+        completed = sum(entry.ok for entry in entries)
+        fields = {
+            "output_file_id": uploaded.get("output"),
+            "error_file_id": uploaded.get("error"),
+            "request_counts": BatchRequestCounts(total=total, completed=completed, failed=len(entries) - completed),
+            "usage": self._tally.usage(),
+        }
+
+        def close(batch: BatchObject) -> BatchObject:
+            if batch.status == "cancelling":
+                return transition(batch, "cancelled", self._now(), **fields)
+            return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
+
+        final = await self.store.update(self.batch_id, close)
+        chunks = (await self.store.get(self.batch_id)).result_chunks  # type: ignore[union-attr]
+        await self.store.delete_results(self.batch_id, chunks)
+        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
+
+    def _expired_entries(self, index: InputIndex) -> list[ResultEntry]:
+        """A `batch_expired` error line for every request that has no result."""
+        return [
+            ResultEntry(position, False, formats.dumps(formats.expired_line(index.request(position).custom_id)))
+            for position in range(len(index))
+            if not self._done[position]
+        ]
+
+    async def _upload(self, kind: str, lines: list[str]) -> str:
+        content = ("\n".join(lines) + "\n").encode()
+        upload = UploadFile(file=BytesIO(content), filename=f"{self.batch_id}_{kind}.jsonl")
+        uploaded = await self.files.openai_upload_file(
+            request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload
+        )
+        return uploaded.id

@@ -58,3 +58,12 @@ def openai_client(stack: ServerProcess) -> OpenAI:
 @pytest.fixture(scope="session")
 def stack_client(stack: ServerProcess) -> LlamaStackClient:
     return LlamaStackClient(base_url=stack.url, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def short_window_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A second stack whose batches expire after 3 seconds."""
+    env = {"BATCHES_COMPLETION_WINDOW_SECONDS": "3", "BATCHES_CANCEL_GRACE_SECONDS": "0.5"}
+    server = start_stack(run_dir, run_dir / "short-window-state", f"{standin_server.url}/v1", env)
+    yield server
+    server.stop()

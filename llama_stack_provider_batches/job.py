@@ -15,7 +15,6 @@ like a cancel, but every request left without a result gets a `batch_expired` er
 """
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,13 +38,13 @@ from llama_stack_api import (
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
-from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputTokensDetails
 
 from . import formats
 from .endpoints import call_endpoint, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, transition
-from .store import BatchStore, ResultEntry
+from .results import ResultEntry, Tally, assemble_result_files, decode_results
+from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -65,37 +64,6 @@ class JobSettings:
 
     window: int
     grace_seconds: float
-
-
-@dataclass
-class Tally:
-    """Counts and token usage of the results stored so far."""
-
-    completed: int = 0
-    failed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    def add(self, ok: bool, line: dict[str, Any] | None = None) -> None:
-        if not ok:
-            self.failed += 1
-            return
-        self.completed += 1
-        usage = ((line or {}).get("response") or {}).get("body", {}).get("usage") or {}
-        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-
-    def counts(self, total: int) -> BatchRequestCounts:
-        return BatchRequestCounts(total=total, completed=self.completed, failed=self.failed)
-
-    def usage(self) -> BatchUsage:
-        return BatchUsage(
-            input_tokens=self.input_tokens,
-            input_tokens_details=InputTokensDetails(cached_tokens=0),
-            output_tokens=self.output_tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-            total_tokens=self.input_tokens + self.output_tokens,
-        )
 
 
 @dataclass
@@ -140,9 +108,12 @@ class BatchJob:
             return
         self._total = len(parsed.index)
         self._done = bytearray(self._total)
-        for entry in await self.store.load_results(self.batch_id):
-            self._done[entry.position] = 1
-            self._tally.add(entry.ok, json.loads(entry.line_json) if entry.ok else None)
+        chunks = await self.store.load_result_chunks(self.batch_id)
+        if chunks:  # a resumed batch: its finished requests do not run again
+            stored = await asyncio.to_thread(lambda: [entry for chunk in chunks for entry in decode_results(chunk)])
+            self._tally = await asyncio.to_thread(Tally.of, stored)
+            for entry in stored:
+                self._done[entry.position] = 1
 
         stop: Stop | None = None
         if batch.status == "validating":
@@ -270,24 +241,22 @@ class BatchJob:
             await self.store.update(
                 self.batch_id, lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b
             )
-        entries = await self.store.load_results(self.batch_id)
-        if stop is Stop.EXPIRED:
-            entries.extend(self._expired_entries(index))
-        entries.sort(key=lambda entry: entry.position)
+        chunks = await self.store.load_result_chunks(self.batch_id)
+        # Sorting and joining 50,000 result lines is CPU work: a thread keeps the server answering.
+        expired = (lambda: self._expired_entries(index)) if stop is Stop.EXPIRED else list
+        files = await asyncio.to_thread(lambda: assemble_result_files(chunks, expired()))
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
-        for kind, ok in (("output", True), ("error", False)):
-            lines = [entry.line_json for entry in entries if entry.ok is ok]
-            if kind not in uploaded and lines:
-                uploaded[kind] = await self._upload(kind, lines)
+        for kind, content in (("output", files.output), ("error", files.error)):
+            if kind not in uploaded and content is not None:
+                uploaded[kind] = await self._upload(kind, content)
                 await self.store.update_record(
                     self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)})
                 )
-        completed = sum(entry.ok for entry in entries)
         fields = {
             "output_file_id": uploaded.get("output"),
             "error_file_id": uploaded.get("error"),
-            "request_counts": BatchRequestCounts(total=total, completed=completed, failed=len(entries) - completed),
+            "request_counts": BatchRequestCounts(total=total, completed=files.completed, failed=files.failed),
             "usage": self._tally.usage(),
         }
 
@@ -297,9 +266,8 @@ class BatchJob:
             return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
 
         final = await self.store.update(self.batch_id, close)
-        chunks = (await self.store.get(self.batch_id)).result_chunks  # type: ignore[union-attr]
-        await self.store.delete_results(self.batch_id, chunks)
-        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
+        await self.store.delete_results(self.batch_id, len(chunks))
+        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=files.completed)
 
     def _expired_entries(self, index: InputIndex) -> list[ResultEntry]:
         """A `batch_expired` error line for every request that has no result."""
@@ -309,8 +277,7 @@ class BatchJob:
             if not self._done[position]
         ]
 
-    async def _upload(self, kind: str, lines: list[str]) -> str:
-        content = ("\n".join(lines) + "\n").encode()
+    async def _upload(self, kind: str, content: bytes) -> str:
         upload = UploadFile(file=BytesIO(content), filename=f"{self.batch_id}_{kind}.jsonl")
         uploaded = await self.files.openai_upload_file(
             request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload

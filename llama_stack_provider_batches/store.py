@@ -15,10 +15,9 @@ backends (inclusive or exclusive ends, prefix scans over the whole keyspace on R
 index is therefore a chain of fixed-size pages read by key, so a page of `limit` batches costs
 about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many batches exist.
 
-A results chunk is text, one entry a line: `<position>\t<1 if success else 0>\t<result line JSON>`
-(JSON never holds a raw tab or newline), so finalizing copies result lines into files without
-parsing them again. Chunks are written before the batch record counts them, and read back by
-probing keys in order, so a crash between the two writes loses nothing.
+A results chunk holds results in the text form of results.py. Chunks are written before the batch
+record counts them, and read back by probing keys in order, so a crash between the two writes
+loses nothing.
 
 Read-modify-write sequences (status updates, index appends) are serialised per key with asyncio
 locks, which is enough inside one server process.
@@ -29,11 +28,12 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
+
+from .results import ResultEntry, encode_results
 
 LAYOUT_VERSION = "v1"
 PAGE_SIZE = 100
@@ -57,27 +57,6 @@ class StoredBatch(BaseModel):
     result_chunks: int = 0
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
     uploaded_files: dict[str, str] = {}
-
-
-@dataclass(frozen=True)
-class ResultEntry:
-    """The result of one request: its position among the file's requests, and its result line."""
-
-    position: int
-    ok: bool
-    line_json: str
-
-
-def encode_results(entries: list[ResultEntry]) -> str:
-    return "".join(f"{e.position}\t{int(e.ok)}\t{e.line_json}\n" for e in entries)
-
-
-def decode_results(text: str) -> list[ResultEntry]:
-    entries = []
-    for row in text.splitlines():
-        position, ok, line_json = row.split("\t", 2)
-        entries.append(ResultEntry(int(position), ok == "1", line_json))
-    return entries
 
 
 class IndexHead(BaseModel):
@@ -189,15 +168,14 @@ class BatchStore:
             await self.put(changed)
             return changed.batch
 
-    async def load_results(self, batch_id: str) -> list[ResultEntry]:
-        """Every stored result of a batch; also repairs the record's chunk count after a crash."""
-        entries: list[ResultEntry] = []
-        chunk = 0
-        while (text := await self._kv.get(self._results_key(batch_id, chunk))) is not None:
-            entries.extend(decode_results(text))
-            chunk += 1
-        await self.update_record(batch_id, lambda s: s.model_copy(update={"result_chunks": chunk}))
-        return entries
+    async def load_result_chunks(self, batch_id: str) -> list[str]:
+        """Every stored results chunk of a batch; also repairs the record's chunk count after a crash."""
+        chunks: list[str] = []
+        while (text := await self._kv.get(self._results_key(batch_id, len(chunks)))) is not None:
+            chunks.append(text)
+        count = len(chunks)
+        await self.update_record(batch_id, lambda s: s.model_copy(update={"result_chunks": count}))
+        return chunks
 
     async def delete_results(self, batch_id: str, chunks: int) -> None:
         """Drop the result chunks of a finished batch (its files now hold them)."""

@@ -8,7 +8,7 @@ import pytest
 from llama_stack_client import LlamaStackClient
 from openai import OpenAI
 
-from tests.integration.servers import ServerProcess, StandInControl, start_stack, start_standin
+from tools.harness import ServerProcess, StandInControl, start_stack, start_standin, warm_up
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -41,11 +41,7 @@ def standin(standin_server: ServerProcess) -> Iterator[StandInControl]:
 @pytest.fixture(scope="session")
 def stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
     server = start_stack(run_dir, run_dir / "state", f"{standin_server.url}/v1")
-    # The stack's SQLite inference store fails under concurrent writes until its table exists:
-    # one request first creates it.
-    OpenAI(base_url=f"{server.url}/v1", api_key="none").chat.completions.create(
-        model="local/m-chat", messages=[{"role": "user", "content": "warm up"}]
-    )
+    warm_up(server)
     yield server
     server.stop()
 
@@ -65,5 +61,6 @@ def short_window_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator
     """A second stack whose batches expire after 3 seconds."""
     env = {"BATCHES_COMPLETION_WINDOW_SECONDS": "3", "BATCHES_CANCEL_GRACE_SECONDS": "0.5"}
     server = start_stack(run_dir, run_dir / "short-window-state", f"{standin_server.url}/v1", env)
+    warm_up(server)
     yield server
     server.stop()

@@ -5,7 +5,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
-from tests.integration.servers import StandInControl
+from tools.harness import StandInControl
 
 
 def test_a_batch_runs_to_completion_with_openai_shaped_results(openai_client: OpenAI) -> None:

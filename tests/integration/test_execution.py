@@ -7,7 +7,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
-from tests.integration.servers import ServerProcess, StandInControl
+from tools.harness import ServerProcess, StandInControl
 
 
 @pytest.mark.parametrize(

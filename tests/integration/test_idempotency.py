@@ -10,7 +10,7 @@ from llama_stack_client import LlamaStackClient
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl, wait_for_batch
-from tests.integration.servers import StandInControl
+from tools.harness import StandInControl
 
 CHAT = "/v1/chat/completions"
 

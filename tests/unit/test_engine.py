@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
+from llama_stack_provider_batches.results import decode_results
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import chat_line, jsonl
 
@@ -242,11 +243,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    stored = await provider._store.load_results(batch.id)
-    assert len(stored) == 9  # durable while the batch still runs
+    chunks = await provider._store.load_result_chunks(batch.id)
+    assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert await provider._store.load_results(batch.id) == []
+    assert await provider._store.load_result_chunks(batch.id) == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(
@@ -262,7 +263,7 @@ async def test_expiry_writes_partial_output_and_expired_lines(
         files,
         inference,
         models,
-        completion_window_seconds=1,
+        completion_window_seconds=2,  # created_at is whole seconds: at least 1 s of window
         cancel_grace_seconds=0.1,
         max_concurrent_requests_per_batch=1,
     )

@@ -1,5 +1,5 @@
-"""Starting and stopping the real processes integration tests talk to: the stand-in model server
-and `llama stack run` with this provider."""
+"""Starting and stopping the real processes that integration tests and benchmarks talk to: the
+stand-in model server and `llama stack run`."""
 
 import os
 import signal
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
 RUN_YAML = REPO / "run.yaml"
 LLAMA = Path(sys.executable).parent / "llama"
@@ -78,14 +78,34 @@ def start_standin(log_dir: Path, **behaviour: Any) -> ServerProcess:
     return server
 
 
-def start_stack(log_dir: Path, state_dir: Path, model_url: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """`llama stack run run.yaml` on a free port with its state under `state_dir`."""
+def start_stack(
+    log_dir: Path, state_dir: Path, model_url: str, env: dict[str, str] | None = None, run_yaml: Path = RUN_YAML
+) -> ServerProcess:
+    """`llama stack run <run_yaml>` on a free port with its state under `state_dir`."""
     port = free_port()
-    command = [str(LLAMA), "stack", "run", str(RUN_YAML), "--port", str(port)]
+    command = [str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
     variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
     server = _spawn("llama stack", command, log_dir / f"stack-{port}.log", f"http://127.0.0.1:{port}", variables)
     server.wait_healthy("/v1/health", timeout=120)
     return server
+
+
+def warm_up(stack: ServerProcess, attempts: int = 5) -> None:
+    """Make the stack create its SQLite tables (inference store, files) before a test leans on them.
+
+    The stack creates each table lazily on first use; concurrent first uses right after start-up
+    fail ("no such table", "database is locked"). One sequential use of each avoids that.
+    """
+    for attempt in range(attempts):
+        try:
+            chat = {"model": "local/m-chat", "messages": [{"role": "user", "content": "warm up"}]}
+            httpx.post(f"{stack.url}/v1/chat/completions", json=chat, timeout=30).raise_for_status()
+            httpx.get(f"{stack.url}/v1/files", timeout=30).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
 
 
 class StandInControl:

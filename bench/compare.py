@@ -1,0 +1,229 @@
+"""Run batch workloads through a real stack, once with this provider and once with llama-stack's
+built-in `inline::reference`, and print the figures side by side.
+
+    .venv/bin/python bench/compare.py                              # every workload, both providers
+    .venv/bin/python bench/compare.py --workloads latency,cpu --providers ours
+
+Workloads (requests go to the stand-in model server, started here):
+    latency      600 chat requests, log-normal latency (mean 200 ms, sigma 0.6), concurrency 10;
+                 compared with the ideal N x mean latency / concurrency
+    cpu          2,000 chat requests at zero latency, concurrency 10: requests per second
+    concurrency  1,000 requests, mean latency 1 s (sigma 0.6), concurrency 64; against the ideal
+    memory       50,000 requests of about 1 KB each at zero latency, concurrency 10: the server's peak
+                 RSS growth, and the latency of /v1/health polled every 50 ms while the batch runs
+Each (provider, workload) pair gets a fresh stack and state directory.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.harness import RUN_YAML, ServerProcess, StandInControl, start_stack, start_standin, warm_up
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: int
+    concurrency: int
+    latency_mean: float = 0.0
+    latency_sigma: float = 0.0
+    line_bytes: int = 0  # pad each request's prompt to about this size
+    timeout: float = 1800.0
+
+    @property
+    def ideal_seconds(self) -> float | None:
+        return self.requests * self.latency_mean / self.concurrency if self.latency_mean else None
+
+
+WORKLOADS = {
+    "latency": Workload("latency", 600, 10, latency_mean=0.2, latency_sigma=0.6),
+    "cpu": Workload("cpu", 2000, 10),
+    "concurrency": Workload("concurrency", 1000, 64, latency_mean=1.0, latency_sigma=0.6),
+    "memory": Workload("memory", 50_000, 10, line_bytes=1000, timeout=3600),
+}
+
+
+@dataclass
+class Result:
+    provider: str
+    workload: str
+    status: str = ""
+    seconds: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    requests_per_second: float = 0.0
+    share_of_ideal: float | None = None
+    rss_growth_mb: float | None = None
+    input_mb: float | None = None
+    health_p99_ms: float | None = None
+    health_max_ms: float | None = None
+    health_samples: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def builtin_run_yaml(directory: Path) -> Path:
+    """run.yaml without the `module:` line and the settings only this provider knows."""
+    kept = [
+        line
+        for line in RUN_YAML.read_text().splitlines()
+        if "module: llama_stack_provider_batches" not in line
+        and "completion_window_seconds" not in line
+        and "cancel_grace_seconds" not in line
+    ]
+    path = directory / "run-builtin.yaml"
+    path.write_text("\n".join(kept) + "\n")
+    return path
+
+
+def input_lines(workload: Workload) -> bytes:
+    rows = []
+    for n in range(workload.requests):
+        content = f"question {n}"
+        if workload.line_bytes:
+            content += " " + "x" * max(0, workload.line_bytes - 150)
+        body = {"model": "local/m-chat", "messages": [{"role": "user", "content": content}]}
+        rows.append(json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    return ("\n".join(rows) + "\n").encode()
+
+
+def rss_bytes(pid: int) -> int:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) * 1024
+    return 0
+
+
+class Sampler(threading.Thread):
+    """Polls /v1/health and the server's RSS while a batch runs."""
+
+    def __init__(self, stack: ServerProcess) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.stop = threading.Event()
+        self.health_ms: list[float] = []
+        self.peak_rss = rss_bytes(stack.process.pid)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.get(f"{self.stack.url}/v1/health")
+                    self.health_ms.append((time.perf_counter() - started) * 1000)
+                except httpx.HTTPError:
+                    self.health_ms.append(60_000)
+                self.peak_rss = max(self.peak_rss, rss_bytes(self.stack.process.pid))
+                time.sleep(0.05)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir: Path) -> Result:
+    result = Result(provider, workload.name)
+    StandInControl(standin.url).configure(
+        latency_mean=workload.latency_mean, latency_sigma=workload.latency_sigma, fail_503=0, fail_429=0
+    )
+    run_yaml = RUN_YAML if provider == "ours" else builtin_run_yaml(work_dir)
+    state = Path(tempfile.mkdtemp(prefix=f"{provider}-{workload.name}-", dir=work_dir))
+    env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(workload.concurrency)}
+    stack = start_stack(work_dir, state, f"{standin.url}/v1", env, run_yaml=run_yaml)
+    try:
+        client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=600)
+        warm_up(stack)
+        content = input_lines(workload)
+        result.input_mb = round(len(content) / 2**20, 1)
+        file_id = client.files.create(file=("bench.jsonl", content), purpose="batch").id
+        del content
+        sampler = Sampler(stack)
+        baseline_rss = sampler.peak_rss
+        sampler.start()
+        started = time.perf_counter()
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = started + workload.timeout
+        while batch.status not in ("completed", "failed", "expired", "cancelled") and time.perf_counter() < deadline:
+            time.sleep(0.1)
+            try:
+                batch = client.batches.retrieve(batch.id)
+            except Exception as exc:  # a frozen server times out: keep polling
+                result.notes.append(f"retrieve failed: {type(exc).__name__}")
+        result.seconds = round(time.perf_counter() - started, 2)
+        sampler.stop.set()
+        sampler.join()
+        result.status = batch.status
+        if batch.request_counts:
+            result.completed, result.failed = batch.request_counts.completed, batch.request_counts.failed
+        result.requests_per_second = round(result.completed / result.seconds, 1) if result.seconds else 0.0
+        if workload.ideal_seconds:
+            result.share_of_ideal = round(workload.ideal_seconds / result.seconds, 3)
+        result.rss_growth_mb = round((sampler.peak_rss - baseline_rss) / 2**20, 1)
+        if sampler.health_ms:
+            result.health_p99_ms = round(percentile(sampler.health_ms, 0.99), 1)
+            result.health_max_ms = round(max(sampler.health_ms), 1)
+            result.health_samples = len(sampler.health_ms)
+    finally:
+        stack.stop()
+    return result
+
+
+def print_table(results: list[Result], workloads: list[Workload]) -> None:
+    columns = [
+        ("status", "status"),
+        ("seconds", "seconds"),
+        ("completed", "completed"),
+        ("failed", "failed"),
+        ("requests_per_second", "req/s"),
+        ("share_of_ideal", "of ideal"),
+        ("rss_growth_mb", "RSS +MB"),
+        ("health_p99_ms", "health p99 ms"),
+        ("health_max_ms", "health max ms"),
+    ]
+    for workload in workloads:
+        ideal = f", ideal {workload.ideal_seconds:.1f} s" if workload.ideal_seconds else ""
+        print(f"\n{workload.name}: {workload.requests} requests, concurrency {workload.concurrency}{ideal}")
+        rows = [r for r in results if r.workload == workload.name]
+        print(f"  {'':<14}" + "".join(f"{r.provider:>16}" for r in rows))
+        for attribute, label in columns:
+            print(f"  {label:<14}" + "".join(f"{getattr(r, attribute)!s:>16}" for r in rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--providers", default="ours,builtin")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
+    providers = args.providers.split(",")
+
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    standin = start_standin(work_dir)
+    results: list[Result] = []
+    try:
+        for workload in workloads:
+            for provider in providers:
+                print(f"running {workload.name} on {provider}...", flush=True)
+                results.append(run_one(provider, workload, standin, work_dir))
+                print(f"  {asdict(results[-1])}", flush=True)
+    finally:
+        standin.stop()
+    print_table(results, workloads)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(f"\nlogs: {work_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Results of requests: how they are accounted, kept in storage, and assembled into result files.
+
+Pure functions. A stored chunk is text, one entry a line: `<position>\t<1|0>\t<result line JSON>`
+(1 for a success; JSON never holds a raw tab or newline), so assembling files copies result lines
+without parsing them again. Positions count requests in file order, so files come out in input order.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from openai.types.batch_request_counts import BatchRequestCounts
+from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputTokensDetails
+
+
+@dataclass(frozen=True)
+class ResultEntry:
+    """The result of one request: its position among the file's requests, and its result line."""
+
+    position: int
+    ok: bool
+    line_json: str
+
+
+def encode_results(entries: Iterable[ResultEntry]) -> str:
+    return "".join(f"{e.position}\t{int(e.ok)}\t{e.line_json}\n" for e in entries)
+
+
+def decode_results(text: str) -> list[ResultEntry]:
+    entries = []
+    for row in text.splitlines():
+        position, ok, line_json = row.split("\t", 2)
+        entries.append(ResultEntry(int(position), ok == "1", line_json))
+    return entries
+
+
+@dataclass
+class Tally:
+    """Counts and token usage of results."""
+
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, ok: bool, line: dict[str, Any] | None = None) -> None:
+        """Count one result; `line` (the parsed result line) brings the token usage of a success."""
+        if not ok:
+            self.failed += 1
+            return
+        self.completed += 1
+        usage = ((line or {}).get("response") or {}).get("body", {}).get("usage") or {}
+        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+
+    @classmethod
+    def of(cls, entries: Iterable[ResultEntry]) -> "Tally":
+        tally = cls()
+        for entry in entries:
+            tally.add(entry.ok, json.loads(entry.line_json) if entry.ok else None)
+        return tally
+
+    def counts(self, total: int) -> BatchRequestCounts:
+        return BatchRequestCounts(total=total, completed=self.completed, failed=self.failed)
+
+    def usage(self) -> BatchUsage:
+        return BatchUsage(
+            input_tokens=self.input_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=0),
+            output_tokens=self.output_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+            total_tokens=self.input_tokens + self.output_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The contents of a batch's output and error files (None when a file would be empty)."""
+
+    output: bytes | None
+    error: bytes | None
+    completed: int
+    failed: int
+
+
+def assemble_result_files(chunks: Iterable[str], extra: Iterable[ResultEntry] = ()) -> ResultFiles:
+    """Order the stored results (and `extra` ones) by position and split them into the two files."""
+    entries = [entry for chunk in chunks for entry in decode_results(chunk)]
+    entries.extend(extra)
+    entries.sort(key=lambda entry: entry.position)
+    successes = [entry.line_json for entry in entries if entry.ok]
+    failures = [entry.line_json for entry in entries if not entry.ok]
+    return ResultFiles(output=_jsonl(successes), error=_jsonl(failures), completed=len(successes), failed=len(failures))
+
+
+def _jsonl(lines: list[str]) -> bytes | None:
+    return ("\n".join(lines) + "\n").encode() if lines else None

@@ -1,5 +1,6 @@
 """Sending one batch request through the stack's inference API, and turning the outcome into a result line."""
 
+import copy
 from typing import Any
 
 import openai
@@ -15,8 +16,24 @@ from . import formats
 from .input_file import RequestLine
 
 
-async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Run one request body against `endpoint`; return the response body as a JSON object."""
+def without_completion_store(inference: Inference) -> Inference:
+    """The stack's inference router, minus the store it records every chat completion in.
+
+    Batch requests use this view unless their body says `store: true`, for two reasons. OpenAI
+    stores a chat completion only when asked to. And the stack's SQLite store writes each completion
+    in its own task with no queue: at batch rates (hundreds a second) its writes fail ("database is
+    locked", pool exhausted), and logging those failures stalled the whole server in our runs. The
+    view is a shallow copy sharing everything else (routing, access checks, metrics).
+    """
+    if getattr(inference, "store", None) is None:
+        return inference
+    view = copy.copy(inference)
+    view.store = None  # type: ignore[attr-defined]
+    return view
+
+
+async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any]) -> BaseModel:
+    """Run one request body against `endpoint`; return the response model."""
     response: BaseModel
     if endpoint == "/v1/chat/completions":
         response = await inference.openai_chat_completion(  # type: ignore[assignment]
@@ -30,7 +47,15 @@ async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any
         response = await inference.openai_embeddings(OpenAIEmbeddingsRequestWithExtraBody.model_validate(body))
     else:
         raise ValueError(f"Unsupported endpoint {endpoint!r}")
-    return response.model_dump(mode="json", exclude_none=True)
+    return response
+
+
+def response_tokens(response: BaseModel) -> tuple[int, int]:
+    """(input, output) tokens a response reports using."""
+    usage = getattr(response, "usage", None)
+    if isinstance(usage, BaseModel):
+        usage = usage.model_dump()
+    return formats.token_usage({"usage": usage if isinstance(usage, dict) else {}})
 
 
 def _backend_error(exc: openai.APIStatusError) -> dict[str, Any]:
@@ -40,7 +65,7 @@ def _backend_error(exc: openai.APIStatusError) -> dict[str, Any]:
     return {**error, "message": error.get("message") or exc.message}
 
 
-def result_for_exception(request: RequestLine, exc: BaseException) -> dict[str, Any]:
+def result_for_exception(request: RequestLine, exc: BaseException) -> str:
     """The error-file line for a request that raised `exc`."""
     if isinstance(exc, openai.APIStatusError):
         return formats.http_error_line(request.custom_id, exc.status_code, _backend_error(exc), exc.request_id)

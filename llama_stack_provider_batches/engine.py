@@ -14,6 +14,7 @@ from llama_stack.log import get_logger
 from llama_stack_api import Files, Inference, Models
 
 from .config import BatchesProviderConfig
+from .endpoints import without_completion_store
 from .job import BatchJob, JobSettings
 from .store import BatchStore
 
@@ -36,6 +37,7 @@ class BatchRunner:
     ) -> None:
         self._store = store
         self._inference = inference
+        self._inference_unstored = without_completion_store(inference)
         self._files = files
         self._models = models
         self._clock = clock
@@ -93,6 +95,7 @@ class BatchRunner:
             batch_id=batch_id,
             store=self._store,
             inference=self._inference,
+            inference_unstored=self._inference_unstored,
             files=self._files,
             models=self._models,
             settings=self._settings,

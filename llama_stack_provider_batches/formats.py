@@ -1,11 +1,12 @@
-"""The lines of output and error files, exactly as OpenAI writes them. Pure functions.
+"""The lines of output and error files, exactly as OpenAI writes them. Pure functions returning JSON text.
 
     success:         {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": {...}}, "error": null}
     HTTP error:      {"id", "custom_id", "response": {"status_code": 4xx/5xx, "request_id", "body": {"error": {...}}},
                       "error": null}
     no HTTP answer:  {"id", "custom_id", "response": null, "error": {"code", "message"}}
 
-`body` is a JSON object, never a string holding JSON.
+`body` is a JSON object, never a string holding JSON. Each line is one line of text: JSON escapes
+every newline and tab inside strings.
 """
 
 import json
@@ -25,17 +26,22 @@ def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-def success_line(custom_id: str, body: JsonObject, request_id: str | None = None) -> JsonObject:
-    """An output-file line for a request the model answered."""
-    return {
-        "id": new_request_line_id(),
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": request_id or new_request_id(), "body": body},
-        "error": None,
-    }
+def dumps(line: JsonObject) -> str:
+    """One result line as compact JSON."""
+    return json.dumps(line, separators=(",", ":"))
 
 
-def http_error_line(custom_id: str, status_code: int, error: JsonObject, request_id: str | None = None) -> JsonObject:
+def success_line(custom_id: str, body_json: str, request_id: str | None = None) -> str:
+    """An output-file line for a request the model answered; `body_json` is the response as JSON text.
+
+    Built around the body's text, so a response is serialized once, by its own model.
+    """
+    head = dumps({"id": new_request_line_id(), "custom_id": custom_id})[:-1]
+    request_id = json.dumps(request_id or new_request_id())
+    return f'{head},"response":{{"status_code":200,"request_id":{request_id},"body":{body_json}}},"error":null}}'
+
+
+def http_error_line(custom_id: str, status_code: int, error: JsonObject, request_id: str | None = None) -> str:
     """An error-file line for a request the backend refused with an HTTP status."""
     detail = {
         "message": str(error.get("message", "")),
@@ -43,41 +49,25 @@ def http_error_line(custom_id: str, status_code: int, error: JsonObject, request
         "param": error.get("param"),
         "code": error.get("code"),
     }
-    return {
-        "id": new_request_line_id(),
-        "custom_id": custom_id,
-        "response": {
-            "status_code": status_code,
-            "request_id": request_id or new_request_id(),
-            "body": {"error": detail},
-        },
-        "error": None,
-    }
+    response = {"status_code": status_code, "request_id": request_id or new_request_id(), "body": {"error": detail}}
+    return dumps({"id": new_request_line_id(), "custom_id": custom_id, "response": response, "error": None})
 
 
-def failure_line(custom_id: str, code: str, message: str) -> JsonObject:
+def failure_line(custom_id: str, code: str, message: str) -> str:
     """An error-file line for a request that got no HTTP answer (connection lost, timeout, expiry...)."""
-    return {
-        "id": new_request_line_id(),
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
-    }
+    error = {"code": code, "message": message}
+    return dumps({"id": new_request_line_id(), "custom_id": custom_id, "response": None, "error": error})
 
 
-def expired_line(custom_id: str) -> JsonObject:
+def expired_line(custom_id: str) -> str:
     """An error-file line for a request the completion window closed on before it ran."""
-    return failure_line(
-        custom_id, "batch_expired", "This request could not be executed before the completion window expired."
-    )
+    message = "This request could not be executed before the completion window expired."
+    return failure_line(custom_id, "batch_expired", message)
 
 
-def is_success(line: JsonObject) -> bool:
-    """Whether a result line belongs in the output file rather than the error file."""
-    response = line.get("response")
-    return response is not None and response.get("status_code") == 200
-
-
-def dumps(line: JsonObject) -> str:
-    """One result line as compact JSON (no newline inside, so it is one line of a JSONL file)."""
-    return json.dumps(line, separators=(",", ":"))
+def token_usage(body: JsonObject) -> tuple[int, int]:
+    """(input, output) tokens of a response body, for chat, completion and embedding responses alike."""
+    usage = body.get("usage") or {}
+    input_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    output_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    return int(input_tokens), int(output_tokens)

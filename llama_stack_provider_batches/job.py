@@ -38,9 +38,10 @@ from llama_stack_api import (
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
+from pydantic import BaseModel
 
 from . import formats
-from .endpoints import call_endpoint, result_for_exception
+from .endpoints import call_endpoint, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, transition
 from .results import ResultEntry, Tally, assemble_result_files, decode_results
@@ -73,6 +74,7 @@ class BatchJob:
     batch_id: str
     store: BatchStore
     inference: Inference
+    inference_unstored: Inference
     files: Files
     models: Models
     settings: JobSettings
@@ -165,13 +167,14 @@ class BatchJob:
         async def run_one(position: int) -> None:
             request = index.request(position)
             try:
-                body = await call_endpoint(self.inference, batch.endpoint, request.body)
-                line = formats.success_line(request.custom_id, body)
+                inference = self.inference if request.body.get("store") is True else self.inference_unstored
+                response = await call_endpoint(inference, batch.endpoint, request.body)
             except Exception as exc:
-                line = result_for_exception(request, exc)
+                self._record_failure(position, result_for_exception(request, exc))
+            else:
+                self._record_success(position, request.custom_id, response)
             finally:
                 window.release()
-            self._record(position, line)
 
         async def dispatch() -> None:
             for position in range(self._total):
@@ -210,10 +213,15 @@ class BatchJob:
                 task.cancel()
             await asyncio.gather(*abandoned, return_exceptions=True)
 
-    def _record(self, position: int, line: dict[str, Any]) -> None:
-        ok = formats.is_success(line)
-        self._pending.append(ResultEntry(position, ok, formats.dumps(line)))
-        self._tally.add(ok, line)
+    def _record_success(self, position: int, custom_id: str, response: BaseModel) -> None:
+        line = formats.success_line(custom_id, response.model_dump_json(exclude_none=True))
+        self._pending.append(ResultEntry(position, True, line))
+        self._tally.add_success(*response_tokens(response))
+        self._done[position] = 1
+
+    def _record_failure(self, position: int, line: str) -> None:
+        self._pending.append(ResultEntry(position, False, line))
+        self._tally.add_failure()
         self._done[position] = 1
 
     async def _flush_periodically(self) -> None:
@@ -272,7 +280,7 @@ class BatchJob:
     def _expired_entries(self, index: InputIndex) -> list[ResultEntry]:
         """A `batch_expired` error line for every request that has no result."""
         return [
-            ResultEntry(position, False, formats.dumps(formats.expired_line(index.request(position).custom_id)))
+            ResultEntry(position, False, formats.expired_line(index.request(position).custom_id))
             for position in range(len(index))
             if not self._done[position]
         ]

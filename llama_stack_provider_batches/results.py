@@ -8,10 +8,11 @@ without parsing them again. Positions count requests in file order, so files com
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from openai.types.batch_request_counts import BatchRequestCounts
 from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputTokensDetails
+
+from .formats import token_usage
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,23 @@ class Tally:
     input_tokens: int = 0
     output_tokens: int = 0
 
-    def add(self, ok: bool, line: dict[str, Any] | None = None) -> None:
-        """Count one result; `line` (the parsed result line) brings the token usage of a success."""
-        if not ok:
-            self.failed += 1
-            return
+    def add_success(self, input_tokens: int, output_tokens: int) -> None:
         self.completed += 1
-        usage = ((line or {}).get("response") or {}).get("body", {}).get("usage") or {}
-        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+    def add_failure(self) -> None:
+        self.failed += 1
 
     @classmethod
     def of(cls, entries: Iterable[ResultEntry]) -> "Tally":
+        """The tally of stored results (parses the success lines for their token usage)."""
         tally = cls()
         for entry in entries:
-            tally.add(entry.ok, json.loads(entry.line_json) if entry.ok else None)
+            if entry.ok:
+                tally.add_success(*token_usage(json.loads(entry.line_json)["response"]["body"]))
+            else:
+                tally.add_failure()
         return tally
 
     def counts(self, total: int) -> BatchRequestCounts:

@@ -122,3 +122,18 @@ def test_expiry_returns_finished_work_and_marks_the_rest(
     expired = [line for line in errors if line["error"] and line["error"]["code"] == "batch_expired"]
     assert len(expired) >= 53 - 3 - 10 * 4  # at most the window ran in 3 s of 1 s requests
     assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
+
+
+def test_batch_completions_are_stored_only_when_asked(openai_client: OpenAI) -> None:
+    tag = uuid.uuid4().hex[:8]
+    lines = chat_lines(2, tag=tag)
+    lines[1]["body"]["store"] = True
+    batch = wait_for_batch(openai_client, create_chat_batch(openai_client, lines).id)
+    assert batch.status == "completed"
+    ids = {
+        line["custom_id"]: line["response"]["body"]["id"]
+        for line in read_result_file(openai_client, batch.output_file_id)
+    }
+    stored = {completion.id for completion in openai_client.chat.completions.list(limit=100)}
+    assert ids["req-1"] in stored
+    assert ids["req-0"] not in stored

@@ -3,7 +3,9 @@
 import json
 from typing import Any
 
-from llama_stack_api import BatchObject
+from llama_stack_api import Api, BatchObject
+
+from llama_stack_provider_batches import get_provider_impl
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -29,3 +31,26 @@ def make_batch(batch_id: str = "batch_1", status: str = "validating", **fields: 
         "created_at": 1,
     }
     return BatchObject(id=batch_id, status=status, **{**defaults, **fields})
+
+
+CHAT = "/v1/chat/completions"
+
+
+async def run_batch(provider: Any, files: Any, lines: list[dict[str, Any]], **create: Any) -> BatchObject:
+    """Create a chat batch over `lines` and wait until the provider's engine is idle."""
+    file_id = files.add(jsonl(lines))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h", **create)
+    await provider._runner.wait_idle()
+    return await provider.retrieve_batch(batch.id)
+
+
+def read_lines(files: Any, file_id: str | None) -> list[dict[str, Any]]:
+    """The parsed lines of a result file kept by the fake Files API."""
+    assert file_id is not None
+    return [json.loads(raw) for raw in files.contents[file_id].splitlines()]
+
+
+async def provider_with(config: Any, files: Any, inference: Any, models: Any, **settings: Any) -> Any:
+    """A provider over the fakes with some settings changed."""
+    deps = {Api.files: files, Api.inference: inference, Api.models: models}
+    return await get_provider_impl(config.model_copy(update=settings), deps)

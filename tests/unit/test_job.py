@@ -1,0 +1,277 @@
+"""One batch's run over fake Files/Inference/Models APIs: statuses, result files, the sliding window,
+cancel, expiry and resume."""
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
+from llama_stack_provider_batches.results import decode_results
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
+
+
+async def test_a_clean_batch_completes_with_an_output_file(provider: BatchesService, files: FakeFiles) -> None:
+    batch = await run_batch(provider, files, [chat_line(f"r{i}", f"q{i}") for i in range(10)])
+    assert batch.status == "completed"
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (10, 10, 0)
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    assert batch.error_file_id is None
+    lines = read_lines(files, batch.output_file_id)
+    assert [line["custom_id"] for line in lines] == [f"r{i}" for i in range(10)]
+    assert all(isinstance(line["response"]["body"], dict) for line in lines)
+    assert "q3" in lines[3]["response"]["body"]["echo"]
+    assert files.names[batch.output_file_id] == f"{batch.id}_output.jsonl"
+
+
+async def test_backend_errors_go_to_the_error_file(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    def refuse_marked(body: dict[str, Any]) -> None:
+        if "refuse" in str(body["messages"]):
+            response = httpx.Response(400, request=httpx.Request("POST", "http://model"))
+            raise openai.BadRequestError("no", response=response, body={"error": {"message": "refused", "code": "x"}})
+
+    inference.behaviour = refuse_marked
+    batch = await run_batch(provider, files, [chat_line("ok"), chat_line("bad", "refuse")])
+    assert batch.status == "completed"
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    [error] = read_lines(files, batch.error_file_id)
+    assert error["custom_id"] == "bad"
+    assert error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["message"] == "refused"
+
+
+async def test_all_failed_still_completes_without_output_file(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    def crash(_: dict[str, Any]) -> None:
+        raise ConnectionError("backend down")
+
+    inference.behaviour = crash
+    batch = await run_batch(provider, files, [chat_line("a"), chat_line("b")])
+    assert batch.status == "completed"
+    assert batch.output_file_id is None
+    assert [line["error"]["code"] for line in read_lines(files, batch.error_file_id)] == ["connection_error"] * 2
+
+
+async def test_missing_input_file_fails_validation(provider: BatchesService) -> None:
+    batch = await provider.create_batch(input_file_id="file-missing", endpoint=CHAT, completion_window="24h")
+    await provider._runner.wait_idle()
+    batch = await provider.retrieve_batch(batch.id)
+    assert batch.status == "failed"
+    assert batch.failed_at is not None
+    [error] = batch.errors.data
+    assert (error.code, error.param) == ("invalid_request", "input_file_id")
+
+
+async def test_invalid_lines_fail_the_batch_and_run_nothing(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    bad = chat_line("b")
+    bad["url"] = "/v1/embeddings"
+    batch = await run_batch(provider, files, [chat_line("a"), bad])
+    assert batch.status == "failed"
+    assert [(e.code, e.line) for e in batch.errors.data] == [("invalid_url", 2)]
+    assert inference.calls == []
+
+
+async def test_unknown_models_are_looked_up_once_each(
+    provider: BatchesService, files: FakeFiles, models: FakeModels
+) -> None:
+    lines = [chat_line(f"r{i}", model="local/ghost" if i % 2 else "local/m-chat") for i in range(20)]
+    batch = await run_batch(provider, files, lines)
+    assert batch.status == "failed"
+    assert [(e.code, e.line, e.param) for e in batch.errors.data] == [("model_not_found", 2, "body.model")]
+    assert sorted(models.lookups) == ["local/ghost", "local/m-chat"]
+
+
+async def test_the_window_is_sliding_not_lock_step(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    # One slow request must not hold back the others: with a window of 4, the 19 fast ones
+    # all finish while the slow one is still running.
+    release = asyncio.Event()
+
+    async def slow_first(body: dict[str, Any]) -> None:
+        if "slow" in str(body["messages"]):
+            await release.wait()
+
+    inference.behaviour = slow_first
+    file_id = files.add(jsonl([chat_line("slow", "slow"), *(chat_line(f"f{i}") for i in range(19))]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    for _ in range(200):
+        if len(inference.calls) == 20:
+            break
+        await asyncio.sleep(0.01)
+    assert len(inference.calls) == 20
+    assert inference.in_flight == 1
+    release.set()
+    await provider._runner.wait_idle()
+    assert (await provider.retrieve_batch(batch.id)).status == "completed"
+    assert inference.max_in_flight == 4
+
+
+async def test_cancel_mid_run_keeps_partial_results(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    gate = asyncio.Event()
+
+    async def wait_after_ten(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 10:
+            await gate.wait()
+
+    inference.behaviour = wait_after_ten
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(100)]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    while len(inference.calls) < 14:
+        await asyncio.sleep(0.01)
+    cancelling = await provider.cancel_batch(batch.id)
+    assert cancelling.status == "cancelling"
+    gate.set()
+    await provider._runner.wait_idle()
+    batch = await provider.retrieve_batch(batch.id)
+    assert batch.status == "cancelled"
+    assert batch.cancelled_at is not None
+    assert len(inference.calls) == 14  # nothing dispatched after the cancel
+    output = read_lines(files, batch.output_file_id)
+    assert len(output) == 14 == batch.request_counts.completed
+    assert batch.request_counts.total == 100
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/embeddings"])
+async def test_other_endpoints_run(provider: BatchesService, files: FakeFiles, endpoint: str) -> None:
+    field = {"/v1/completions": "prompt", "/v1/embeddings": "input"}[endpoint]
+    lines = [{"custom_id": "x", "method": "POST", "url": endpoint, "body": {"model": "local/m-embed", field: "t"}}]
+    file_id = files.add(jsonl(lines))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
+    await provider._runner.wait_idle()
+    batch = await provider.retrieve_batch(batch.id)
+    assert batch.status == "completed"
+    assert read_lines(files, batch.output_file_id)[0]["custom_id"] == "x"
+
+
+async def test_usage_and_model_are_filled(provider: BatchesService, files: FakeFiles) -> None:
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(4)])
+    assert batch.model == "local/m-chat"
+    assert (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (12, 8, 20)
+
+
+async def test_counts_move_while_the_batch_runs(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    async def slow(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+
+    inference.behaviour = slow
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(80)]))  # about 1 s at a window of 4
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    seen: set[int] = set()
+    while (current := await provider.retrieve_batch(batch.id)).status not in ("completed", "failed"):
+        seen.add(current.request_counts.completed)
+        await asyncio.sleep(0.05)
+    assert len(seen - {0, 80}) >= 1  # at least one count strictly between start and end was visible
+
+
+async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    gate = asyncio.Event()
+
+    async def hold_the_last(body: dict[str, Any]) -> None:
+        if "last" in str(body["messages"]):
+            await gate.wait()
+
+    inference.behaviour = hold_the_last
+    file_id = files.add(jsonl([*(chat_line(f"r{i}") for i in range(9)), chat_line("z", "last")]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    for _ in range(100):
+        if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
+            break
+        await asyncio.sleep(0.05)
+    chunks = await provider._store.load_result_chunks(batch.id)
+    assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
+    gate.set()
+    await provider._runner.wait_idle()
+    assert await provider._store.load_result_chunks(batch.id) == []
+
+
+async def test_expiry_writes_partial_output_and_expired_lines(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def slow_after_three(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 3:
+            await asyncio.sleep(30)
+
+    inference.behaviour = slow_after_three
+    provider = await provider_with(
+        config,
+        files,
+        inference,
+        models,
+        completion_window_seconds=2,  # created_at is whole seconds: at least 1 s of window
+        cancel_grace_seconds=0.1,
+        max_concurrent_requests_per_batch=1,
+    )
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(10)])
+    assert batch.status == "expired"
+    assert batch.expired_at is not None
+    assert [line["custom_id"] for line in read_lines(files, batch.output_file_id)] == ["r0", "r1", "r2"]
+    errors = read_lines(files, batch.error_file_id)
+    assert [line["custom_id"] for line in errors] == [f"r{i}" for i in range(3, 10)]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 7)
+    await provider.shutdown()
+
+
+async def test_cancel_abandons_stuck_requests_after_the_grace_period(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def stuck_after_two(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 2:
+            await asyncio.sleep(3600)
+
+    inference.behaviour = stuck_after_two
+    provider = await provider_with(config, files, inference, models, cancel_grace_seconds=0.2)
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(10)]))
+    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    while len(inference.calls) < 6:
+        await asyncio.sleep(0.01)
+    await provider.cancel_batch(batch.id)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=5)
+    batch = await provider.retrieve_batch(batch.id)
+    assert batch.status == "cancelled"
+    assert len(read_lines(files, batch.output_file_id)) == 2
+    await provider.shutdown()
+
+
+async def test_a_resumed_job_skips_requests_whose_results_are_stored(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def stop_after_five(_: dict[str, Any]) -> None:
+        if len(inference.calls) > 5:
+            await asyncio.sleep(3600)
+
+    inference.behaviour = stop_after_five
+    first = await provider_with(config, files, inference, models, max_concurrent_requests_per_batch=2)
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
+    batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    while (await first.retrieve_batch(batch.id)).request_counts.completed < 5:
+        await asyncio.sleep(0.05)
+    await first.shutdown()  # as a server stop: the batch stays in_progress
+    assert (await first.retrieve_batch(batch.id)).status == "in_progress"
+
+    inference.behaviour = None
+    calls_before = len(inference.calls)
+    second = await provider_with(config, files, inference, models)
+    second._runner.submit(batch.id)
+    await second._runner.wait_idle()
+    batch = await second.retrieve_batch(batch.id)
+    assert batch.status == "completed"
+    assert len(inference.calls) - calls_before == 15
+    output = read_lines(files, batch.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(20)]
+    await second.shutdown()

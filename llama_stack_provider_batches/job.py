@@ -15,12 +15,12 @@ like a cancel, but every request left without a result gets a `batch_expired` er
 """
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import UploadFile
 from llama_stack.log import get_logger
@@ -44,7 +44,7 @@ from . import formats
 from .endpoints import call_endpoint, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, transition
-from .results import ResultEntry, Tally, assemble_result_files, decode_results
+from .results import ResultEntry, Tally, decode_results, write_result_files
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
@@ -106,16 +106,11 @@ class BatchJob:
             # The file was valid when the batch started and has gone since: no request can run any
             # more, so the batch is finished with the results it has.
             logger.error("Input file unreadable on resume", batch_id=self.batch_id, errors=str(parsed.errors))
-            await self._finalize(None, parsed.index, total=batch.request_counts.total if batch.request_counts else 0)
+            await self._finalize(None, [], total=batch.request_counts.total if batch.request_counts else 0)
             return
         self._total = len(parsed.index)
         self._done = bytearray(self._total)
-        chunks = await self.store.load_result_chunks(self.batch_id)
-        if chunks:  # a resumed batch: its finished requests do not run again
-            stored = await asyncio.to_thread(lambda: [entry for chunk in chunks for entry in decode_results(chunk)])
-            self._tally = await asyncio.to_thread(Tally.of, stored)
-            for entry in stored:
-                self._done[entry.position] = 1
+        await self._load_stored_results()
 
         stop: Stop | None = None
         if batch.status == "validating":
@@ -128,7 +123,19 @@ class BatchJob:
             stop = await self._execute(batch, parsed.index)
         elif batch.status == "cancelling":
             stop = Stop.CANCELLED
-        await self._finalize(stop, parsed.index, self._total)
+        expired = await asyncio.to_thread(self._expired_entries, parsed.index) if stop is Stop.EXPIRED else []
+        del parsed  # the input is not needed any more: free it before the result files are built
+        await self._finalize(stop, expired, self._total)
+
+    async def _load_stored_results(self) -> None:
+        """Mark the requests whose results are stored (a resumed batch) so that they do not run again."""
+        stored: list[ResultEntry] = []
+        async for chunk in self.store.result_chunks(self.batch_id):
+            stored.extend(decode_results(chunk))
+        if stored:
+            self._tally = await asyncio.to_thread(Tally.of, stored)
+            for entry in stored:
+                self._done[entry.position] = 1
 
     async def _read_input(self, batch: BatchObject) -> ParsedInput:
         try:
@@ -241,7 +248,7 @@ class BatchJob:
 
     # --- finalization ---------------------------------------------------------------------------
 
-    async def _finalize(self, stop: Stop | None, index: InputIndex, total: int) -> None:
+    async def _finalize(self, stop: Stop | None, expired: list[ResultEntry], total: int) -> None:
         """Write the result files from the stored results and move the batch to its final status."""
         if stop is None:
             # A cancel may have come in as the last requests finished; then the batch stays cancelling.
@@ -249,22 +256,28 @@ class BatchJob:
             await self.store.update(
                 self.batch_id, lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b
             )
-        chunks = await self.store.load_result_chunks(self.batch_id)
-        # Sorting and joining 50,000 result lines is CPU work: a thread keeps the server answering.
-        expired = (lambda: self._expired_entries(index)) if stop is Stop.EXPIRED else list
-        files = await asyncio.to_thread(lambda: assemble_result_files(chunks, expired()))
+        entries = expired
+        chunk_count = 0
+        async for chunk in self.store.result_chunks(self.batch_id):
+            entries.extend(decode_results(chunk))
+            chunk_count += 1
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
-        for kind, content in (("output", files.output), ("error", files.error)):
-            if kind not in uploaded and content is not None:
-                uploaded[kind] = await self._upload(kind, content)
-                await self.store.update_record(
-                    self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)})
-                )
+        with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as error:
+            # Sorting and writing 50,000 lines is CPU work: a thread keeps the server answering.
+            completed, failed = await asyncio.to_thread(write_result_files, entries, output, error)
+            del entries
+            for kind, content in (("output", output), ("error", error)):
+                if kind not in uploaded and content.tell() > 0:
+                    content.seek(0)
+                    uploaded[kind] = await self._upload(kind, content)
+                    await self.store.update_record(
+                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)})
+                    )
         fields = {
             "output_file_id": uploaded.get("output"),
             "error_file_id": uploaded.get("error"),
-            "request_counts": BatchRequestCounts(total=total, completed=files.completed, failed=files.failed),
+            "request_counts": BatchRequestCounts(total=total, completed=completed, failed=failed),
             "usage": self._tally.usage(),
         }
 
@@ -274,8 +287,8 @@ class BatchJob:
             return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
 
         final = await self.store.update(self.batch_id, close)
-        await self.store.delete_results(self.batch_id, len(chunks))
-        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=files.completed)
+        await self.store.delete_results(self.batch_id, chunk_count)
+        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
 
     def _expired_entries(self, index: InputIndex) -> list[ResultEntry]:
         """A `batch_expired` error line for every request that has no result."""
@@ -285,8 +298,8 @@ class BatchJob:
             if not self._done[position]
         ]
 
-    async def _upload(self, kind: str, content: bytes) -> str:
-        upload = UploadFile(file=BytesIO(content), filename=f"{self.batch_id}_{kind}.jsonl")
+    async def _upload(self, kind: str, content: BinaryIO) -> str:
+        upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
         uploaded = await self.files.openai_upload_file(
             request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload
         )

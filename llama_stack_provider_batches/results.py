@@ -8,6 +8,7 @@ without parsing them again. Positions count requests in file order, so files com
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from openai.types.batch_request_counts import BatchRequestCounts
 from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputTokensDetails
@@ -77,25 +78,14 @@ class Tally:
         )
 
 
-@dataclass(frozen=True)
-class ResultFiles:
-    """The contents of a batch's output and error files (None when a file would be empty)."""
+def write_result_files(entries: list[ResultEntry], output: BinaryIO, error: BinaryIO) -> tuple[int, int]:
+    """Write the results in position order as the lines of the output and error files.
 
-    output: bytes | None
-    error: bytes | None
-    completed: int
-    failed: int
-
-
-def assemble_result_files(chunks: Iterable[str], extra: Iterable[ResultEntry] = ()) -> ResultFiles:
-    """Order the stored results (and `extra` ones) by position and split them into the two files."""
-    entries = [entry for chunk in chunks for entry in decode_results(chunk)]
-    entries.extend(extra)
+    Sorts `entries` in place. Returns the number of (successes, failures).
+    """
     entries.sort(key=lambda entry: entry.position)
-    successes = [entry.line_json for entry in entries if entry.ok]
-    failures = [entry.line_json for entry in entries if not entry.ok]
-    return ResultFiles(output=_jsonl(successes), error=_jsonl(failures), completed=len(successes), failed=len(failures))
-
-
-def _jsonl(lines: list[str]) -> bytes | None:
-    return ("\n".join(lines) + "\n").encode() if lines else None
+    completed = 0
+    for entry in entries:
+        (output if entry.ok else error).write(entry.line_json.encode() + b"\n")
+        completed += entry.ok
+    return completed, len(entries) - completed

@@ -168,14 +168,17 @@ class BatchStore:
             await self.put(changed)
             return changed.batch
 
-    async def load_result_chunks(self, batch_id: str) -> list[str]:
-        """Every stored results chunk of a batch; also repairs the record's chunk count after a crash."""
-        chunks: list[str] = []
-        while (text := await self._kv.get(self._results_key(batch_id, len(chunks)))) is not None:
-            chunks.append(text)
-        count = len(chunks)
+    async def result_chunks(self, batch_id: str) -> AsyncIterator[str]:
+        """Yield every stored results chunk of a batch, one at a time.
+
+        Chunks are found by probing keys in order. Once all are read, the record's chunk count is set
+        to what was found, which repairs it after a crash between a chunk write and its record update.
+        """
+        count = 0
+        while (text := await self._kv.get(self._results_key(batch_id, count))) is not None:
+            yield text
+            count += 1
         await self.update_record(batch_id, lambda s: s.model_copy(update={"result_chunks": count}))
-        return chunks
 
     async def delete_results(self, batch_id: str, chunks: int) -> None:
         """Drop the result chunks of a finished batch (its files now hold them)."""

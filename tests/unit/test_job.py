@@ -192,11 +192,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    chunks = await provider._store.load_result_chunks(batch.id)
+    chunks = [chunk async for chunk in provider._store.result_chunks(batch.id)]
     assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert await provider._store.load_result_chunks(batch.id) == []
+    assert [chunk async for chunk in provider._store.result_chunks(batch.id)] == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(

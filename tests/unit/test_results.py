@@ -1,12 +1,13 @@
+import io
 import json
 
 from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.results import (
     ResultEntry,
     Tally,
-    assemble_result_files,
     decode_results,
     encode_results,
+    write_result_files,
 )
 
 
@@ -28,22 +29,19 @@ def test_chunks_round_trip_even_with_tabs_and_newlines_in_answers() -> None:
     assert decode_results("") == []
 
 
-def test_assembly_orders_by_position_and_splits_the_files() -> None:
-    chunks = [encode_results([success(2), failure(1)]), encode_results([success(0)])]
-    files = assemble_result_files(chunks, extra=[failure(3)])
-    assert (files.completed, files.failed) == (2, 2)
-    output = [json.loads(line) for line in files.output.decode().splitlines()]
-    errors = [json.loads(line) for line in files.error.decode().splitlines()]
-    assert [line["custom_id"] for line in output] == ["c0", "c2"]
-    assert [line["custom_id"] for line in errors] == ["c1", "c3"]
-    assert files.output.endswith(b"\n")
+def test_files_are_written_in_position_order_and_split() -> None:
+    entries = [success(2), failure(1), success(0), failure(3)]
+    output, error = io.BytesIO(), io.BytesIO()
+    assert write_result_files(entries, output, error) == (2, 2)
+    assert [json.loads(line)["custom_id"] for line in output.getvalue().splitlines()] == ["c0", "c2"]
+    assert [json.loads(line)["custom_id"] for line in error.getvalue().splitlines()] == ["c1", "c3"]
+    assert output.getvalue().endswith(b"\n")
 
 
-def test_no_successes_means_no_output_file() -> None:
-    files = assemble_result_files([encode_results([failure(0)])])
-    assert files.output is None
-    assert files.error is not None
-    assert assemble_result_files([]).error is None
+def test_no_successes_writes_nothing_to_the_output_file() -> None:
+    output, error = io.BytesIO(), io.BytesIO()
+    assert write_result_files([failure(0)], output, error) == (0, 1)
+    assert output.getvalue() == b""
 
 
 def test_tally_counts_and_sums_usage() -> None:

@@ -160,3 +160,18 @@ async def test_keyed_locks_serialise_one_key_and_clean_up() -> None:
     await asyncio.gather(hold("a"), hold("b"))
     assert order == ["a-in", "a-out", "b-in", "b-out"]
     assert locks._locks == {}
+
+
+async def test_result_chunks_come_back_in_order_and_an_orphan_chunk_is_kept(kv_store: BatchStore) -> None:
+    from llama_stack_provider_batches.results import ResultEntry, decode_results, encode_results
+
+    await kv_store.put(StoredBatch(batch=make_batch("batch_r", status="in_progress")))
+    first, second = [ResultEntry(0, True, "{}")], [ResultEntry(1, False, '{"e":1}')]
+    await kv_store.save_results("batch_r", first, lambda b: b)
+    # As after a crash between writing a chunk and counting it in the record:
+    await kv_store._kv.set(kv_store._results_key("batch_r", 1), encode_results(second))
+    chunks = [chunk async for chunk in kv_store.result_chunks("batch_r")]
+    assert [decode_results(chunk) for chunk in chunks] == [first, second]
+    assert (await kv_store.get("batch_r")).result_chunks == 2  # the next chunk will not overwrite it
+    await kv_store.delete_results("batch_r", 2)
+    assert [chunk async for chunk in kv_store.result_chunks("batch_r")] == []

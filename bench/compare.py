@@ -64,6 +64,7 @@ class Result:
     requests_per_second: float = 0.0
     share_of_ideal: float | None = None
     rss_growth_mb: float | None = None
+    rss_growth_mb_by_phase: dict[str, float] = field(default_factory=dict)
     input_mb: float | None = None
     health_p99_ms: float | None = None
     health_max_ms: float | None = None
@@ -112,6 +113,8 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
         self.health_ms: list[float] = []
         self.peak_rss = rss_bytes(stack.process.pid)
+        self.phase = "validating"  # the batch status last seen by the poller
+        self.peak_rss_by_phase: dict[str, int] = {}
 
     def run(self) -> None:
         with httpx.Client(timeout=60) as client:
@@ -122,7 +125,9 @@ class Sampler(threading.Thread):
                     self.health_ms.append((time.perf_counter() - started) * 1000)
                 except httpx.HTTPError:
                     self.health_ms.append(60_000)
-                self.peak_rss = max(self.peak_rss, rss_bytes(self.stack.process.pid))
+                rss = rss_bytes(self.stack.process.pid)
+                self.peak_rss = max(self.peak_rss, rss)
+                self.peak_rss_by_phase[self.phase] = max(self.peak_rss_by_phase.get(self.phase, 0), rss)
                 time.sleep(0.05)
 
 
@@ -157,6 +162,7 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
             time.sleep(0.1)
             try:
                 batch = client.batches.retrieve(batch.id)
+                sampler.phase = batch.status
             except Exception as exc:  # a frozen server times out: keep polling
                 result.notes.append(f"retrieve failed: {type(exc).__name__}")
         result.seconds = round(time.perf_counter() - started, 2)
@@ -169,6 +175,9 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
         if workload.ideal_seconds:
             result.share_of_ideal = round(workload.ideal_seconds / result.seconds, 3)
         result.rss_growth_mb = round((sampler.peak_rss - baseline_rss) / 2**20, 1)
+        result.rss_growth_mb_by_phase = {
+            phase: round((peak - baseline_rss) / 2**20, 1) for phase, peak in sampler.peak_rss_by_phase.items()
+        }
         if sampler.health_ms:
             result.health_p99_ms = round(percentile(sampler.health_ms, 0.99), 1)
             result.health_max_ms = round(max(sampler.health_ms), 1)

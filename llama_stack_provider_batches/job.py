@@ -266,7 +266,7 @@ class BatchJob:
         with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as error:
             # Sorting and writing 50,000 lines is CPU work: a thread keeps the server answering.
             completed, failed = await asyncio.to_thread(write_result_files, entries, output, error)
-            del entries
+            entries.clear()  # the lines are in the files now; free them before the uploads read those
             for kind, content in (("output", output), ("error", error)):
                 if kind not in uploaded and content.tell() > 0:
                     content.seek(0)

@@ -16,7 +16,7 @@ from openai.types.batch_usage import BatchUsage, InputTokensDetails, OutputToken
 from .formats import token_usage
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResultEntry:
     """The result of one request: its position among the file's requests, and its result line."""
 

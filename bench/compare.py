@@ -67,6 +67,7 @@ class Result:
     rss_growth_mb_by_phase: dict[str, float] = field(default_factory=dict)
     input_mb: float | None = None
     health_p99_ms: float | None = None
+    retrieve_p99_ms: float | None = None
     health_max_ms: float | None = None
     health_samples: int = 0
     notes: list[str] = field(default_factory=list)
@@ -158,10 +159,13 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
         started = time.perf_counter()
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
         deadline = started + workload.timeout
+        retrieve_ms: list[float] = []
         while batch.status not in ("completed", "failed", "expired", "cancelled") and time.perf_counter() < deadline:
             time.sleep(0.1)
             try:
+                asked = time.perf_counter()
                 batch = client.batches.retrieve(batch.id)
+                retrieve_ms.append((time.perf_counter() - asked) * 1000)
                 sampler.phase = batch.status
             except Exception as exc:  # a frozen server times out: keep polling
                 result.notes.append(f"retrieve failed: {type(exc).__name__}")
@@ -178,6 +182,8 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
         result.rss_growth_mb_by_phase = {
             phase: round((peak - baseline_rss) / 2**20, 1) for phase, peak in sampler.peak_rss_by_phase.items()
         }
+        if retrieve_ms:
+            result.retrieve_p99_ms = round(percentile(retrieve_ms, 0.99), 1)
         if sampler.health_ms:
             result.health_p99_ms = round(percentile(sampler.health_ms, 0.99), 1)
             result.health_max_ms = round(max(sampler.health_ms), 1)
@@ -198,6 +204,7 @@ def print_table(results: list[Result], workloads: list[Workload]) -> None:
         ("rss_growth_mb", "RSS +MB"),
         ("health_p99_ms", "health p99 ms"),
         ("health_max_ms", "health max ms"),
+        ("retrieve_p99_ms", "retrieve p99 ms"),
     ]
     for workload in workloads:
         ideal = f", ideal {workload.ideal_seconds:.1f} s" if workload.ideal_seconds else ""

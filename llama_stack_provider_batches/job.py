@@ -44,7 +44,7 @@ from . import formats
 from .endpoints import call_endpoint, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, transition
-from .results import ResultEntry, Tally, decode_results, write_result_files
+from .results import ResultEntry, ResultSpool, Tally, decode_results
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
@@ -256,17 +256,18 @@ class BatchJob:
             await self.store.update(
                 self.batch_id, lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b
             )
-        entries = expired
-        chunk_count = 0
-        async for chunk in self.store.result_chunks(self.batch_id):
-            entries.extend(decode_results(chunk))
-            chunk_count += 1
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
-        with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as error:
-            # Sorting and writing 50,000 lines is CPU work: a thread keeps the server answering.
-            completed, failed = await asyncio.to_thread(write_result_files, entries, output, error)
-            entries.clear()  # the lines are in the files now; free them before the uploads read those
+        temporary = tempfile.TemporaryFile
+        with temporary() as parking, temporary() as output, temporary() as error:
+            spool = ResultSpool(total, parking)
+            spool.add(expired)
+            chunk_count = 0
+            async for chunk in self.store.result_chunks(self.batch_id):
+                spool.add(decode_results(chunk))
+                chunk_count += 1
+            # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
+            completed, failed = await asyncio.to_thread(spool.write_files, output, error)
             for kind, content in (("output", output), ("error", error)):
                 if kind not in uploaded and content.tell() > 0:
                     content.seek(0)

@@ -6,6 +6,7 @@ without parsing them again. Positions count requests in file order, so files com
 """
 
 import json
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -78,14 +79,40 @@ class Tally:
         )
 
 
-def write_result_files(entries: list[ResultEntry], output: BinaryIO, error: BinaryIO) -> tuple[int, int]:
-    """Write the results in position order as the lines of the output and error files.
+class ResultSpool:
+    """Result lines parked in a temporary file, then copied into the result files in position order.
 
-    Sorts `entries` in place. Returns the number of (successes, failures).
+    Memory holds three numbers per request rather than the lines, so building the files of a
+    50,000-request batch costs about 1 MB, whatever the size of the answers. A position added twice
+    keeps its last line.
     """
-    entries.sort(key=lambda entry: entry.position)
-    completed = 0
-    for entry in entries:
-        (output if entry.ok else error).write(entry.line_json.encode() + b"\n")
-        completed += entry.ok
-    return completed, len(entries) - completed
+
+    def __init__(self, total: int, parking: BinaryIO) -> None:
+        self._file = parking
+        self._offsets = array("q", [-1]) * total
+        self._lengths = array("q", [0]) * total
+        self._ok = bytearray(total)
+
+    def add(self, entries: Iterable[ResultEntry]) -> None:
+        for entry in entries:
+            data = entry.line_json.encode() + b"\n"
+            self._offsets[entry.position] = self._file.tell()
+            self._lengths[entry.position] = len(data)
+            self._ok[entry.position] = entry.ok
+            self._file.write(data)
+
+    def write_files(self, output: BinaryIO, error: BinaryIO) -> tuple[int, int]:
+        """Write every parked line to `output` (successes) or `error`; return (successes, failures)."""
+        completed = failed = 0
+        for position, offset in enumerate(self._offsets):
+            if offset < 0:
+                continue
+            self._file.seek(offset)
+            data = self._file.read(self._lengths[position])
+            if self._ok[position]:
+                output.write(data)
+                completed += 1
+            else:
+                error.write(data)
+                failed += 1
+        return completed, failed

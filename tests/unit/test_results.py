@@ -4,10 +4,10 @@ import json
 from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.results import (
     ResultEntry,
+    ResultSpool,
     Tally,
     decode_results,
     encode_results,
-    write_result_files,
 )
 
 
@@ -31,17 +31,27 @@ def test_chunks_round_trip_even_with_tabs_and_newlines_in_answers() -> None:
 
 def test_files_are_written_in_position_order_and_split() -> None:
     entries = [success(2), failure(1), success(0), failure(3)]
-    output, error = io.BytesIO(), io.BytesIO()
-    assert write_result_files(entries, output, error) == (2, 2)
+    spool, output, error = ResultSpool(5, io.BytesIO()), io.BytesIO(), io.BytesIO()
+    spool.add(entries[:2])
+    spool.add(entries[2:])
+    assert spool.write_files(output, error) == (2, 2)
     assert [json.loads(line)["custom_id"] for line in output.getvalue().splitlines()] == ["c0", "c2"]
     assert [json.loads(line)["custom_id"] for line in error.getvalue().splitlines()] == ["c1", "c3"]
     assert output.getvalue().endswith(b"\n")
 
 
 def test_no_successes_writes_nothing_to_the_output_file() -> None:
-    output, error = io.BytesIO(), io.BytesIO()
-    assert write_result_files([failure(0)], output, error) == (0, 1)
+    spool, output, error = ResultSpool(1, io.BytesIO()), io.BytesIO(), io.BytesIO()
+    spool.add([failure(0)])
+    assert spool.write_files(output, error) == (0, 1)
     assert output.getvalue() == b""
+
+
+def test_a_position_added_twice_keeps_its_last_line() -> None:
+    spool, output, error = ResultSpool(1, io.BytesIO()), io.BytesIO(), io.BytesIO()
+    spool.add([failure(0)])
+    spool.add([success(0)])
+    assert spool.write_files(output, error) == (1, 0)
 
 
 def test_tally_counts_and_sums_usage() -> None:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -220,8 +220,11 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--providers", default="ours,builtin")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--timeout", type=float, help="give up on a batch after this many seconds")
     args = parser.parse_args()
     workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
+    if args.timeout:
+        workloads = [replace(workload, timeout=args.timeout) for workload in workloads]
     providers = args.providers.split(",")
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -12,6 +12,7 @@ from llama_stack_api import Api
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .service import BatchesService
+from .startup import start_on_serving_loop
 from .store import BatchStore
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
@@ -29,4 +30,5 @@ async def get_provider_impl(
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
     service = BatchesService(config, store, runner)
     await service.initialize()
+    start_on_serving_loop(deps[Api.models], service.start)
     return service

@@ -30,6 +30,15 @@ class BatchesProviderConfig(BaseModel):
         description="After a cancel or expiry, how long requests in flight may still finish before they are abandoned.",
     )
 
+    shutdown_grace_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        description=(
+            "When the server stops, how long requests in flight may still finish before the batch is left to"
+            " resume at the next start. The stack gives each provider 5 s to shut down."
+        ),
+    )
+
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:
         """The config block `llama stack` writes into a generated run.yaml."""

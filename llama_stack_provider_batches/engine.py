@@ -1,7 +1,9 @@
 """The execution engine: runs batch jobs (job.py) in the background of the server's event loop.
 
 At most `max_concurrent_batches` jobs run at once; the others wait their turn in the order they
-were submitted. A cancel reaches a running job through an event. A job that fails on an internal
+were submitted. At start-up every unfinished batch is submitted again, oldest first. A cancel
+reaches a running job through an event; a server stop reaches every job through another, and
+leaves each batch in a status it resumes from. A job that fails on an internal
 error (a store or files outage, say) keeps its stored results and is tried again after a growing
 pause (up to a minute), so no batch is left stranded and no finished work is thrown away.
 """
@@ -42,15 +44,26 @@ class BatchRunner:
         self._models = models
         self._clock = clock
         self._settings = JobSettings(
-            window=config.max_concurrent_requests_per_batch, grace_seconds=config.cancel_grace_seconds
+            window=config.max_concurrent_requests_per_batch,
+            grace_seconds=config.cancel_grace_seconds,
+            shutdown_grace_seconds=config.shutdown_grace_seconds,
         )
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: dict[str, asyncio.Event] = {}
+        self._stopping = asyncio.Event()
+
+    async def resume(self) -> None:
+        """Submit every unfinished batch found in the store, oldest first."""
+        active = await self._store.active_ids()
+        if active:
+            logger.info("Resuming unfinished batches", count=len(active))
+        for batch_id in active:
+            self.submit(batch_id)
 
     def submit(self, batch_id: str) -> None:
-        """Start running a batch unless it already runs here."""
-        if batch_id in self._tasks:
+        """Start running a batch unless it already runs here or the server is stopping."""
+        if batch_id in self._tasks or self._stopping.is_set():
             return
         self._cancel_requested[batch_id] = asyncio.Event()
         task = asyncio.create_task(self._run(batch_id), name=f"batch:{batch_id}")
@@ -72,17 +85,26 @@ class BatchRunner:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """Stop every job without changing any batch's status, so that a restart can resume them."""
-        for task in list(self._tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        """Stop every job without changing any batch's status, so that a restart can resume them.
+
+        Running jobs stop dispatching, give their requests in flight `shutdown_grace_seconds`, store
+        every result they have, and return.
+        """
+        self._stopping.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self._settings.shutdown_grace_seconds + 1)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, batch_id: str) -> None:
         attempt = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with self._slots:
-                    await self._job(batch_id).run()
+                    if not self._stopping.is_set():
+                        await self._job(batch_id).run()
                 return
             except Exception:
                 delay = RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
@@ -100,5 +122,6 @@ class BatchRunner:
             models=self._models,
             settings=self._settings,
             cancel_requested=self._cancel_requested[batch_id],
+            stopping=self._stopping,
             clock=self._clock,
         )

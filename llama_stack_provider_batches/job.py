@@ -9,9 +9,10 @@ resumes an interrupted one:
     finalizing   write `<batch_id>_output.jsonl` / `_error.jsonl` from the stored results
     cancelling   stop dispatching, give in-flight requests a grace period, keep every result
 
-Results are buffered for at most FLUSH_INTERVAL_SECONDS, then stored as one chunk together with
-`request_counts` and `usage`: a request counts as done once its result is durable. Expiry works
-like a cancel, but every request left without a result gets a `batch_expired` error line.
+Finished results go to the kvstore as they come (result_log.py); a request counts as done once
+its result is stored. Expiry works like a cancel, but every request left without a result gets a
+`batch_expired` error line. A server stop (`stopping`) ends dispatching the same way, then leaves
+the batch in its status, to be resumed.
 """
 
 import asyncio
@@ -43,13 +44,12 @@ from pydantic import BaseModel
 from . import formats
 from .endpoints import call_endpoint, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
-from .lifecycle import BatchStatus, IllegalTransitionError, transition
+from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
+from .result_log import ResultLog
 from .results import ResultEntry, ResultSpool, Tally, decode_results
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
-
-FLUSH_INTERVAL_SECONDS = 0.5
 
 
 class Stop(Enum):
@@ -57,6 +57,7 @@ class Stop(Enum):
 
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+    SHUTDOWN = "shutdown"
 
 
 @dataclass
@@ -65,6 +66,7 @@ class JobSettings:
 
     window: int
     grace_seconds: float
+    shutdown_grace_seconds: float
 
 
 @dataclass
@@ -79,12 +81,11 @@ class BatchJob:
     models: Models
     settings: JobSettings
     cancel_requested: asyncio.Event
+    stopping: asyncio.Event
     clock: Callable[[], float] = time.time
-    _tally: Tally = field(default_factory=Tally)
     _done: bytearray = field(default_factory=bytearray)
-    _pending: list[ResultEntry] = field(default_factory=list)
     _total: int = 0
-    _flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _log: ResultLog | None = None
 
     def _now(self) -> int:
         return int(self.clock())
@@ -95,12 +96,16 @@ class BatchJob:
     # --- the run --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        batch = await self.store.get_batch(self.batch_id)
-        if batch.status not in ("validating", "in_progress", "finalizing", "cancelling"):
+        stored = await self.store.get(self.batch_id)
+        if stored is None or is_terminal(stored.batch.status):
+            # Finished, or never fully created, before a crash could take it off the active list.
+            await self.store.remove_active(self.batch_id)
             return
+        batch = stored.batch
         parsed = await self._read_input(batch)
         if parsed.errors and batch.status == "validating":
             await self._move("failed", errors=Errors(object="list", data=parsed.errors))
+            await self.store.remove_active(self.batch_id)
             return
         if parsed.errors:
             # The file was valid when the batch started and has gone since: no request can run any
@@ -110,32 +115,37 @@ class BatchJob:
             return
         self._total = len(parsed.index)
         self._done = bytearray(self._total)
-        await self._load_stored_results()
+        self._log = await self._open_result_log()
 
         stop: Stop | None = None
         if batch.status == "validating":
             model = next(iter(parsed.first_line_of_model), None)
             try:
-                batch = await self._move("in_progress", request_counts=self._tally.counts(self._total), model=model)
+                batch = await self._move("in_progress", request_counts=self._log.counts(), model=model)
             except IllegalTransitionError:  # cancelled while validating
                 batch = await self.store.get_batch(self.batch_id)
         if batch.status == "in_progress":
             stop = await self._execute(batch, parsed.index)
         elif batch.status == "cancelling":
             stop = Stop.CANCELLED
+        if stop is Stop.SHUTDOWN:
+            return
         expired = await asyncio.to_thread(self._expired_entries, parsed.index) if stop is Stop.EXPIRED else []
         del parsed  # the input is not needed any more: free it before the result files are built
         await self._finalize(stop, expired, self._total)
 
-    async def _load_stored_results(self) -> None:
-        """Mark the requests whose results are stored (a resumed batch) so that they do not run again."""
+    async def _open_result_log(self) -> ResultLog:
+        """The batch's result log, with the requests whose results are stored (a resumed batch) marked
+        done so that they do not run again."""
         stored: list[ResultEntry] = []
+        chunks = 0
         async for chunk in self.store.result_chunks(self.batch_id):
             stored.extend(decode_results(chunk))
-        if stored:
-            self._tally = await asyncio.to_thread(Tally.of, stored)
-            for entry in stored:
-                self._done[entry.position] = 1
+            chunks += 1
+        for entry in stored:
+            self._done[entry.position] = 1
+        tally = await asyncio.to_thread(Tally.of, stored) if stored else Tally()
+        return ResultLog(self.store, self.batch_id, self._total, stored_chunks=chunks, tally=tally)
 
     async def _read_input(self, batch: BatchObject) -> ParsedInput:
         try:
@@ -177,6 +187,8 @@ class BatchJob:
                 inference = self.inference if request.body.get("store") is True else self.inference_unstored
                 response = await call_endpoint(inference, batch.endpoint, request.body)
             except Exception as exc:
+                if self.stopping.is_set():
+                    return  # perhaps the server going down, not the request: it runs again after the restart
                 self._record_failure(position, result_for_exception(request, exc))
             else:
                 self._record_success(position, request.custom_id, response)
@@ -194,57 +206,45 @@ class BatchJob:
             while in_flight:
                 await asyncio.gather(*in_flight)
 
+        log = self._log
+        assert log is not None
         dispatcher = asyncio.create_task(dispatch())
         cancelled = asyncio.create_task(self.cancel_requested.wait())
+        stopping = asyncio.create_task(self.stopping.wait())
         expiry = asyncio.create_task(asyncio.sleep(max(0, (batch.expires_at or 0) - self.clock())))
-        flusher = asyncio.create_task(self._flush_periodically())
+        writer = asyncio.create_task(log.write_continuously())
         try:
-            await asyncio.wait({dispatcher, cancelled, expiry}, return_when=asyncio.FIRST_COMPLETED)
-            stop = None if dispatcher.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
-            if stop is not None:
-                dispatcher.cancel()
-                await self._let_in_flight_finish(in_flight)
-            else:
+            await asyncio.wait({dispatcher, cancelled, stopping, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            if dispatcher.done():
                 dispatcher.result()  # re-raise what went wrong, if anything did
+                return None
+            stop = Stop.SHUTDOWN if stopping.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
+            dispatcher.cancel()
+            grace = self.settings.shutdown_grace_seconds if stop is Stop.SHUTDOWN else self.settings.grace_seconds
+            await self._let_in_flight_finish(in_flight, grace)
             return stop
         finally:
-            for task in (dispatcher, cancelled, expiry, flusher, *in_flight):
+            for task in (dispatcher, cancelled, stopping, expiry, writer, *in_flight):
                 task.cancel()
-            await self._flush()
+            await log.flush()
+            await log.report_progress()
 
-    async def _let_in_flight_finish(self, in_flight: set[asyncio.Task[None]]) -> None:
+    async def _let_in_flight_finish(self, in_flight: set[asyncio.Task[None]], grace_seconds: float) -> None:
         """Give requests in flight a bounded time to finish, then abandon them."""
         if in_flight:
-            _, abandoned = await asyncio.wait(set(in_flight), timeout=self.settings.grace_seconds)
+            _, abandoned = await asyncio.wait(set(in_flight), timeout=grace_seconds)
             for task in abandoned:
                 task.cancel()
             await asyncio.gather(*abandoned, return_exceptions=True)
 
     def _record_success(self, position: int, custom_id: str, response: BaseModel) -> None:
         line = formats.success_line(custom_id, response.model_dump_json(exclude_none=True))
-        self._pending.append(ResultEntry(position, True, line))
-        self._tally.add_success(*response_tokens(response))
+        self._log.add_success(ResultEntry(position, True, line), *response_tokens(response))  # type: ignore[union-attr]
         self._done[position] = 1
 
     def _record_failure(self, position: int, line: str) -> None:
-        self._pending.append(ResultEntry(position, False, line))
-        self._tally.add_failure()
+        self._log.add_failure(ResultEntry(position, False, line))  # type: ignore[union-attr]
         self._done[position] = 1
-
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
-            # Shielded: cancelling this loop must not drop results taken out of the buffer.
-            await asyncio.shield(self._flush())
-
-    async def _flush(self) -> None:
-        """Store the buffered results as one chunk, with the counts and usage they bring."""
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            entries, self._pending = self._pending, []
-            progress = {"request_counts": self._tally.counts(self._total), "usage": self._tally.usage()}
-            await self.store.save_results(self.batch_id, entries, lambda b: b.model_copy(update=progress))
 
     # --- finalization ---------------------------------------------------------------------------
 
@@ -279,7 +279,7 @@ class BatchJob:
             "output_file_id": uploaded.get("output"),
             "error_file_id": uploaded.get("error"),
             "request_counts": BatchRequestCounts(total=total, completed=completed, failed=failed),
-            "usage": self._tally.usage(),
+            "usage": (self._log.tally if self._log else Tally()).usage(),
         }
 
         def close(batch: BatchObject) -> BatchObject:
@@ -288,6 +288,7 @@ class BatchJob:
             return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
 
         final = await self.store.update(self.batch_id, close)
+        await self.store.remove_active(self.batch_id)
         await self.store.delete_results(self.batch_id, chunk_count)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
 

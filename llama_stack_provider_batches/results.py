@@ -55,6 +55,12 @@ class Tally:
     def add_failure(self) -> None:
         self.failed += 1
 
+    def merge(self, other: "Tally") -> None:
+        self.completed += other.completed
+        self.failed += other.failed
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+
     @classmethod
     def of(cls, entries: Iterable[ResultEntry]) -> "Tally":
         """The tally of stored results (parses the success lines for their token usage)."""

@@ -5,6 +5,7 @@ the upstream provider) may pass the same fields as keyword arguments, the idempo
 under its older name `idem_tok`, and a plain batch id to retrieve and cancel.
 """
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -52,9 +53,16 @@ class BatchesService(Batches):
         self._store = store
         self._runner = runner
         self._clock = clock
+        self._resuming: asyncio.Task[None] | None = None
 
     async def initialize(self) -> None:
-        """Nothing to prepare: batches start running when created."""
+        """Check the stored layout; background work starts later, on the serving loop (startup.py)."""
+        await self._store.check_layout()
+
+    def start(self) -> None:
+        """Resume the unfinished batches of an earlier run; the first call does it, later ones nothing."""
+        if self._resuming is None:
+            self._resuming = asyncio.create_task(self._runner.resume(), name="batches:resume")
 
     async def shutdown(self) -> None:
         """Stop background work, leaving every batch in a status it can resume from."""
@@ -74,6 +82,7 @@ class BatchesService(Batches):
         idem_tok: str | None = None,
     ) -> BatchObject:
         """Create a batch, or return the one an earlier call with the same idempotency key created."""
+        self.start()
         if request is not None:
             input_file_id, endpoint = request.input_file_id, request.endpoint
             completion_window, metadata = request.completion_window, request.metadata
@@ -121,6 +130,7 @@ class BatchesService(Batches):
             request_counts=BatchRequestCounts(total=0, completed=0, failed=0),
         )
         position = await self._store.append_to_index(scope, batch_id)
+        await self._store.add_active(batch_id)
         await self._store.put(StoredBatch(batch=batch, scope=scope, idempotency_key=key, index_position=position))
         logger.info("Created batch", batch_id=batch_id, idempotent=key is not None)
         return batch
@@ -129,11 +139,13 @@ class BatchesService(Batches):
 
     async def retrieve_batch(self, request: RetrieveBatchRequest | str) -> BatchObject:
         """The batch with this id; BatchNotFoundError (HTTP 404) if there is none."""
+        self.start()
         batch_id = request if isinstance(request, str) else request.batch_id
         return await self._store.get_batch(batch_id)
 
     async def cancel_batch(self, request: CancelBatchRequest | str) -> BatchObject:
         """Ask a batch to stop. Finished batches refuse (HTTP 409); cancelling ones are returned as they are."""
+        self.start()
         batch_id = request if isinstance(request, str) else request.batch_id
 
         def to_cancelling(batch: BatchObject) -> BatchObject:
@@ -153,6 +165,7 @@ class BatchesService(Batches):
         self, request: ListBatchesRequest | None = None, *, after: str | None = None, limit: int = 20
     ) -> ListBatchesResponse:
         """A page of batches, newest first, starting after the batch id `after`."""
+        self.start()
         if request is not None:
             after, limit = request.after, request.limit
         limit = validate_list_limit(limit)

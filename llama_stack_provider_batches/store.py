@@ -2,7 +2,9 @@
 
 Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release migrates from):
 
+    layout                         {"version": 1}, written once: a later release reads it to migrate
     batch/<batch_id>               StoredBatch JSON: the OpenAI batch object plus provider bookkeeping
+    active                         JSON list of the ids of unfinished batches, in creation order
     results/<batch_id>/<n>         the n-th chunk of finished request results, in finishing order
     idem/<scope>/<sha256(key)>     the batch id an idempotency key was first used for
     index/<scope>/head             IndexHead JSON: the newest index page and how full it is
@@ -15,9 +17,9 @@ backends (inclusive or exclusive ends, prefix scans over the whole keyspace on R
 index is therefore a chain of fixed-size pages read by key, so a page of `limit` batches costs
 about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many batches exist.
 
-A results chunk holds results in the text form of results.py. Chunks are written before the batch
-record counts them, and read back by probing keys in order, so a crash between the two writes
-loses nothing.
+A results chunk holds results in the text form of results.py. Only the job running a batch writes
+its chunks, numbering them from 0; they are read back by probing keys in order until one is
+missing, so no count has to be kept in step with them.
 
 Read-modify-write sequences (status updates, index appends) are serialised per key with asyncio
 locks, which is enough inside one server process.
@@ -35,7 +37,7 @@ from pydantic import BaseModel
 
 from .results import ResultEntry, encode_results
 
-LAYOUT_VERSION = "v1"
+LAYOUT_VERSION = 1
 PAGE_SIZE = 100
 DEFAULT_SCOPE = "_"
 
@@ -54,7 +56,6 @@ class StoredBatch(BaseModel):
     scope: str = DEFAULT_SCOPE
     idempotency_key: str | None = None
     index_position: IndexPosition | None = None
-    result_chunks: int = 0
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
     uploaded_files: dict[str, str] = {}
 
@@ -93,10 +94,22 @@ class BatchStore:
     def __init__(self, kvstore: KVStore, namespace: str) -> None:
         self._kv = kvstore
         # The SQLite backend ignores the stack's namespace, so every key carries it as well.
-        self._prefix = f"{namespace}/{LAYOUT_VERSION}/"
+        self._prefix = f"{namespace}/v{LAYOUT_VERSION}/"
         self._locks = KeyedLocks()
 
     # --- keys -----------------------------------------------------------------------------------
+
+    async def check_layout(self) -> None:
+        """Mark a new store with this layout version; refuse a store written in another one."""
+        key = f"{self._prefix}layout"
+        raw = await self._kv.get(key)
+        if raw is None:
+            await self._kv.set(key, json.dumps({"version": LAYOUT_VERSION}))
+        elif json.loads(raw).get("version") != LAYOUT_VERSION:
+            raise RuntimeError(f"The batches store at {self._prefix!r} has layout {raw}; this release reads version 1.")
+
+    def _active_key(self) -> str:
+        return f"{self._prefix}active"
 
     def _batch_key(self, batch_id: str) -> str:
         return f"{self._prefix}batch/{batch_id}"
@@ -153,37 +166,41 @@ class BatchStore:
 
     # --- request results ------------------------------------------------------------------------
 
-    async def save_results(
-        self, batch_id: str, entries: list[ResultEntry], change: Callable[[BatchObject], BatchObject]
-    ) -> BatchObject:
-        """Store a chunk of results durably, then count it in the record and apply `change` to the batch."""
-        async with self._locks.hold(self._batch_key(batch_id)):
-            stored = await self.get(batch_id)
-            if stored is None:
-                raise BatchNotFoundError(batch_id)
-            await self._kv.set(self._results_key(batch_id, stored.result_chunks), encode_results(entries))
-            changed = stored.model_copy(
-                update={"batch": change(stored.batch), "result_chunks": stored.result_chunks + 1}
-            )
-            await self.put(changed)
-            return changed.batch
+    async def save_result_chunk(self, batch_id: str, chunk: int, entries: list[ResultEntry]) -> None:
+        """Store results as chunk number `chunk` of the batch (its writer numbers chunks 0, 1, 2...)."""
+        await self._kv.set(self._results_key(batch_id, chunk), encode_results(entries))
 
     async def result_chunks(self, batch_id: str) -> AsyncIterator[str]:
-        """Yield every stored results chunk of a batch, one at a time.
-
-        Chunks are found by probing keys in order. Once all are read, the record's chunk count is set
-        to what was found, which repairs it after a crash between a chunk write and its record update.
-        """
-        count = 0
-        while (text := await self._kv.get(self._results_key(batch_id, count))) is not None:
+        """Yield every stored results chunk of a batch, in order, one at a time."""
+        chunk = 0
+        while (text := await self._kv.get(self._results_key(batch_id, chunk))) is not None:
             yield text
-            count += 1
-        await self.update_record(batch_id, lambda s: s.model_copy(update={"result_chunks": count}))
+            chunk += 1
 
     async def delete_results(self, batch_id: str, chunks: int) -> None:
         """Drop the result chunks of a finished batch (its files now hold them)."""
         for chunk in range(chunks):
             await self._kv.delete(self._results_key(batch_id, chunk))
+
+    # --- unfinished batches ---------------------------------------------------------------------
+
+    async def active_ids(self) -> list[str]:
+        """The ids of batches not yet finished, oldest first."""
+        raw = await self._kv.get(self._active_key())
+        return json.loads(raw) if raw else []
+
+    async def add_active(self, batch_id: str) -> None:
+        async with self._locks.hold(self._active_key()):
+            ids = await self.active_ids()
+            if batch_id not in ids:
+                await self._kv.set(self._active_key(), json.dumps([*ids, batch_id]))
+
+    async def remove_active(self, batch_id: str) -> None:
+        async with self._locks.hold(self._active_key()):
+            ids = await self.active_ids()
+            if batch_id in ids:
+                ids.remove(batch_id)
+                await self._kv.set(self._active_key(), json.dumps(ids))
 
     # --- idempotency keys -----------------------------------------------------------------------
 

@@ -19,6 +19,13 @@ RUN_YAML = REPO / "run.yaml"
 LLAMA = Path(sys.executable).parent / "llama"
 
 
+def server_up(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port (PostgreSQL, Redis...)."""
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,6 +83,26 @@ def start_standin(log_dir: Path, **behaviour: Any) -> ServerProcess:
     server = _spawn("stand-in", command, log_dir / "standin.log", f"http://127.0.0.1:{port}", {})
     server.wait_healthy("/health", timeout=30)
     return server
+
+
+KV_BACKENDS = {
+    "sqlite": None,
+    "postgres": "{type: kv_postgres, host: 127.0.0.1, port: 5432, db: test, user: postgres, table_name: batches_kv}",
+    "redis": "{type: kv_redis, host: 127.0.0.1, port: 6379}",
+}
+
+
+def run_yaml_with_kvstore(directory: Path, backend: str) -> Path:
+    """A copy of run.yaml whose `kv_default` backend is PostgreSQL or Redis on 127.0.0.1."""
+    if KV_BACKENDS[backend] is None:
+        return RUN_YAML
+    lines = [
+        f"    kv_default: {KV_BACKENDS[backend]}" if line.strip().startswith("kv_default:") else line
+        for line in RUN_YAML.read_text().splitlines()
+    ]
+    path = directory / f"run-{backend}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def start_stack(

@@ -55,3 +55,40 @@ async def test_an_internal_error_is_retried_without_losing_results(
     assert failures == [1]
     assert batch.status == "completed"
     assert len(read_lines(files, batch.output_file_id)) == 5
+
+
+async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    async def slow(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+
+    inference.behaviour = slow
+    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=2)
+    running = await first.create_batch(
+        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(100)])), endpoint=CHAT, completion_window="24h"
+    )
+    waiting = await first.create_batch(
+        input_file_id=files.add(jsonl([chat_line("w")])), endpoint=CHAT, completion_window="24h"
+    )
+    while (await first.retrieve_batch(running.id)).request_counts.completed < 20:
+        await asyncio.sleep(0.02)
+    await first.shutdown()
+    stopped = await first.retrieve_batch(running.id)
+    assert stopped.status == "in_progress"
+    assert (await first.retrieve_batch(waiting.id)).status == "validating"
+    assert stopped.request_counts.completed == len(inference.calls)  # in-flight requests finished and were stored
+
+    second = await provider_with(config, files, inference, models)
+    second.start()  # as on the serving loop's first refresh
+    await second._resuming
+    await second._runner.wait_idle()
+    done = await second.retrieve_batch(running.id)
+    assert done.status == "completed"
+    assert sorted(line["custom_id"] for line in read_lines(files, done.output_file_id)) == sorted(
+        f"r{i}" for i in range(100)
+    )
+    assert len(inference.calls) == 101  # nothing ran twice
+    assert (await second.retrieve_batch(waiting.id)).status == "completed"
+    assert await second._store.active_ids() == []
+    await second.shutdown()

@@ -2,7 +2,6 @@
 Redis on 127.0.0.1 when their servers are up)."""
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,13 +19,7 @@ from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.store import PAGE_SIZE, BatchStore, KeyedLocks, StoredBatch
 from tests.unit.helpers import make_batch
-
-
-def server_up(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
+from tools.harness import server_up
 
 BACKENDS = {
     "sqlite": None,
@@ -162,16 +155,30 @@ async def test_keyed_locks_serialise_one_key_and_clean_up() -> None:
     assert locks._locks == {}
 
 
-async def test_result_chunks_come_back_in_order_and_an_orphan_chunk_is_kept(kv_store: BatchStore) -> None:
-    from llama_stack_provider_batches.results import ResultEntry, decode_results, encode_results
+async def test_result_chunks_come_back_in_order_until_the_first_gap(kv_store: BatchStore) -> None:
+    from llama_stack_provider_batches.results import ResultEntry, decode_results
 
-    await kv_store.put(StoredBatch(batch=make_batch("batch_r", status="in_progress")))
     first, second = [ResultEntry(0, True, "{}")], [ResultEntry(1, False, '{"e":1}')]
-    await kv_store.save_results("batch_r", first, lambda b: b)
-    # As after a crash between writing a chunk and counting it in the record:
-    await kv_store._kv.set(kv_store._results_key("batch_r", 1), encode_results(second))
+    await kv_store.save_result_chunk("batch_r", 0, first)
+    await kv_store.save_result_chunk("batch_r", 1, second)
     chunks = [chunk async for chunk in kv_store.result_chunks("batch_r")]
     assert [decode_results(chunk) for chunk in chunks] == [first, second]
-    assert (await kv_store.get("batch_r")).result_chunks == 2  # the next chunk will not overwrite it
     await kv_store.delete_results("batch_r", 2)
     assert [chunk async for chunk in kv_store.result_chunks("batch_r")] == []
+
+
+async def test_the_active_list_keeps_creation_order(kv_store: BatchStore) -> None:
+    for batch_id in ("batch_1", "batch_2", "batch_3"):
+        await kv_store.add_active(batch_id)
+    await kv_store.add_active("batch_2")
+    await kv_store.remove_active("batch_1")
+    await kv_store.remove_active("batch_unknown")
+    assert await kv_store.active_ids() == ["batch_2", "batch_3"]
+
+
+async def test_the_layout_version_is_written_once_and_checked(kv_store: BatchStore) -> None:
+    await kv_store.check_layout()
+    await kv_store.check_layout()
+    await kv_store._kv.set(kv_store._prefix + "layout", '{"version": 2}')
+    with pytest.raises(RuntimeError, match="layout"):
+        await kv_store.check_layout()

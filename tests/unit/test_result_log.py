@@ -1,0 +1,75 @@
+import asyncio
+
+from llama_stack_provider_batches.result_log import ResultLog
+from llama_stack_provider_batches.results import ResultEntry, decode_results
+from llama_stack_provider_batches.store import BatchStore, StoredBatch
+from tests.unit.helpers import make_batch
+
+
+async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
+    return [entry async for chunk in store.result_chunks(batch_id) for entry in decode_results(chunk)]
+
+
+async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -> None:
+    await store.put(StoredBatch(batch=make_batch("batch_l", status="in_progress")))
+    log = ResultLog(store, "batch_l", total=3)
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 3, 4)
+    for _ in range(100):
+        if log.chunks:
+            break
+        await asyncio.sleep(0.01)
+    assert [entry.position for entry in await stored_entries(store, "batch_l")] == [0]
+    log.add_failure(ResultEntry(2, False, "{}"))
+    await asyncio.sleep(0.2)
+    writer.cancel()
+    assert [entry.position for entry in await stored_entries(store, "batch_l")] == [0, 2]
+    assert (log.tally.completed, log.tally.failed, log.tally.input_tokens) == (1, 1, 3)
+
+
+async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
+    await store.put(StoredBatch(batch=make_batch("batch_c", status="in_progress")))
+    log = ResultLog(store, "batch_c", total=5)
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    assert log.counts().completed == 0
+    await log.flush()
+    await log.report_progress()
+    batch = await store.get_batch("batch_c")
+    assert (batch.request_counts.total, batch.request_counts.completed) == (5, 1)
+    assert batch.usage.total_tokens == 2
+
+
+async def test_a_resumed_log_numbers_new_chunks_after_the_stored_ones(store: BatchStore) -> None:
+    first = ResultLog(store, "batch_r", total=4)
+    first.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    await first.flush()
+    second = ResultLog(store, "batch_r", total=4, stored_chunks=first.chunks)
+    second.add_success(ResultEntry(1, True, "{}"), 0, 0)
+    await second.flush()
+    assert [entry.position for entry in await stored_entries(store, "batch_r")] == [0, 1]
+
+
+async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) -> None:
+    log = ResultLog(store, "batch_x", total=50)
+    writer = asyncio.create_task(log.write_continuously())
+    for position in range(50):
+        log.add_success(ResultEntry(position, True, "{}"), 0, 0)
+        if position % 7 == 0:
+            await asyncio.sleep(0)
+            writer.cancel()
+            writer = asyncio.create_task(log.write_continuously())
+    writer.cancel()
+    await log.flush()
+    assert sorted(entry.position for entry in await stored_entries(store, "batch_x")) == list(range(50))
+
+
+async def test_progress_is_reported_within_the_interval_even_when_results_stop_coming(store: BatchStore) -> None:
+    await store.put(StoredBatch(batch=make_batch("batch_p", status="in_progress")))
+    log = ResultLog(store, "batch_p", total=10)
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    await asyncio.sleep(0.1)
+    log.add_success(ResultEntry(1, True, "{}"), 0, 0)  # stored at once, reported at most 0.5 s later
+    await asyncio.sleep(0.8)
+    writer.cancel()
+    assert (await store.get_batch("batch_p")).request_counts.completed == 2

@@ -25,6 +25,11 @@ logger = get_logger(name=__name__, category="providers")
 RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)
 
 
+def retry_delay(attempt: int) -> float:
+    """The pause before retry number `attempt` (0-based) after an internal error."""
+    return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
+
+
 class BatchRunner:
     """Schedules batch jobs."""
 
@@ -54,12 +59,22 @@ class BatchRunner:
         self._stopping = asyncio.Event()
 
     async def resume(self) -> None:
-        """Submit every unfinished batch found in the store, oldest first."""
-        active = await self._store.active_ids()
-        if active:
-            logger.info("Resuming unfinished batches", count=len(active))
-        for batch_id in active:
-            self.submit(batch_id)
+        """Submit every unfinished batch found in the store, oldest first; retry while the store fails."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                active = await self._store.active_ids()
+            except Exception:
+                delay = retry_delay(attempt)
+                logger.exception("Cannot read the unfinished batches; retrying", retry_in=delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            if active:
+                logger.info("Resuming unfinished batches", count=len(active))
+            for batch_id in active:
+                self.submit(batch_id)
+            return
 
     def submit(self, batch_id: str) -> None:
         """Start running a batch unless it already runs here or the server is stopping."""
@@ -107,7 +122,7 @@ class BatchRunner:
                         await self._job(batch_id).run()
                 return
             except Exception:
-                delay = RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
+                delay = retry_delay(attempt)
                 logger.exception("Batch job failed; results kept, retrying", batch_id=batch_id, retry_in=delay)
                 attempt += 1
                 await asyncio.sleep(delay)

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
+from llama_stack_provider_batches.idempotency import CreateParams
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
 
@@ -92,3 +93,32 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
     assert (await second.retrieve_batch(waiting.id)).status == "completed"
     assert await second._store.active_ids() == []
     await second.shutdown()
+
+
+async def test_resume_retries_while_the_store_fails(
+    provider: BatchesService, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_stack_provider_batches import engine
+
+    monkeypatch.setattr(engine, "RETRY_DELAYS_SECONDS", (0.01,))
+    batch = await provider._store_new_batch(
+        "batch_0000000000000000000000000000000a",
+        CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None),
+        "_",
+        None,
+    )
+    real_active_ids = provider._store.active_ids
+    failures: list[int] = []
+
+    async def flaky_active_ids() -> list[str]:
+        if len(failures) < 2:
+            failures.append(1)
+            raise ConnectionError("store not reachable yet")
+        return await real_active_ids()
+
+    monkeypatch.setattr(provider._store, "active_ids", flaky_active_ids)
+    provider.start()
+    await provider._resuming
+    await provider._runner.wait_idle()
+    assert failures == [1, 1]
+    assert (await provider.retrieve_batch(batch.id)).status == "completed"

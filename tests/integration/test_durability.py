@@ -132,7 +132,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_repeats_nothing(
     batch = create_chat_batch(client, lines)
     wait_until_completed(client, batch.id, REQUESTS // 3)
     restartable.stop(signal.SIGTERM)
-    assert restartable.server.process.returncode == 0
+    assert restartable.server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
 
     client = restartable.start()
     stopped = client.batches.retrieve(batch.id)

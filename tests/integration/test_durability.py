@@ -105,16 +105,22 @@ def check_results_and_count_repeats(client: OpenAI, batch_id: str, lines: list[d
     return {"requests": len(lines), "repeated": sum(count - 1 for count in sent), "errors": len(errors)}
 
 
-@pytest.mark.parametrize("restartable", ["sqlite", "postgres", "redis"], indirect=True)
-def test_sigkill_mid_run_repeats_at_most_the_requests_in_flight(
-    restartable: Restartable, standin: StandInControl, run_dir: Path
-) -> None:
+def stop_a_third_through(restartable: Restartable, standin: StandInControl, sig: signal.Signals) -> tuple:
+    """Start the stack, run a batch, and stop the stack with `sig` once a third of it is done."""
     standin.configure(latency_mean=LATENCY)
     client = restartable.start()
     lines = chat_lines(REQUESTS)
     batch = create_chat_batch(client, lines)
-    done_at_kill = wait_until_completed(client, batch.id, REQUESTS // 3)
-    restartable.stop(signal.SIGKILL)
+    done_at_stop = wait_until_completed(client, batch.id, REQUESTS // 3)
+    restartable.stop(sig)
+    return batch, lines, done_at_stop
+
+
+@pytest.mark.parametrize("restartable", ["sqlite", "postgres", "redis"], indirect=True)
+def test_sigkill_mid_run_repeats_at_most_the_requests_in_flight(
+    restartable: Restartable, standin: StandInControl, run_dir: Path
+) -> None:
+    batch, lines, done_at_kill = stop_a_third_through(restartable, standin, signal.SIGKILL)
 
     client = restartable.start()
     figures = check_results_and_count_repeats(client, batch.id, lines, standin)
@@ -126,12 +132,7 @@ def test_sigkill_mid_run_repeats_at_most_the_requests_in_flight(
 def test_sigterm_lets_requests_in_flight_finish_and_repeats_nothing(
     restartable: Restartable, standin: StandInControl, run_dir: Path
 ) -> None:
-    standin.configure(latency_mean=LATENCY)
-    client = restartable.start()
-    lines = chat_lines(REQUESTS)
-    batch = create_chat_batch(client, lines)
-    wait_until_completed(client, batch.id, REQUESTS // 3)
-    restartable.stop(signal.SIGTERM)
+    batch, lines, _ = stop_a_third_through(restartable, standin, signal.SIGTERM)
     assert restartable.server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
 
     client = restartable.start()

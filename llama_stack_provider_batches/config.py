@@ -39,6 +39,23 @@ class BatchesProviderConfig(BaseModel):
         ),
     )
 
+    max_attempts: int = Field(
+        default=5, ge=1, description="Attempts per request when the backend fails transiently (429, 5xx, timeouts)."
+    )
+    backoff_initial_seconds: float = Field(default=0.5, gt=0, description="Ceiling of the first retry's pause.")
+    backoff_max_seconds: float = Field(default=30.0, gt=0, description="Largest pause between two attempts.")
+    request_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="How long one attempt may take before it is cut off and retried."
+    )
+    max_in_flight_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Batch requests in flight across all batches, to leave the backend room for interactive traffic.",
+    )
+    requests_per_second_per_model: float | None = Field(
+        default=None, gt=0, description="Optional pace of batch requests per model."
+    )
+
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:
         """The config block `llama stack` writes into a generated run.yaml."""

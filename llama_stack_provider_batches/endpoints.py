@@ -1,6 +1,9 @@
 """Sending one batch request through the stack's inference API, and turning the outcome into a result line."""
 
+import asyncio
+import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -14,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import formats
 from .input_file import RequestLine
+from .resilience import AdaptiveLimit, RateLimiter, RetryPolicy, is_transient, retry_after_seconds
 
 
 def without_completion_store(inference: Inference) -> Inference:
@@ -48,6 +52,45 @@ async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any
     else:
         raise ValueError(f"Unsupported endpoint {endpoint!r}")
     return response
+
+
+@dataclass
+class RequestSender:
+    """Sends batch requests with retries, a timeout per attempt, a shared traffic budget and a pace.
+
+    Batch chat completions go through `without_completion_store(inference)` unless their body says
+    `store: true`.
+    """
+
+    inference: Inference
+    policy: RetryPolicy
+    timeout_seconds: float
+    budget: asyncio.Semaphore | None = None
+    pacer: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        self._inference_unstored = without_completion_store(self.inference)
+
+    async def send(
+        self, endpoint: str, body: dict[str, Any], window: AdaptiveLimit, stopping: asyncio.Event
+    ) -> BaseModel:
+        """The response to `body`; raises the last failure once it is permanent or attempts run out."""
+        inference = self.inference if body.get("store") is True else self._inference_unstored
+        for attempt in range(self.policy.attempts):
+            try:
+                if self.pacer is not None:
+                    await self.pacer.wait(str(body.get("model")))
+                async with self.budget or contextlib.nullcontext(), asyncio.timeout(self.timeout_seconds):
+                    response = await call_endpoint(inference, endpoint, body)
+            except Exception as exc:
+                if not is_transient(exc) or attempt + 1 == self.policy.attempts or stopping.is_set():
+                    raise
+                window.record_transient_failure()
+                await asyncio.sleep(self.policy.delay(attempt, retry_after_seconds(exc)))
+            else:
+                window.record_success()
+                return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def response_tokens(response: BaseModel) -> tuple[int, int]:

@@ -16,8 +16,9 @@ from llama_stack.log import get_logger
 from llama_stack_api import Files, Inference, Models
 
 from .config import BatchesProviderConfig
-from .endpoints import without_completion_store
+from .endpoints import RequestSender
 from .job import BatchJob, JobSettings
+from .resilience import RateLimiter, RetryPolicy
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
@@ -43,8 +44,13 @@ class BatchRunner:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._inference = inference
-        self._inference_unstored = without_completion_store(inference)
+        self._sender = RequestSender(
+            inference,
+            RetryPolicy(config.max_attempts, config.backoff_initial_seconds, config.backoff_max_seconds),
+            config.request_timeout_seconds,
+            budget=asyncio.Semaphore(config.max_in_flight_requests) if config.max_in_flight_requests else None,
+            pacer=RateLimiter(config.requests_per_second_per_model) if config.requests_per_second_per_model else None,
+        )
         self._files = files
         self._models = models
         self._clock = clock
@@ -131,8 +137,7 @@ class BatchRunner:
         return BatchJob(
             batch_id=batch_id,
             store=self._store,
-            inference=self._inference,
-            inference_unstored=self._inference_unstored,
+            sender=self._sender,
             files=self._files,
             models=self._models,
             settings=self._settings,

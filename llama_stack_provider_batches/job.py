@@ -29,7 +29,6 @@ from llama_stack_api import (
     BatchObject,
     Files,
     GetModelRequest,
-    Inference,
     Models,
     OpenAIFilePurpose,
     RetrieveFileContentRequest,
@@ -42,9 +41,10 @@ from openai.types.batch_request_counts import BatchRequestCounts
 from pydantic import BaseModel
 
 from . import formats
-from .endpoints import call_endpoint, response_tokens, result_for_exception
+from .endpoints import RequestSender, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
+from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, ResultSpool, Tally, decode_results
 from .store import BatchStore
@@ -75,8 +75,7 @@ class BatchJob:
 
     batch_id: str
     store: BatchStore
-    inference: Inference
-    inference_unstored: Inference
+    sender: RequestSender
     files: Files
     models: Models
     settings: JobSettings
@@ -178,14 +177,13 @@ class BatchJob:
 
     async def _execute(self, batch: BatchObject, index: InputIndex) -> Stop | None:
         """Run every request without a stored result; return why it stopped early, if it did."""
-        window = asyncio.Semaphore(self.settings.window)
+        window = AdaptiveLimit(self.settings.window)
         in_flight: set[asyncio.Task[None]] = set()
 
         async def run_one(position: int) -> None:
             request = index.request(position)
             try:
-                inference = self.inference if request.body.get("store") is True else self.inference_unstored
-                response = await call_endpoint(inference, batch.endpoint, request.body)
+                response = await self.sender.send(batch.endpoint, request.body, window, self.stopping)
             except Exception as exc:
                 if self.stopping.is_set():
                     return  # perhaps the server going down, not the request: it runs again after the restart
@@ -193,7 +191,7 @@ class BatchJob:
             else:
                 self._record_success(position, request.custom_id, response)
             finally:
-                window.release()
+                await window.release()
 
         async def dispatch() -> None:
             for position in range(self._total):

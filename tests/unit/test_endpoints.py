@@ -1,3 +1,4 @@
+import asyncio
 import json
 
 import httpx
@@ -5,12 +6,14 @@ import openai
 import pytest
 
 from llama_stack_provider_batches.endpoints import (
+    RequestSender,
     call_endpoint,
     response_tokens,
     result_for_exception,
     without_completion_store,
 )
 from llama_stack_provider_batches.input_file import RequestLine
+from llama_stack_provider_batches.resilience import AdaptiveLimit, RetryPolicy
 from tests.unit.conftest import FakeInference
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
@@ -72,3 +75,78 @@ def test_without_completion_store_is_a_view_that_leaves_the_router_alone() -> No
     assert router.store is not None
     plain = FakeInference()
     assert without_completion_store(plain) is plain
+
+
+def make_sender(inference: FakeInference, attempts: int = 3, timeout: float = 5.0) -> RequestSender:
+    return RequestSender(inference, RetryPolicy(attempts, 0.001, 0.01), timeout_seconds=timeout)
+
+
+CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+
+async def test_transient_failures_are_retried_until_success() -> None:
+    inference = FakeInference()
+
+    def fail_twice(_: dict) -> None:
+        if len(inference.calls) <= 2:
+            raise status_error(503, {"error": {"message": "busy"}})
+
+    inference.behaviour = fail_twice
+    window = AdaptiveLimit(4)
+    response = await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, window, asyncio.Event())
+    assert response.object == "chat.completion"
+    assert len(inference.calls) == 3
+
+
+async def test_permanent_failures_are_not_retried() -> None:
+    inference = FakeInference()
+
+    def refuse(_: dict) -> None:
+        raise status_error(400, {"error": {"message": "bad"}})
+
+    inference.behaviour = refuse
+    with pytest.raises(openai.APIStatusError):
+        await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event())
+    assert len(inference.calls) == 1
+
+
+async def test_attempts_run_out_with_the_last_failure() -> None:
+    inference = FakeInference()
+
+    def always_busy(_: dict) -> None:
+        raise status_error(503, {"error": {"message": "still busy"}})
+
+    inference.behaviour = always_busy
+    with pytest.raises(openai.APIStatusError, match="backend said no"):
+        await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event())
+    assert len(inference.calls) == 3
+
+
+async def test_a_stalled_attempt_is_cut_off_and_retried() -> None:
+    inference = FakeInference()
+
+    async def stall_first(_: dict) -> None:
+        if len(inference.calls) == 1:
+            await asyncio.sleep(30)
+
+    inference.behaviour = stall_first
+    sender = make_sender(inference, timeout=0.1)
+    response = await asyncio.wait_for(
+        sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event()), 5
+    )
+    assert response.object == "chat.completion"
+    assert len(inference.calls) == 2
+
+
+async def test_no_retry_once_the_server_is_stopping() -> None:
+    inference = FakeInference()
+
+    def busy(_: dict) -> None:
+        raise status_error(503, {})
+
+    inference.behaviour = busy
+    stopping = asyncio.Event()
+    stopping.set()
+    with pytest.raises(openai.APIStatusError):
+        await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), stopping)
+    assert len(inference.calls) == 1

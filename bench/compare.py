@@ -7,6 +7,7 @@ built-in `inline::reference`, and print the figures side by side.
 Workloads (requests go to the stand-in model server, started here):
     latency      600 chat requests, log-normal latency (mean 200 ms, sigma 0.6), concurrency 10;
                  compared with the ideal N x mean latency / concurrency
+    failures     the latency workload with 10% of the stand-in's answers replaced by HTTP 503
     cpu          2,000 chat requests at zero latency, concurrency 10: requests per second
     concurrency  1,000 requests, mean latency 1 s (sigma 0.6), concurrency 64; against the ideal
     memory       50,000 requests of about 1 KB each at zero latency, concurrency 10: the server's peak
@@ -38,6 +39,7 @@ class Workload:
     latency_mean: float = 0.0
     latency_sigma: float = 0.0
     line_bytes: int = 0  # pad each request's prompt to about this size
+    fail_503: float = 0.0  # share of answers the stand-in replaces with HTTP 503
     timeout: float = 1800.0
 
     @property
@@ -47,6 +49,7 @@ class Workload:
 
 WORKLOADS = {
     "latency": Workload("latency", 600, 10, latency_mean=0.2, latency_sigma=0.6),
+    "failures": Workload("failures", 600, 10, latency_mean=0.2, latency_sigma=0.6, fail_503=0.1),
     "cpu": Workload("cpu", 2000, 10),
     "concurrency": Workload("concurrency", 1000, 64, latency_mean=1.0, latency_sigma=0.6),
     "memory": Workload("memory", 50_000, 10, line_bytes=1000, timeout=3600),
@@ -75,12 +78,12 @@ class Result:
 
 def builtin_run_yaml(directory: Path) -> Path:
     """run.yaml without the `module:` line and the settings only this provider knows."""
+    upstream_settings = ("kvstore:", "max_concurrent_batches:", "max_concurrent_requests_per_batch:")
     kept = [
         line
         for line in RUN_YAML.read_text().splitlines()
         if "module: llama_stack_provider_batches" not in line
-        and "completion_window_seconds" not in line
-        and "cancel_grace_seconds" not in line
+        and ("${env.BATCHES_" not in line or line.strip().startswith(upstream_settings))
     ]
     path = directory / "run-builtin.yaml"
     path.write_text("\n".join(kept) + "\n")
@@ -140,7 +143,7 @@ def percentile(values: list[float], share: float) -> float:
 def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir: Path) -> Result:
     result = Result(provider, workload.name)
     StandInControl(standin.url).configure(
-        latency_mean=workload.latency_mean, latency_sigma=workload.latency_sigma, fail_503=0, fail_429=0
+        latency_mean=workload.latency_mean, latency_sigma=workload.latency_sigma, fail_503=workload.fail_503, fail_429=0
     )
     run_yaml = RUN_YAML if provider == "ours" else builtin_run_yaml(work_dir)
     state = Path(tempfile.mkdtemp(prefix=f"{provider}-{workload.name}-", dir=work_dir))

@@ -66,6 +66,8 @@ class BatchesService(Batches):
 
     async def shutdown(self) -> None:
         """Stop background work, leaving every batch in a status it can resume from."""
+        if self._resuming is not None:
+            self._resuming.cancel()
         await self._runner.shutdown()
 
     # --- create ---------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Behaviour is set on the command line and can be changed while it runs (POST /adm
     fail_503, fail_429             fraction of requests answered with that status
     retry_after                    seconds sent in Retry-After with 429s
 Markers inside a prompt force an outcome for that request: `[[status:400]]` answers with that HTTP
-status, `[[sleep:2.5]]` waits that many seconds first.
+status, `[[sleep:2.5]]` waits that many seconds first, `[[stall-once:5]]` waits that long only the
+first time this prompt arrives (a backend that stalls once).
 
 GET /admin/stats reports the requests received: in total, per path, and per prompt (to count repeats).
 POST /admin/reset clears the counters.
@@ -34,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-MARKER = re.compile(r"\[\[(status|sleep):([0-9.]+)\]\]")
+MARKER = re.compile(r"\[\[(status|sleep|stall-once):([0-9.]+)\]\]")
 DEFAULT_MODELS = ("m-chat", "m-embed")
 EMBEDDING_DIMENSION = 8
 
@@ -171,9 +172,9 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
             forced_status = None
             delay = state.latency()
             for kind, value in MARKER.findall(prompt):
-                if kind == "sleep":
+                if kind == "sleep" or (kind == "stall-once" and state.by_prompt[prompt] == 1):
                     delay = float(value)
-                else:
+                elif kind == "status":
                     forced_status = int(float(value))
             if delay:
                 await asyncio.sleep(delay)

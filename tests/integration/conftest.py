@@ -64,3 +64,21 @@ def short_window_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator
     warm_up(server)
     yield server
     server.stop()
+
+
+RESILIENCE_ATTEMPTS = 3
+
+
+@pytest.fixture(scope="session")
+def impatient_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A stack that cuts an attempt off after 1 s and tries each request at most 3 times, quickly."""
+    env = {
+        "BATCHES_REQUEST_TIMEOUT_SECONDS": "1",
+        "BATCHES_MAX_ATTEMPTS": str(RESILIENCE_ATTEMPTS),
+        "BATCHES_BACKOFF_INITIAL_SECONDS": "0.05",
+        "BATCHES_BACKOFF_MAX_SECONDS": "0.2",
+    }
+    server = start_stack(run_dir, run_dir / "impatient-state", f"{standin_server.url}/v1", env)
+    warm_up(server)
+    yield server
+    server.stop()

@@ -71,9 +71,9 @@ RESILIENCE_ATTEMPTS = 3
 
 @pytest.fixture(scope="session")
 def impatient_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
-    """A stack that cuts an attempt off after 1 s and tries each request at most 3 times, quickly."""
+    """A stack that cuts an attempt off after 5 s and tries each request at most 3 times, quickly."""
     env = {
-        "BATCHES_REQUEST_TIMEOUT_SECONDS": "1",
+        "BATCHES_REQUEST_TIMEOUT_SECONDS": "5",
         "BATCHES_MAX_ATTEMPTS": str(RESILIENCE_ATTEMPTS),
         "BATCHES_BACKOFF_INITIAL_SECONDS": "0.05",
         "BATCHES_BACKOFF_MAX_SECONDS": "0.2",

@@ -31,7 +31,8 @@ def test_transient_failures_do_not_reach_the_results(openai_client: OpenAI, stan
 
 
 def test_a_permanent_failure_is_tried_exactly_once(openai_client: OpenAI, standin: StandInControl) -> None:
-    lines = chat_lines(5, suffix=" [[status:400]]") + chat_lines(5)
+    refused = chat_lines(5, suffix=" [[status:400]]")
+    lines = refused + [{**line, "custom_id": f"ok-{n}"} for n, line in enumerate(chat_lines(5))]
     batch = wait_for_batch(openai_client, create_chat_batch(openai_client, lines).id)
     assert (batch.request_counts.completed, batch.request_counts.failed) == (5, 5)
     received = standin.stats()["by_prompt"]
@@ -56,7 +57,7 @@ def test_retries_run_out_with_the_documented_error_lines(
     tag = uuid.uuid4().hex[:8]
     unavailable = chat_lines(2, tag=tag, suffix=" [[status:503]]")
     stalled = [{**line, "custom_id": f"stalled-{n}"} for n, line in enumerate(chat_lines(2, suffix=" [[sleep:30]]"))]
-    batch = wait_for_batch(client, create_chat_batch(client, unavailable + stalled).id, timeout=60)
+    batch = wait_for_batch(client, create_chat_batch(client, unavailable + stalled).id, timeout=90)
     assert (batch.status, batch.request_counts.failed) == ("completed", 4)
     errors = {line["custom_id"]: line for line in read_result_file(client, batch.error_file_id)}
 

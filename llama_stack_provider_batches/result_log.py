@@ -17,7 +17,7 @@ from openai.types.batch_request_counts import BatchRequestCounts
 from .results import ResultEntry, Tally
 from .store import BatchStore
 
-MIN_FLUSH_INTERVAL_SECONDS = 0.05
+MIN_FLUSH_INTERVAL_SECONDS = 0.01
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 

@@ -13,7 +13,7 @@ from llama_stack_provider_batches.endpoints import (
     without_completion_store,
 )
 from llama_stack_provider_batches.input_file import RequestLine
-from llama_stack_provider_batches.resilience import AdaptiveLimit, RetryPolicy
+from llama_stack_provider_batches.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
 from tests.unit.conftest import FakeInference
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
@@ -150,3 +150,27 @@ async def test_no_retry_once_the_server_is_stopping() -> None:
     with pytest.raises(openai.APIStatusError):
         await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), stopping)
     assert len(inference.calls) == 1
+
+
+async def test_the_traffic_budget_caps_requests_in_flight_across_windows() -> None:
+    inference = FakeInference()
+
+    async def slow(_: dict) -> None:
+        await asyncio.sleep(0.02)
+
+    inference.behaviour = slow
+    sender = RequestSender(inference, RetryPolicy(1), timeout_seconds=5, budget=asyncio.Semaphore(2))
+    windows = [AdaptiveLimit(10), AdaptiveLimit(10)]  # two batches, each allowed 10
+    await asyncio.gather(
+        *(sender.send("/v1/chat/completions", CHAT_BODY, windows[n % 2], asyncio.Event()) for n in range(8))
+    )
+    assert inference.max_in_flight == 2
+
+
+async def test_the_pace_spaces_requests_to_one_model() -> None:
+    inference = FakeInference()
+    sender = RequestSender(inference, RetryPolicy(1), timeout_seconds=5, pacer=RateLimiter(per_second=50))
+    started = asyncio.get_running_loop().time()
+    for _ in range(6):
+        await sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event())
+    assert asyncio.get_running_loop().time() - started >= 0.09  # 5 intervals of 20 ms

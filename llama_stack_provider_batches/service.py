@@ -67,6 +67,8 @@ class BatchesService(Batches):
     async def shutdown(self) -> None:
         """Stop background work, leaving every batch in a status it can resume from."""
         if self._resuming is not None:
+            # Let a resume that is reading the store finish; one waiting to retry is cancelled.
+            await asyncio.wait({self._resuming}, timeout=1)
             self._resuming.cancel()
         await self._runner.shutdown()
 

@@ -28,7 +28,7 @@ async def get_provider_impl(
     kvstore = await kvstore_impl(config.kvstore)
     store = BatchStore(kvstore, config.kvstore.namespace)
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
-    service = BatchesService(config, store, runner)
+    service = BatchesService(config, store, runner, policy)
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
     return service

@@ -44,6 +44,7 @@ from . import formats
 from .endpoints import RequestSender, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
+from .ownership import acting_as
 from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, ResultSpool, Tally, decode_results
@@ -100,7 +101,11 @@ class BatchJob:
             # Finished, or never fully created, before a crash could take it off the active list.
             await self.store.remove_active(self.batch_id)
             return
-        batch = stored.batch
+        # Files are read and written, and models reached, with the creator's rights.
+        with acting_as(stored.owner):
+            await self._run(stored.batch)
+
+    async def _run(self, batch: BatchObject) -> None:
         parsed = await self._read_input(batch)
         if parsed.errors and batch.status == "validating":
             await self._move("failed", errors=Errors(object="list", data=parsed.errors))

@@ -10,9 +10,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+from llama_stack.core.access_control.datatypes import AccessRule, Action
 from llama_stack.log import get_logger
 from llama_stack_api import (
     Batches,
+    BatchNotFoundError,
     BatchObject,
     CancelBatchRequest,
     ConflictError,
@@ -28,7 +30,8 @@ from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .idempotency import CreateParams
 from .lifecycle import is_terminal, transition
-from .store import DEFAULT_SCOPE, BatchStore, StoredBatch
+from .ownership import Owner, current_owner, may, scope_of
+from .store import BatchStore, StoredBatch
 from .validation import InvalidParameterError, validate_create_params, validate_list_limit
 
 logger = get_logger(name=__name__, category="providers")
@@ -47,9 +50,11 @@ class BatchesService(Batches):
         config: BatchesProviderConfig,
         store: BatchStore,
         runner: BatchRunner,
+        policy: list[AccessRule] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._policy = policy or []
         self._store = store
         self._runner = runner
         self._clock = clock
@@ -99,9 +104,10 @@ class BatchesService(Batches):
             completion_window=completion_window,  # type: ignore[arg-type]
             metadata=None if metadata is None else dict(metadata),
         )
-        scope = DEFAULT_SCOPE
+        owner = current_owner()
+        scope = scope_of(owner)
         if key is None:
-            batch = await self._store_new_batch(new_batch_id(), params, scope, key=None)
+            batch = await self._store_new_batch(new_batch_id(), params, owner, key=None)
         else:
             async with self._store.idempotency_guard(scope, key):
                 existing_id = await self._store.batch_id_for_key(scope, key)
@@ -115,11 +121,13 @@ class BatchesService(Batches):
                 batch_id = existing_id or new_batch_id()
                 if existing_id is None:
                     await self._store.remember_key(scope, key, batch_id)
-                batch = await self._store_new_batch(batch_id, params, scope, key)
+                batch = await self._store_new_batch(batch_id, params, owner, key)
         self._runner.submit(batch.id)
         return batch
 
-    async def _store_new_batch(self, batch_id: str, params: CreateParams, scope: str, key: str | None) -> BatchObject:
+    async def _store_new_batch(
+        self, batch_id: str, params: CreateParams, owner: Owner | None, key: str | None
+    ) -> BatchObject:
         now = int(self._clock())
         batch = BatchObject(
             id=batch_id,
@@ -133,9 +141,11 @@ class BatchesService(Batches):
             metadata=None if params.metadata is None else dict(params.metadata),
             request_counts=BatchRequestCounts(total=0, completed=0, failed=0),
         )
+        scope = scope_of(owner)
         position = await self._store.append_to_index(scope, batch_id)
         await self._store.add_active(batch_id)
-        await self._store.put(StoredBatch(batch=batch, scope=scope, idempotency_key=key, index_position=position))
+        stored = StoredBatch(batch=batch, owner=owner, scope=scope, idempotency_key=key, index_position=position)
+        await self._store.put(stored)
         logger.info("Created batch", batch_id=batch_id, idempotent=key is not None)
         return batch
 
@@ -145,7 +155,14 @@ class BatchesService(Batches):
         """The batch with this id; BatchNotFoundError (HTTP 404) if there is none."""
         self.start()
         batch_id = request if isinstance(request, str) else request.batch_id
-        return await self._store.get_batch(batch_id)
+        return (await self._visible(batch_id, Action.READ)).batch
+
+    async def _visible(self, batch_id: str, action: Action) -> StoredBatch:
+        """The stored batch if the caller may do `action` on it; otherwise as if it did not exist."""
+        stored = await self._store.get(batch_id)
+        if stored is None or not may(self._policy, action, batch_id, stored.owner):
+            raise BatchNotFoundError(batch_id)
+        return stored
 
     async def cancel_batch(self, request: CancelBatchRequest | str) -> BatchObject:
         """Ask a batch to stop. Finished batches refuse (HTTP 409); cancelling ones are returned as they are."""
@@ -159,6 +176,7 @@ class BatchesService(Batches):
                 raise ConflictError(f"Cannot cancel a batch with status '{batch.status}'.")
             return transition(batch, "cancelling", int(self._clock()))
 
+        await self._visible(batch_id, Action.UPDATE)
         batch = await self._store.update(batch_id, to_cancelling)
         self._runner.request_cancel(batch_id)
         return batch
@@ -173,7 +191,7 @@ class BatchesService(Batches):
         if request is not None:
             after, limit = request.after, request.limit
         limit = validate_list_limit(limit)
-        scope = DEFAULT_SCOPE
+        scope = scope_of(current_owner())
         before = None
         if after is not None:
             cursor = await self._store.get(after)
@@ -181,7 +199,10 @@ class BatchesService(Batches):
                 raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")
             before = cursor.index_position
         ids = await self._store.newest_ids(scope, before, limit + 1)
-        page = [stored.batch for stored in await self._store.get_many(ids[:limit])]
+        readable = [
+            s for s in await self._store.get_many(ids[:limit]) if may(self._policy, Action.READ, s.batch.id, s.owner)
+        ]
+        page = [stored.batch for stored in readable]
         return ListBatchesResponse(
             data=page,
             first_id=page[0].id if page else None,

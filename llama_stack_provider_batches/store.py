@@ -10,7 +10,7 @@ Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release 
     index/<scope>/head             IndexHead JSON: the newest index page and how full it is
     index/<scope>/page/<n>         JSON list of up to PAGE_SIZE batch ids, oldest first
 
-`scope` separates the batches of different owners; it is `_` while batches have no owner.
+`scope` separates the batches of different owners (ownership.py); it is `_` for unowned batches.
 
 The key-value interface only guarantees point reads and writes: its range queries differ between
 backends (inclusive or exclusive ends, prefix scans over the whole keyspace on Redis). The list
@@ -35,11 +35,12 @@ from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
 
+from .ownership import UNOWNED_SCOPE, Owner
 from .results import ResultEntry, encode_results
 
 LAYOUT_VERSION = 1
 PAGE_SIZE = 100
-DEFAULT_SCOPE = "_"
+DEFAULT_SCOPE = UNOWNED_SCOPE
 
 
 class IndexPosition(BaseModel):
@@ -53,6 +54,7 @@ class StoredBatch(BaseModel):
     """A batch as stored: the object clients see, and what the provider keeps beside it."""
 
     batch: BatchObject
+    owner: Owner | None = None
     scope: str = DEFAULT_SCOPE
     idempotency_key: str | None = None
     index_position: IndexPosition | None = None

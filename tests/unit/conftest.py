@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llama_stack.core.request_headers import get_authenticated_user
 from llama_stack.core.storage.datatypes import KVStoreReference, SqliteKVStoreConfig
 from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
 from llama_stack_api import Api, ModelNotFoundError
@@ -27,6 +28,7 @@ class FakeFiles:
     def __init__(self) -> None:
         self.contents: dict[str, bytes] = {}
         self.names: dict[str, str] = {}
+        self.readers: list[str | None] = []  # the authenticated principal of each content read
 
     def add(self, content: bytes, name: str = "input.jsonl") -> str:
         file_id = f"file-{uuid.uuid4().hex}"
@@ -40,6 +42,8 @@ class FakeFiles:
         return FakeResponse(id=request.file_id, bytes=len(self.contents[request.file_id]))
 
     async def openai_retrieve_file_content(self, request: Any) -> Any:
+        user = get_authenticated_user()
+        self.readers.append(user.principal if user else None)
         if request.file_id not in self.contents:
             raise FileNotFoundError(request.file_id)
         return FakeResponse(body=self.contents[request.file_id])

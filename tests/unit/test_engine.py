@@ -104,8 +104,8 @@ async def test_resume_retries_while_the_store_fails(
     batch = await provider._store_new_batch(
         "batch_0000000000000000000000000000000a",
         CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None),
-        "_",
-        None,
+        owner=None,
+        key=None,
     )
     real_active_ids = provider._store.active_ids
     failures: list[int] = []

@@ -1,0 +1,70 @@
+"""Who a batch belongs to, and who may see it: the stack's own users and access policy applied to batches.
+
+With authentication on, the stack puts the caller in the request context; a batch records that
+user (principal and attributes, never credentials) as its owner. Every read or change of a batch
+asks the stack's `is_action_allowed` with the policy handed to the provider (the stack's default
+policy when it is empty: owner, or shared roles/teams/projects/namespaces). A batch the caller may
+not read is reported missing, exactly like one that does not exist.
+
+Idempotency keys and the list index are kept per owner (`scope_of`), so users never share either.
+With authentication off there is no user: every batch is unowned and lives in one scope.
+"""
+
+import hashlib
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+from llama_stack.core.access_control.access_control import is_action_allowed
+from llama_stack.core.access_control.datatypes import AccessRule, Action
+from llama_stack.core.datatypes import User
+from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
+from pydantic import BaseModel
+
+UNOWNED_SCOPE = "_"
+
+
+class Owner(BaseModel):
+    """The user who created a batch, as stored with it."""
+
+    principal: str
+    attributes: dict[str, list[str]] | None = None
+
+    def as_user(self) -> User:
+        return User(self.principal, self.attributes)
+
+
+@dataclass(frozen=True)
+class BatchResource:
+    """A batch as the stack's access control sees it."""
+
+    identifier: str
+    owner: User | None
+    type: str = "batch"
+
+
+def current_owner() -> Owner | None:
+    """The authenticated caller of the current request, if authentication is on."""
+    user = get_authenticated_user()
+    return None if user is None else Owner(principal=user.principal, attributes=user.attributes)
+
+
+def scope_of(owner: Owner | None) -> str:
+    """The storage scope of an owner's idempotency keys and list index."""
+    return UNOWNED_SCOPE if owner is None else hashlib.sha256(owner.principal.encode()).hexdigest()[:32]
+
+
+def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | None) -> bool:
+    """Whether the current caller may do `action` on the batch `batch_id` owned by `owner`."""
+    resource = BatchResource(batch_id, None if owner is None else owner.as_user())
+    return is_action_allowed(policy, action, resource, get_authenticated_user())
+
+
+def acting_as(owner: Owner | None) -> AbstractContextManager[None]:
+    """Run background work as the batch's owner when no request context carries a user (after a restart).
+
+    Only the identity is restored; per-request provider credentials are never stored, so work resumed
+    after a restart uses what the stack is configured with, under the owner's access rights.
+    """
+    if owner is None or get_authenticated_user() is not None:
+        return nullcontext()
+    return RequestProviderDataContext(user=owner.as_user())

@@ -1,0 +1,107 @@
+"""Batches belong to their creator: the stack's users and default access policy, applied to batches."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from llama_stack.core.access_control.datatypes import Action
+from llama_stack.core.datatypes import User
+from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
+from llama_stack_api import BatchNotFoundError
+
+from llama_stack_provider_batches import BatchesService
+from llama_stack_provider_batches.ownership import Owner, acting_as, may, scope_of
+from tests.unit.conftest import FakeFiles
+from tests.unit.helpers import CHAT, chat_line, jsonl
+
+ALICE = User("alice", {"teams": ["red"]})
+BOB = User("bob", {"teams": ["blue"]})
+CAROL = User("carol", {"teams": ["red"]})
+
+
+@contextmanager
+def signed_in(user: User) -> Iterator[None]:
+    with RequestProviderDataContext(user=user):
+        yield
+
+
+def owner(user: User) -> Owner:
+    return Owner(principal=user.principal, attributes=user.attributes)
+
+
+def test_scopes_separate_principals_and_unowned_batches() -> None:
+    assert scope_of(None) == "_"
+    assert scope_of(owner(ALICE)) == scope_of(owner(ALICE)) != scope_of(owner(BOB))
+
+
+def test_default_policy_owner_or_shared_attribute() -> None:
+    with signed_in(ALICE):
+        assert may([], Action.READ, "batch_1", owner(ALICE))
+        assert may([], Action.READ, "batch_1", owner(CAROL))  # shares the team "red"
+        assert not may([], Action.READ, "batch_1", owner(BOB))
+    assert may([], Action.READ, "batch_1", owner(BOB))  # no user: authentication is off
+
+
+def test_acting_as_restores_the_owner_only_when_no_user_is_set() -> None:
+    with acting_as(owner(ALICE)):
+        assert get_authenticated_user().principal == "alice"
+    with signed_in(BOB), acting_as(owner(ALICE)):
+        assert get_authenticated_user().principal == "bob"
+    with acting_as(None):
+        assert get_authenticated_user() is None
+
+
+async def create_as(user: User, provider: BatchesService, files: FakeFiles, **options: Any):
+    with signed_in(user):
+        return await provider.create_batch(
+            input_file_id=files.add(jsonl([chat_line("a")])), endpoint=CHAT, completion_window="24h", **options
+        )
+
+
+async def test_another_users_batch_is_indistinguishable_from_a_missing_one(
+    provider: BatchesService, files: FakeFiles
+) -> None:
+    batch = await create_as(ALICE, provider, files)
+    with signed_in(BOB):
+        for call in (provider.retrieve_batch, provider.cancel_batch):
+            with pytest.raises(BatchNotFoundError) as info:
+                await call(batch.id)
+            assert str(info.value) == str(BatchNotFoundError("batch_does_not_exist")).replace(
+                "batch_does_not_exist", batch.id
+            )
+        assert (await provider.list_batches()).data == []
+    with signed_in(CAROL):  # same team: the stack's default policy lets her read it
+        assert (await provider.retrieve_batch(batch.id)).id == batch.id
+    with signed_in(ALICE):
+        assert [b.id for b in (await provider.list_batches()).data] == [batch.id]
+
+
+async def test_idempotency_keys_do_not_collide_between_users(provider: BatchesService, files: FakeFiles) -> None:
+    file_id = files.add(jsonl([chat_line("a")]))
+
+    async def create(user: User, **options: Any):
+        with signed_in(user):
+            return await provider.create_batch(
+                input_file_id=file_id, endpoint=CHAT, completion_window="24h", idempotency_key="nightly", **options
+            )
+
+    for_alice = await create(ALICE)
+    for_bob = await create(BOB, metadata={"other": "parameters"})  # no 409: Alice's key is not Bob's
+    assert for_alice.id != for_bob.id
+    assert (await create(ALICE)).id == for_alice.id
+    assert (await create(BOB, metadata={"other": "parameters"})).id == for_bob.id
+
+
+async def test_background_work_runs_as_the_creator_also_after_a_restart(
+    provider: BatchesService, files: FakeFiles
+) -> None:
+    batch = await create_as(ALICE, provider, files)
+    await provider._runner.wait_idle()
+    assert files.readers[-1] == "alice"
+    # As after a restart: the batch is picked up outside any request.
+    await provider._store.update(batch.id, lambda b: b.model_copy(update={"status": "validating"}))
+    await provider._store.add_active(batch.id)
+    provider._runner.submit(batch.id)
+    await provider._runner.wait_idle()
+    assert files.readers[-1] == "alice"

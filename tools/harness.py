@@ -105,6 +105,14 @@ def run_yaml_with_kvstore(directory: Path, backend: str) -> Path:
     return path
 
 
+def run_yaml_with_auth(directory: Path, auth_endpoint: str, base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`."""
+    server = f"server:\n  auth:\n    provider_config:\n      type: custom\n      endpoint: {auth_endpoint}\n"
+    path = directory / f"{base.stem}-auth.yaml"
+    path.write_text(base.read_text() + server)
+    return path
+
+
 def start_stack(
     log_dir: Path, state_dir: Path, model_url: str, env: dict[str, str] | None = None, run_yaml: Path = RUN_YAML
 ) -> ServerProcess:
@@ -117,7 +125,7 @@ def start_stack(
     return server
 
 
-def warm_up(stack: ServerProcess, attempts: int = 5) -> None:
+def warm_up(stack: ServerProcess, attempts: int = 5, headers: dict[str, str] | None = None) -> None:
     """Make the stack create its SQLite tables (inference store, files) before a test leans on them.
 
     The stack creates each table lazily on first use; concurrent first uses right after start-up
@@ -126,8 +134,8 @@ def warm_up(stack: ServerProcess, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             chat = {"model": "local/m-chat", "messages": [{"role": "user", "content": "warm up"}]}
-            httpx.post(f"{stack.url}/v1/chat/completions", json=chat, timeout=30).raise_for_status()
-            httpx.get(f"{stack.url}/v1/files", timeout=30).raise_for_status()
+            httpx.post(f"{stack.url}/v1/chat/completions", json=chat, headers=headers, timeout=30).raise_for_status()
+            httpx.get(f"{stack.url}/v1/files", headers=headers, timeout=30).raise_for_status()
             return
         except httpx.HTTPError:
             if attempt == attempts - 1:

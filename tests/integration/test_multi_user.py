@@ -1,0 +1,143 @@
+"""Two users on one stack with authentication on (the stack's `custom` provider, pointed at a small
+token-to-user endpoint served here): batches, files and idempotency keys stay each user's own."""
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
+from tools.harness import ServerProcess, StandInControl, run_yaml_with_auth, start_stack, warm_up
+
+USERS = {  # disjoint attributes: the stack's default policy then lets each see only their own
+    "alice-token": {"principal": "alice", "attributes": {"teams": ["red"]}},
+    "bob-token": {"principal": "bob", "attributes": {"teams": ["blue"]}},
+}
+
+
+class TokenToUser(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = USERS.get(body.get("api_key"))
+        self.send_response(200 if user else 401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(user or {"error": "unknown token"}).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def auth_endpoint() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenToUser)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/auth"
+    server.shutdown()
+
+
+class AuthStack:
+    """A stack with authentication, which a test may restart on the same state."""
+
+    def __init__(self, run_dir: Path, model_url: str, auth_endpoint: str) -> None:
+        self.run_dir = run_dir
+        self.state = run_dir / f"auth-state-{uuid.uuid4().hex[:6]}"
+        self.model_url = model_url
+        self.run_yaml = run_yaml_with_auth(run_dir, auth_endpoint)
+        self.env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
+        self.server: ServerProcess | None = None
+
+    def start(self) -> None:
+        self.server = start_stack(self.run_dir, self.state, self.model_url, self.env, run_yaml=self.run_yaml)
+        warm_up(self.server, headers={"Authorization": "Bearer alice-token"})
+
+    def client(self, token: str) -> OpenAI:
+        assert self.server is not None
+        return OpenAI(base_url=f"{self.server.url}/v1", api_key=token, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def auth_stack(run_dir: Path, standin_server: ServerProcess, auth_endpoint: str) -> Iterator[AuthStack]:
+    stack = AuthStack(run_dir, f"{standin_server.url}/v1", auth_endpoint)
+    stack.start()
+    yield stack
+    if stack.server is not None:
+        stack.server.stop()
+
+
+def test_an_unknown_token_is_refused(auth_stack: AuthStack) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        auth_stack.client("nobody").batches.list()
+
+
+def test_a_user_cannot_reach_another_users_batch(auth_stack: AuthStack) -> None:
+    alice, bob = auth_stack.client("alice-token"), auth_stack.client("bob-token")
+    batch = create_chat_batch(bob, chat_lines(2))
+    with pytest.raises(openai.NotFoundError):
+        alice.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        alice.batches.cancel(batch.id)
+    assert batch.id not in [b.id for b in alice.batches.list(limit=100)]
+    assert batch.id in [b.id for b in bob.batches.list(limit=100)]
+    finished = wait_for_batch(bob, batch.id)
+    assert finished.status == "completed"
+    assert len(read_result_file(bob, finished.output_file_id)) == 2  # the owner reads the output...
+    with pytest.raises(openai.NotFoundError):
+        alice.files.content(finished.output_file_id)  # ...the other user cannot
+
+
+def test_a_batch_over_another_users_file_fails_as_missing(auth_stack: AuthStack) -> None:
+    alice, bob = auth_stack.client("alice-token"), auth_stack.client("bob-token")
+    bobs_file = upload_jsonl(bob, chat_lines(1))
+    batch = alice.batches.create(input_file_id=bobs_file, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = wait_for_batch(alice, batch.id)
+    assert failed.status == "failed"
+    assert [(e.code, e.param) for e in failed.errors.data] == [("invalid_request", "input_file_id")]
+
+
+def test_the_same_idempotency_key_gives_each_user_their_own_batch(auth_stack: AuthStack) -> None:
+    alice, bob = auth_stack.client("alice-token"), auth_stack.client("bob-token")
+    key = {"idempotency_key": f"shared-{uuid.uuid4().hex}"}
+    for_alice = alice.batches.create(
+        input_file_id=upload_jsonl(alice, chat_lines(1)),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body=key,
+    )
+    for_bob = bob.batches.create(
+        input_file_id=upload_jsonl(bob, chat_lines(1)),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body=key,
+    )
+    assert for_alice.id != for_bob.id
+    again = alice.batches.retrieve(for_alice.id)
+    assert again.input_file_id == for_alice.input_file_id
+
+
+def test_a_resumed_batch_still_runs_as_its_creator(auth_stack: AuthStack, standin: StandInControl) -> None:
+    standin.configure(latency_mean=0.05)
+    bob = auth_stack.client("bob-token")
+    lines = chat_lines(600)
+    batch = create_chat_batch(bob, lines)
+    wait_for_batch(bob, batch.id, until={"in_progress"})
+    while bob.batches.retrieve(batch.id).request_counts.completed < 100:
+        time.sleep(0.05)
+    auth_stack.server.stop(signal.SIGKILL)
+    auth_stack.start()
+    bob, alice = auth_stack.client("bob-token"), auth_stack.client("alice-token")
+    finished = wait_for_batch(bob, batch.id, timeout=120)
+    assert finished.status == "completed"
+    assert finished.request_counts.completed == 600
+    assert len(read_result_file(bob, finished.output_file_id)) == 600  # written as Bob: Bob reads it
+    with pytest.raises(openai.NotFoundError):
+        alice.files.content(finished.output_file_id)

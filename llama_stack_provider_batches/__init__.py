@@ -11,6 +11,7 @@ from llama_stack_api import Api
 
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
+from .ownership import RouteGuard
 from .service import BatchesService
 from .startup import start_on_serving_loop
 from .store import BatchStore
@@ -28,7 +29,7 @@ async def get_provider_impl(
     kvstore = await kvstore_impl(config.kvstore)
     store = BatchStore(kvstore, config.kvstore.namespace)
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
-    service = BatchesService(config, store, runner, policy)
+    service = BatchesService(config, store, runner, policy, RouteGuard.from_stack_config())
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
     return service

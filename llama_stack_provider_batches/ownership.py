@@ -11,13 +11,17 @@ With authentication off there is no user: every batch is unowned and lives in on
 """
 
 import hashlib
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import yaml
 from llama_stack.core.access_control.access_control import is_action_allowed
-from llama_stack.core.access_control.datatypes import AccessRule, Action
+from llama_stack.core.access_control.datatypes import AccessRule, Action, RouteAccessRule
 from llama_stack.core.datatypes import User
 from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
+from llama_stack.core.server.auth import RouteAuthorizationMiddleware
+from llama_stack.core.stack import replace_env_vars
 from pydantic import BaseModel
 
 UNOWNED_SCOPE = "_"
@@ -68,3 +72,30 @@ def acting_as(owner: Owner | None) -> AbstractContextManager[None]:
     if owner is None or get_authenticated_user() is not None:
         return nullcontext()
     return RequestProviderDataContext(user=owner.as_user())
+
+
+class RouteGuard:
+    """The stack's route policy (`server.auth.route_policy`), applied to the endpoint a batch would call.
+
+    A user the policy forbids `/v1/embeddings` may not get embeddings through a batch either. The
+    stack does not hand its route policy to providers, so it is read from the run config the server
+    was started with (`LLAMA_STACK_CONFIG`) and judged by the stack's own route middleware.
+    """
+
+    def __init__(self, route_policy: list[RouteAccessRule]) -> None:
+        self._middleware = RouteAuthorizationMiddleware(app=None, route_policy=route_policy)  # type: ignore[arg-type]
+        self._enabled = bool(route_policy)
+
+    @classmethod
+    def from_stack_config(cls, path: str | None = None) -> "RouteGuard":
+        path = path or os.environ.get("LLAMA_STACK_CONFIG")
+        if not path or not os.path.isfile(path):
+            return cls([])
+        with open(path) as config_file:
+            config = replace_env_vars(yaml.safe_load(config_file)) or {}
+        rules = ((config.get("server") or {}).get("auth") or {}).get("route_policy") or []
+        return cls([RouteAccessRule(**rule) for rule in rules])
+
+    def allows(self, endpoint: str) -> bool:
+        """Whether the current caller may use `endpoint` under the route policy."""
+        return not self._enabled or self._middleware._is_route_allowed(endpoint, get_authenticated_user())

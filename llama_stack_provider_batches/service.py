@@ -10,7 +10,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from llama_stack.core.access_control.access_control import AccessDeniedError
 from llama_stack.core.access_control.datatypes import AccessRule, Action
+from llama_stack.core.request_headers import get_authenticated_user
 from llama_stack.log import get_logger
 from llama_stack_api import (
     Batches,
@@ -30,7 +32,7 @@ from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .idempotency import CreateParams
 from .lifecycle import is_terminal, transition
-from .ownership import Owner, current_owner, may, scope_of
+from .ownership import BatchResource, Owner, RouteGuard, current_owner, may, scope_of
 from .store import BatchStore, StoredBatch
 from .validation import InvalidParameterError, validate_create_params, validate_list_limit
 
@@ -51,10 +53,12 @@ class BatchesService(Batches):
         store: BatchStore,
         runner: BatchRunner,
         policy: list[AccessRule] | None = None,
+        routes: RouteGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._policy = policy or []
+        self._routes = routes or RouteGuard([])
         self._store = store
         self._runner = runner
         self._clock = clock
@@ -98,6 +102,8 @@ class BatchesService(Batches):
             idempotency_key = request.idempotency_key
         key = idempotency_key if idempotency_key is not None else idem_tok
         validate_create_params(input_file_id, endpoint, completion_window, metadata)
+        if not self._routes.allows(endpoint):  # type: ignore[arg-type]  # validated just above
+            raise AccessDeniedError("create", BatchResource(f"for {endpoint}", None), get_authenticated_user())
         params = CreateParams(
             input_file_id=input_file_id,  # type: ignore[arg-type]  # checked just above
             endpoint=endpoint,  # type: ignore[arg-type]

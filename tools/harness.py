@@ -105,9 +105,12 @@ def run_yaml_with_kvstore(directory: Path, backend: str) -> Path:
     return path
 
 
-def run_yaml_with_auth(directory: Path, auth_endpoint: str, base: Path = RUN_YAML) -> Path:
-    """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`."""
+def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = "", base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`,
+    with `route_policy` (YAML list items indented for `server.auth.route_policy`) if given."""
     server = f"server:\n  auth:\n    provider_config:\n      type: custom\n      endpoint: {auth_endpoint}\n"
+    if route_policy:
+        server += "    route_policy:\n" + route_policy
     path = directory / f"{base.stem}-auth.yaml"
     path.write_text(base.read_text() + server)
     return path

@@ -23,6 +23,12 @@ USERS = {  # disjoint attributes: the stack's default policy then lets each see 
 }
 
 
+# Bob's team may not use embeddings; everything else is open to everyone.
+ROUTE_POLICY = (
+    "    - forbid: {paths: /v1/embeddings}\n      when: user with blue in teams\n    - permit: {paths: '*'}\n"
+)
+
+
 class TokenToUser(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -52,7 +58,7 @@ class AuthStack:
         self.run_dir = run_dir
         self.state = run_dir / f"auth-state-{uuid.uuid4().hex[:6]}"
         self.model_url = model_url
-        self.run_yaml = run_yaml_with_auth(run_dir, auth_endpoint)
+        self.run_yaml = run_yaml_with_auth(run_dir, auth_endpoint, ROUTE_POLICY)
         self.env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
         self.server: ServerProcess | None = None
 
@@ -141,3 +147,21 @@ def test_a_resumed_batch_still_runs_as_its_creator(auth_stack: AuthStack, standi
     assert len(read_result_file(bob, finished.output_file_id)) == 600  # written as Bob: Bob reads it
     with pytest.raises(openai.NotFoundError):
         alice.files.content(finished.output_file_id)
+
+
+def test_a_route_forbidden_to_a_user_is_forbidden_in_batches_too(auth_stack: AuthStack) -> None:
+    alice, bob = auth_stack.client("alice-token"), auth_stack.client("bob-token")
+    line = {
+        "custom_id": "e",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "local/m-embed", "input": "x"},
+    }
+    with pytest.raises(openai.PermissionDeniedError):
+        bob.embeddings.create(model="local/m-embed", input="x")  # the stack's own route policy
+    with pytest.raises(openai.PermissionDeniedError):
+        bob.batches.create(input_file_id=upload_jsonl(bob, [line]), endpoint="/v1/embeddings", completion_window="24h")
+    allowed = alice.batches.create(
+        input_file_id=upload_jsonl(alice, [line]), endpoint="/v1/embeddings", completion_window="24h"
+    )
+    assert wait_for_batch(alice, allowed.id).status == "completed"

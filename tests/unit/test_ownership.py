@@ -2,16 +2,18 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+from llama_stack.core.access_control.access_control import AccessDeniedError
 from llama_stack.core.access_control.datatypes import Action
 from llama_stack.core.datatypes import User
 from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
 from llama_stack_api import BatchNotFoundError
 
 from llama_stack_provider_batches import BatchesService
-from llama_stack_provider_batches.ownership import Owner, acting_as, may, scope_of
+from llama_stack_provider_batches.ownership import Owner, RouteGuard, acting_as, may, scope_of
 from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import CHAT, chat_line, jsonl
 
@@ -105,3 +107,33 @@ async def test_background_work_runs_as_the_creator_also_after_a_restart(
     provider._runner.submit(batch.id)
     await provider._runner.wait_idle()
     assert files.readers[-1] == "alice"
+
+
+def route_guard(tmp_path: Path) -> RouteGuard:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "server:\n  auth:\n    route_policy:\n"
+        "    - forbid: {paths: /v1/embeddings}\n      when: user with blue in teams\n"
+        "    - permit: {paths: '*'}\n"
+    )
+    return RouteGuard.from_stack_config(str(config))
+
+
+async def test_a_route_policy_forbidding_an_endpoint_forbids_batches_for_it(
+    tmp_path: Path, provider: BatchesService, files: FakeFiles
+) -> None:
+    provider._routes = route_guard(tmp_path)
+    with signed_in(BOB), pytest.raises(AccessDeniedError):
+        await provider.create_batch(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
+    await create_as(BOB, provider, files)  # chat completions stay allowed
+    with signed_in(ALICE):
+        embeddings = await provider.create_batch(
+            input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h"
+        )
+    assert embeddings.endpoint == "/v1/embeddings"
+
+
+def test_without_a_stack_config_every_route_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLAMA_STACK_CONFIG", raising=False)
+    with signed_in(BOB):
+        assert RouteGuard.from_stack_config().allows("/v1/embeddings")

@@ -65,6 +65,15 @@ def expired_line(custom_id: str) -> str:
     return failure_line(custom_id, "batch_expired", message)
 
 
+def credentials_unavailable_line(custom_id: str) -> str:
+    """An error-file line for a request left unrun by a restart, when the batch needs its creator's credentials."""
+    message = (
+        "This batch was created with per-request provider credentials, which are never stored; a server restart "
+        "interrupted it before this request ran. Submit the remaining requests in a new batch."
+    )
+    return failure_line(custom_id, "credentials_unavailable", message)
+
+
 def token_usage(body: JsonObject) -> tuple[int, int]:
     """(input, output) tokens of a response body, for chat, completion and embedding responses alike."""
     usage = body.get("usage") or {}

@@ -44,7 +44,7 @@ from . import formats
 from .endpoints import RequestSender, response_tokens, result_for_exception
 from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
-from .ownership import acting_as
+from .ownership import acting_as, carries_request_credentials
 from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, ResultSpool, Tally, decode_results
@@ -59,6 +59,11 @@ class Stop(Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     SHUTDOWN = "shutdown"
+    CREDENTIALS_GONE = "credentials_gone"  # resumed after a restart; the creator's request credentials are not kept
+
+
+# The error line for each request that never ran, by the reason it never will.
+UNRUN_LINES = {Stop.EXPIRED: formats.expired_line, Stop.CREDENTIALS_GONE: formats.credentials_unavailable_line}
 
 
 @dataclass
@@ -103,9 +108,10 @@ class BatchJob:
             return
         # Files are read and written, and models reached, with the creator's rights.
         with acting_as(stored.owner):
-            await self._run(stored.batch)
+            credentials_gone = stored.request_credentials and not carries_request_credentials()
+            await self._run(stored.batch, credentials_gone)
 
-    async def _run(self, batch: BatchObject) -> None:
+    async def _run(self, batch: BatchObject, credentials_gone: bool) -> None:
         parsed = await self._read_input(batch)
         if parsed.errors and batch.status == "validating":
             await self._move("failed", errors=Errors(object="list", data=parsed.errors))
@@ -128,15 +134,18 @@ class BatchJob:
                 batch = await self._move("in_progress", request_counts=self._log.counts(), model=model)
             except IllegalTransitionError:  # cancelled while validating
                 batch = await self.store.get_batch(self.batch_id)
-        if batch.status == "in_progress":
+        if batch.status == "in_progress" and credentials_gone:
+            # Running the rest under the server's own credentials would bill or expose the wrong account.
+            stop = Stop.CREDENTIALS_GONE
+        elif batch.status == "in_progress":
             stop = await self._execute(batch, parsed.index)
         elif batch.status == "cancelling":
             stop = Stop.CANCELLED
         if stop is Stop.SHUTDOWN:
             return
-        expired = await asyncio.to_thread(self._expired_entries, parsed.index) if stop is Stop.EXPIRED else []
+        unrun = await asyncio.to_thread(self._unrun_entries, parsed.index, stop) if stop in UNRUN_LINES else []
         del parsed  # the input is not needed any more: free it before the result files are built
-        await self._finalize(stop, expired, self._total)
+        await self._finalize(stop, unrun, self._total)
 
     async def _open_result_log(self) -> ResultLog:
         """The batch's result log, with the requests whose results are stored (a resumed batch) marked
@@ -251,9 +260,9 @@ class BatchJob:
 
     # --- finalization ---------------------------------------------------------------------------
 
-    async def _finalize(self, stop: Stop | None, expired: list[ResultEntry], total: int) -> None:
+    async def _finalize(self, stop: Stop | None, unrun: list[ResultEntry], total: int) -> None:
         """Write the result files from the stored results and move the batch to its final status."""
-        if stop is None:
+        if stop in (None, Stop.CREDENTIALS_GONE):  # on the way to `completed`
             # A cancel may have come in as the last requests finished; then the batch stays cancelling.
             now = self._now()
             await self.store.update(
@@ -264,7 +273,7 @@ class BatchJob:
         temporary = tempfile.TemporaryFile
         with temporary() as parking, temporary() as output, temporary() as error:
             spool = ResultSpool(total, parking)
-            spool.add(expired)
+            spool.add(unrun)
             chunk_count = 0
             async for chunk in self.store.result_chunks(self.batch_id):
                 spool.add(decode_results(chunk))
@@ -295,10 +304,11 @@ class BatchJob:
         await self.store.delete_results(self.batch_id, chunk_count)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
 
-    def _expired_entries(self, index: InputIndex) -> list[ResultEntry]:
-        """A `batch_expired` error line for every request that has no result."""
+    def _unrun_entries(self, index: InputIndex, stop: Stop) -> list[ResultEntry]:
+        """An error line (`batch_expired`, `credentials_unavailable`) for every request that has no result."""
+        line = UNRUN_LINES[stop]
         return [
-            ResultEntry(position, False, formats.expired_line(index.request(position).custom_id))
+            ResultEntry(position, False, line(index.request(position).custom_id))
             for position in range(len(index))
             if not self._done[position]
         ]

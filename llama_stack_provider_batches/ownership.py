@@ -19,7 +19,7 @@ import yaml
 from llama_stack.core.access_control.access_control import is_action_allowed
 from llama_stack.core.access_control.datatypes import AccessRule, Action, RouteAccessRule
 from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
+from llama_stack.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
 from llama_stack.core.server.auth import RouteAuthorizationMiddleware
 from llama_stack.core.stack import replace_env_vars
 from pydantic import BaseModel
@@ -61,6 +61,12 @@ def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | 
     """Whether the current caller may do `action` on the batch `batch_id` owned by `owner`."""
     resource = BatchResource(batch_id, None if owner is None else owner.as_user())
     return is_action_allowed(policy, action, resource, get_authenticated_user())
+
+
+def carries_request_credentials() -> bool:
+    """Whether the current request brought provider data (per-request API keys and the like)."""
+    provider_data = PROVIDER_DATA_VAR.get() or {}
+    return any(key != "__authenticated_user" for key in provider_data)
 
 
 def acting_as(owner: Owner | None) -> AbstractContextManager[None]:

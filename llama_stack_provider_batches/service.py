@@ -32,7 +32,7 @@ from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .idempotency import CreateParams
 from .lifecycle import is_terminal, transition
-from .ownership import BatchResource, Owner, RouteGuard, current_owner, may, scope_of
+from .ownership import BatchResource, Owner, RouteGuard, carries_request_credentials, current_owner, may, scope_of
 from .store import BatchStore, StoredBatch
 from .validation import InvalidParameterError, validate_create_params, validate_list_limit
 
@@ -150,7 +150,14 @@ class BatchesService(Batches):
         scope = scope_of(owner)
         position = await self._store.append_to_index(scope, batch_id)
         await self._store.add_active(batch_id)
-        stored = StoredBatch(batch=batch, owner=owner, scope=scope, idempotency_key=key, index_position=position)
+        stored = StoredBatch(
+            batch=batch,
+            owner=owner,
+            request_credentials=carries_request_credentials(),
+            scope=scope,
+            idempotency_key=key,
+            index_position=position,
+        )
         await self._store.put(stored)
         logger.info("Created batch", batch_id=batch_id, idempotent=key is not None)
         return batch

@@ -55,6 +55,8 @@ class StoredBatch(BaseModel):
 
     batch: BatchObject
     owner: Owner | None = None
+    # Whether the creating request carried provider credentials; they are never stored themselves.
+    request_credentials: bool = False
     scope: str = DEFAULT_SCOPE
     idempotency_key: str | None = None
     index_position: IndexPosition | None = None

@@ -1,5 +1,6 @@
 """Batches belong to their creator: the stack's users and default access policy, applied to batches."""
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +138,41 @@ def test_without_a_stack_config_every_route_is_allowed(monkeypatch: pytest.Monke
     monkeypatch.delenv("LLAMA_STACK_CONFIG", raising=False)
     with signed_in(BOB):
         assert RouteGuard.from_stack_config().allows("/v1/embeddings")
+
+
+async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
+    config: Any, files: FakeFiles, inference: Any, models: Any
+) -> None:
+    from tests.unit.helpers import provider_with, read_lines
+
+    async def hold_after_three(_: dict) -> None:
+        if len(inference.calls) > 3:
+            await asyncio.sleep(3600)
+
+    inference.behaviour = hold_after_three
+    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
+    with RequestProviderDataContext({"openai_api_key": "sk-secret"}, user=ALICE):
+        batch = await first.create_batch(
+            input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])),
+            endpoint=CHAT,
+            completion_window="24h",
+        )
+    while len(inference.calls) < 4:
+        await asyncio.sleep(0.01)
+    await first.shutdown()
+    stored = await first._store.get(batch.id)
+    assert stored.request_credentials
+    assert "sk-secret" not in stored.model_dump_json()
+
+    calls_before_restart = len(inference.calls)
+    second = await provider_with(config, files, inference, models)
+    second._runner.submit(batch.id)  # as after a restart: outside any request
+    await second._runner.wait_idle()
+    with signed_in(ALICE):
+        finished = await second.retrieve_batch(batch.id)
+    assert finished.status == "completed"
+    assert len(inference.calls) == calls_before_restart  # nothing ran under the server's own credentials
+    errors = read_lines(files, finished.error_file_id)
+    assert len(errors) == 7 and {line["error"]["code"] for line in errors} == {"credentials_unavailable"}
+    assert len(read_lines(files, finished.output_file_id)) == 3
+    await second.shutdown()

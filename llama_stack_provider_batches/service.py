@@ -154,7 +154,6 @@ class BatchesService(Batches):
             batch=batch,
             owner=owner,
             request_credentials=carries_request_credentials(),
-            scope=scope,
             idempotency_key=key,
             index_position=position,
         )
@@ -182,17 +181,20 @@ class BatchesService(Batches):
         self.start()
         batch_id = request if isinstance(request, str) else request.batch_id
 
-        def to_cancelling(batch: BatchObject) -> BatchObject:
+        def to_cancelling(stored: StoredBatch) -> StoredBatch:
+            batch = stored.batch
+            if not may(self._policy, Action.UPDATE, batch_id, stored.owner):
+                raise BatchNotFoundError(batch_id)  # as if it did not exist, like _visible
             if batch.status in ("cancelling", "cancelled"):
-                return batch
+                return stored
             if is_terminal(batch.status):
                 raise ConflictError(f"Cannot cancel a batch with status '{batch.status}'.")
-            return transition(batch, "cancelling", int(self._clock()))
+            return stored.model_copy(update={"batch": transition(batch, "cancelling", int(self._clock()))})
 
-        await self._visible(batch_id, Action.UPDATE)
-        batch = await self._store.update(batch_id, to_cancelling)
+        # The access check runs inside the update, on the record it changes: one read, no race.
+        stored = await self._store.update_record(batch_id, to_cancelling)
         self._runner.request_cancel(batch_id)
-        return batch
+        return stored.batch
 
     # --- list -----------------------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class BatchesService(Batches):
         before = None
         if after is not None:
             cursor = await self._store.get(after)
-            if cursor is None or cursor.scope != scope or cursor.index_position is None:
+            if cursor is None or scope_of(cursor.owner) != scope or cursor.index_position is None:
                 raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")
             before = cursor.index_position
         ids = await self._store.newest_ids(scope, before, limit + 1)

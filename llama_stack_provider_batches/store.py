@@ -35,12 +35,11 @@ from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
 
-from .ownership import UNOWNED_SCOPE, Owner
+from .ownership import Owner
 from .results import ResultEntry, encode_results
 
 LAYOUT_VERSION = 1
 PAGE_SIZE = 100
-DEFAULT_SCOPE = UNOWNED_SCOPE
 
 
 class IndexPosition(BaseModel):
@@ -54,10 +53,9 @@ class StoredBatch(BaseModel):
     """A batch as stored: the object clients see, and what the provider keeps beside it."""
 
     batch: BatchObject
-    owner: Owner | None = None
+    owner: Owner | None = None  # its storage scope is scope_of(owner)
     # Whether the creating request carried provider credentials; they are never stored themselves.
     request_credentials: bool = False
-    scope: str = DEFAULT_SCOPE
     idempotency_key: str | None = None
     index_position: IndexPosition | None = None
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).

@@ -62,6 +62,15 @@ class FakeInference:
         self.in_flight = 0
         self.max_in_flight = 0
 
+    def stall_after(self, calls: int, seconds: float = 3600) -> None:
+        """Answer the first `calls` requests at once; hold every later one for `seconds`."""
+
+        async def stall(_: dict[str, Any]) -> None:
+            if len(self.calls) > calls:
+                await asyncio.sleep(seconds)
+
+        self.behaviour = stall
+
     async def _answer(self, params: BaseModel, kind: str) -> FakeResponse:
         body = params.model_dump(exclude_none=True)
         self.calls.append(body)

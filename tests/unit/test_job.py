@@ -202,11 +202,7 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
 async def test_expiry_writes_partial_output_and_expired_lines(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    async def slow_after_three(_: dict[str, Any]) -> None:
-        if len(inference.calls) > 3:
-            await asyncio.sleep(30)
-
-    inference.behaviour = slow_after_three
+    inference.stall_after(3, seconds=30)
     provider = await provider_with(
         config,
         files,
@@ -230,11 +226,7 @@ async def test_expiry_writes_partial_output_and_expired_lines(
 async def test_cancel_abandons_stuck_requests_after_the_grace_period(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    async def stuck_after_two(_: dict[str, Any]) -> None:
-        if len(inference.calls) > 2:
-            await asyncio.sleep(3600)
-
-    inference.behaviour = stuck_after_two
+    inference.stall_after(2)
     provider = await provider_with(config, files, inference, models, cancel_grace_seconds=0.2)
     file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(10)]))
     batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
@@ -251,11 +243,7 @@ async def test_cancel_abandons_stuck_requests_after_the_grace_period(
 async def test_a_resumed_job_skips_requests_whose_results_are_stored(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    async def stop_after_five(_: dict[str, Any]) -> None:
-        if len(inference.calls) > 5:
-            await asyncio.sleep(3600)
-
-    inference.behaviour = stop_after_five
+    inference.stall_after(5)
     first = await provider_with(config, files, inference, models, max_concurrent_requests_per_batch=2)
     file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
     batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")

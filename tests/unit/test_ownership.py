@@ -145,11 +145,7 @@ async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
 ) -> None:
     from tests.unit.helpers import provider_with, read_lines
 
-    async def hold_after_three(_: dict) -> None:
-        if len(inference.calls) > 3:
-            await asyncio.sleep(3600)
-
-    inference.behaviour = hold_after_three
+    inference.stall_after(3)
     first = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
     with RequestProviderDataContext({"openai_api_key": "sk-secret"}, user=ALICE):
         batch = await first.create_batch(

@@ -60,7 +60,7 @@ async def kv_store(request, tmp_path: Path) -> AsyncIterator[BatchStore]:
 
 async def add(store: BatchStore, batch_id: str, scope: str = "_") -> None:
     position = await store.append_to_index(scope, batch_id)
-    await store.put(StoredBatch(batch=make_batch(batch_id), scope=scope, index_position=position))
+    await store.put(StoredBatch(batch=make_batch(batch_id), index_position=position))
 
 
 async def test_put_get_round_trip(kv_store: BatchStore) -> None:

@@ -11,8 +11,10 @@ from llama_stack_api import Api
 
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
+from .kv_store import KVBatchStore
 from .ownership import RouteGuard
 from .service import BatchesService
+from .sql_store import SQLBatchStore
 from .startup import start_on_serving_loop
 from .store import BatchStore
 
@@ -22,12 +24,15 @@ __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
 async def get_provider_impl(
     config: BatchesProviderConfig, deps: dict[Api, Any], policy: list[Any] | None = None
 ) -> BatchesService:
-    """Build the provider over the configured kvstore and the stack's inference, files and models APIs."""
+    """Build the provider over the configured store(s) and the stack's inference, files and models APIs."""
     missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
     if missing:
         raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
     kvstore = await kvstore_impl(config.kvstore)
-    store = BatchStore(kvstore, config.kvstore.namespace)
+    namespace = config.kvstore.namespace
+    store: BatchStore = (
+        SQLBatchStore(config.sql_store, kvstore, namespace) if config.sql_store else KVBatchStore(kvstore, namespace)
+    )
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
     service = BatchesService(config, store, runner, policy, RouteGuard.from_stack_config())
     await service.initialize()

@@ -1,13 +1,14 @@
 """Operator settings, as written under the batches provider entry of run.yaml.
 
-The first three fields are those of llama-stack's built-in `inline::reference` provider, with the
-same names and defaults, so an existing run.yaml needs only the `module:` line. Every setting added
-here has a default that is safe for production.
+`kvstore`, `max_concurrent_batches` and `max_concurrent_requests_per_batch` are the fields of
+llama-stack's built-in `inline::reference` provider, with the same names and defaults, so an
+existing run.yaml needs only the `module:` line. Every setting added here has a default that is
+safe for production.
 """
 
 from typing import Any
 
-from llama_stack.core.storage.datatypes import KVStoreReference
+from llama_stack.core.storage.datatypes import KVStoreReference, SqlStoreReference
 from pydantic import BaseModel, Field
 
 
@@ -15,6 +16,21 @@ class BatchesProviderConfig(BaseModel):
     """Configuration of the batches provider."""
 
     kvstore: KVStoreReference = Field(description="Where batches are stored (a `kv_*` backend and a namespace).")
+    sql_store: SqlStoreReference | None = Field(
+        default=None,
+        description=(
+            "For several servers sharing one store: a `sql_*` backend (PostgreSQL, or SQLite on one host) and a"
+            " table that hold batch records and leases; results stay in `kvstore`. Unset: one server only."
+        ),
+    )
+    lease_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        description=(
+            "With `sql_store`: how long a server that stops renewing its lease on a batch (it died) keeps it"
+            " before another server takes the batch over."
+        ),
+    )
     max_concurrent_batches: int = Field(default=1, ge=1, description="Batches processed at the same time.")
     max_concurrent_requests_per_batch: int = Field(
         default=10, ge=1, description="Requests of one batch in flight at the same time."

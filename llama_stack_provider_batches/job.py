@@ -12,7 +12,9 @@ resumes an interrupted one:
 Finished results go to the kvstore as they come (result_log.py); a request counts as done once
 its result is stored. Expiry works like a cancel, but every request left without a result gets a
 `batch_expired` error line. A server stop (`stopping`) ends dispatching the same way, then leaves
-the batch in its status, to be resumed.
+the batch in its status, to be resumed. A lost lease (`lease_lost`: another server has the batch
+now) ends it at once, and the job writes nothing more; every batch update it makes carries its
+lease, so a write it had under way is refused (LeaseLostError).
 """
 
 import asyncio
@@ -48,7 +50,7 @@ from .ownership import acting_as, carries_request_credentials
 from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, ResultSpool, Tally, decode_results
-from .store import BatchStore
+from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -59,6 +61,7 @@ class Stop(Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"  # another server runs the batch now
     CREDENTIALS_GONE = "credentials_gone"  # resumed after a restart; the creator's request credentials are not kept
 
 
@@ -79,7 +82,7 @@ class JobSettings:
 class BatchJob:
     """Runs one batch to a terminal status."""
 
-    batch_id: str
+    lease: Lease
     store: BatchStore
     sender: RequestSender
     files: Files
@@ -87,24 +90,32 @@ class BatchJob:
     settings: JobSettings
     cancel_requested: asyncio.Event
     stopping: asyncio.Event
+    lease_lost: asyncio.Event
     clock: Callable[[], float] = time.time
     _done: bytearray = field(default_factory=bytearray)
     _total: int = 0
     _log: ResultLog | None = None
 
+    @property
+    def batch_id(self) -> str:
+        return self.lease.batch_id
+
     def _now(self) -> int:
         return int(self.clock())
 
+    async def _update(self, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
+        return await self.store.update(self.batch_id, change, self.lease)
+
     async def _move(self, target: BatchStatus, **fields: Any) -> BatchObject:
-        return await self.store.update(self.batch_id, lambda b: transition(b, target, self._now(), **fields))
+        return await self._update(lambda b: transition(b, target, self._now(), **fields))
 
     # --- the run --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
-            # Finished, or never fully created, before a crash could take it off the active list.
-            await self.store.remove_active(self.batch_id)
+            # Finished, or never fully created, before a crash could take it off the work queue.
+            await self.store.retire(self.batch_id)
             return
         # Files are read and written, and models reached, with the creator's rights.
         with acting_as(stored.owner):
@@ -115,7 +126,7 @@ class BatchJob:
         parsed = await self._read_input(batch)
         if parsed.errors and batch.status == "validating":
             await self._move("failed", errors=Errors(object="list", data=parsed.errors))
-            await self.store.remove_active(self.batch_id)
+            await self.store.retire(self.batch_id)
             return
         if parsed.errors:
             # The file was valid when the batch started and has gone since: no request can run any
@@ -141,7 +152,7 @@ class BatchJob:
             stop = await self._execute(batch, parsed.index)
         elif batch.status == "cancelling":
             stop = Stop.CANCELLED
-        if stop is Stop.SHUTDOWN:
+        if stop in (Stop.SHUTDOWN, Stop.LEASE_LOST):
             return
         unrun = await asyncio.to_thread(self._unrun_entries, parsed.index, stop) if stop in UNRUN_LINES else []
         del parsed  # the input is not needed any more: free it before the result files are built
@@ -151,14 +162,20 @@ class BatchJob:
         """The batch's result log, with the requests whose results are stored (a resumed batch) marked
         done so that they do not run again."""
         stored: list[ResultEntry] = []
-        chunks = 0
-        async for chunk in self.store.result_chunks(self.batch_id):
+        epoch = self.lease.epoch
+        async for chunk in self.store.results.through(self.batch_id, epoch - 1):
             stored.extend(decode_results(chunk))
-            chunks += 1
+        chunks_of_epoch = 0  # more than 0 when a job retries under the same lease
+        async for chunk in self.store.results.of_epoch(self.batch_id, epoch):
+            stored.extend(decode_results(chunk))
+            chunks_of_epoch += 1
+        first_results = []  # a request found twice ran on two servers: its first result counts
         for entry in stored:
-            self._done[entry.position] = 1
-        tally = await asyncio.to_thread(Tally.of, stored) if stored else Tally()
-        return ResultLog(self.store, self.batch_id, self._total, stored_chunks=chunks, tally=tally)
+            if not self._done[entry.position]:
+                self._done[entry.position] = 1
+                first_results.append(entry)
+        tally = await asyncio.to_thread(Tally.of, first_results) if first_results else Tally()
+        return ResultLog(self.store, self.lease, self._total, stored_chunks=chunks_of_epoch, tally=tally)
 
     async def _read_input(self, batch: BatchObject) -> ParsedInput:
         try:
@@ -223,23 +240,31 @@ class BatchJob:
         dispatcher = asyncio.create_task(dispatch())
         cancelled = asyncio.create_task(self.cancel_requested.wait())
         stopping = asyncio.create_task(self.stopping.wait())
+        lost = asyncio.create_task(self.lease_lost.wait())
         expiry = asyncio.create_task(asyncio.sleep(max(0, (batch.expires_at or 0) - self.clock())))
         writer = asyncio.create_task(log.write_continuously())
         try:
-            await asyncio.wait({dispatcher, cancelled, stopping, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {dispatcher, cancelled, stopping, lost, expiry, writer}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                writer.result()  # the writer only ends on an error (the store's, or LeaseLostError): raise it
             if dispatcher.done():
                 dispatcher.result()  # re-raise what went wrong, if anything did
                 return None
+            if lost.done():
+                return Stop.LEASE_LOST  # its results would be written for nothing: abandon the requests
             stop = Stop.SHUTDOWN if stopping.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
             dispatcher.cancel()
             grace = self.settings.shutdown_grace_seconds if stop is Stop.SHUTDOWN else self.settings.grace_seconds
             await self._let_in_flight_finish(in_flight, grace)
             return stop
         finally:
-            for task in (dispatcher, cancelled, stopping, expiry, writer, *in_flight):
+            for task in (dispatcher, cancelled, stopping, lost, expiry, writer, *in_flight):
                 task.cancel()
-            await log.flush()
-            await log.report_progress()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            if not self.lease_lost.is_set():
+                await log.flush()
+                await log.report_progress()
 
     async def _let_in_flight_finish(self, in_flight: set[asyncio.Task[None]], grace_seconds: float) -> None:
         """Give requests in flight a bounded time to finish, then abandon them."""
@@ -265,19 +290,16 @@ class BatchJob:
         if stop in (None, Stop.CREDENTIALS_GONE):  # on the way to `completed`
             # A cancel may have come in as the last requests finished; then the batch stays cancelling.
             now = self._now()
-            await self.store.update(
-                self.batch_id, lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b
-            )
+            await self._update(lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b)
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
         temporary = tempfile.TemporaryFile
         with temporary() as parking, temporary() as output, temporary() as error:
             spool = ResultSpool(total, parking)
             spool.add(unrun)
-            chunk_count = 0
-            async for chunk in self.store.result_chunks(self.batch_id):
-                spool.add(decode_results(chunk))
-                chunk_count += 1
+            # Oldest first: a request run twice (on two servers) keeps the result the job counted.
+            async for chunk in self.store.results.through(self.batch_id, self.lease.epoch):
+                spool.add(decode_results(chunk), keep_first=True)
             # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
             completed, failed = await asyncio.to_thread(spool.write_files, output, error)
             for kind, content in (("output", output), ("error", error)):
@@ -285,7 +307,7 @@ class BatchJob:
                     content.seek(0)
                     uploaded[kind] = await self._upload(kind, content)
                     await self.store.update_record(
-                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)})
+                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)}), self.lease
                     )
         fields = {
             "output_file_id": uploaded.get("output"),
@@ -299,9 +321,9 @@ class BatchJob:
                 return transition(batch, "cancelled", self._now(), **fields)
             return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
 
-        final = await self.store.update(self.batch_id, close)
-        await self.store.remove_active(self.batch_id)
-        await self.store.delete_results(self.batch_id, chunk_count)
+        final = await self._update(close)
+        await self.store.retire(self.batch_id)
+        await self.store.results.delete_through(self.batch_id, self.lease.epoch)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
 
     def _unrun_entries(self, index: InputIndex, stop: Stop) -> list[ResultEntry]:

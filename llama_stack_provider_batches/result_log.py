@@ -5,6 +5,7 @@ one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write 
 Under load a chunk carries the results of one interval; when results trickle in, each is stored
 at once. A request counts as done, in `request_counts`, only once its result is stored: after a
 crash, the requests to repeat are those in flight and those of at most one unwritten interval.
+Chunks are written under the job's lease epoch (store.ResultChunks), numbered on from `stored_chunks`.
 """
 
 import asyncio
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from openai.types.batch_request_counts import BatchRequestCounts
 
 from .results import ResultEntry, Tally
-from .store import BatchStore
+from .store import BatchStore, Lease
 
 MIN_FLUSH_INTERVAL_SECONDS = 0.01
 PROGRESS_INTERVAL_SECONDS = 0.5
@@ -27,14 +28,14 @@ class ResultLog:
     def __init__(
         self,
         store: BatchStore,
-        batch_id: str,
+        lease: Lease,
         total: int,
         stored_chunks: int = 0,
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
-        self._batch_id = batch_id
+        self._lease = lease
         self._total = total
         self._clock = clock
         self.chunks = stored_chunks
@@ -80,7 +81,7 @@ class ResultLog:
                 return
             entries, tally = self._pending, self._pending_tally
             self._pending, self._pending_tally = [], Tally()
-            await self._store.save_result_chunk(self._batch_id, self.chunks, entries)
+            await self._store.results.save(self._lease.batch_id, self._lease.epoch, self.chunks, entries)
             self.chunks += 1
             self.tally.merge(tally)
             self._unreported = True
@@ -90,7 +91,7 @@ class ResultLog:
         self._last_progress = self._clock()
         self._unreported = False
         progress = {"request_counts": self.counts(), "usage": self.tally.usage()}
-        await self._store.update(self._batch_id, lambda batch: batch.model_copy(update=progress))
+        await self._store.update(self._lease.batch_id, lambda batch: batch.model_copy(update=progress), self._lease)
 
     def counts(self) -> BatchRequestCounts:
         return self.tally.counts(self._total)

@@ -5,7 +5,6 @@ the upstream provider) may pass the same fields as keyword arguments, the idempo
 under its older name `idem_tok`, and a plain batch id to retrieve and cancel.
 """
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -62,24 +61,19 @@ class BatchesService(Batches):
         self._store = store
         self._runner = runner
         self._clock = clock
-        self._resuming: asyncio.Task[None] | None = None
 
     async def initialize(self) -> None:
-        """Check the stored layout; background work starts later, on the serving loop (startup.py)."""
-        await self._store.check_layout()
+        """Prepare the store; background work starts later, on the serving loop (startup.py)."""
+        await self._store.initialize()
 
     def start(self) -> None:
-        """Resume the unfinished batches of an earlier run; the first call does it, later ones nothing."""
-        if self._resuming is None:
-            self._resuming = asyncio.create_task(self._runner.resume(), name="batches:resume")
+        """Start claiming and running batches (those of an earlier run first); later calls do nothing."""
+        self._runner.start()
 
     async def shutdown(self) -> None:
         """Stop background work, leaving every batch in a status it can resume from."""
-        if self._resuming is not None:
-            # Let a resume that is reading the store finish; one waiting to retry is cancelled.
-            await asyncio.wait({self._resuming}, timeout=1)
-            self._resuming.cancel()
         await self._runner.shutdown()
+        await self._store.close()
 
     # --- create ---------------------------------------------------------------------------------
 
@@ -110,33 +104,23 @@ class BatchesService(Batches):
             completion_window=completion_window,  # type: ignore[arg-type]
             metadata=None if metadata is None else dict(metadata),
         )
-        owner = current_owner()
-        scope = scope_of(owner)
-        if key is None:
-            batch = await self._store_new_batch(new_batch_id(), params, owner, key=None)
-        else:
-            async with self._store.idempotency_guard(scope, key):
-                existing_id = await self._store.batch_id_for_key(scope, key)
-                existing = await self._store.get(existing_id) if existing_id else None
-                if existing is not None:
-                    if not idempotency.same_request(existing.batch, params):
-                        raise idempotency.conflict(key, existing.batch, params)
-                    return existing.batch
-                # The key is written before the batch, so a crash in between leaves a key whose
-                # batch is missing; a retry then creates the batch under the id the key names.
-                batch_id = existing_id or new_batch_id()
-                if existing_id is None:
-                    await self._store.remember_key(scope, key, batch_id)
-                batch = await self._store_new_batch(batch_id, params, owner, key)
-        self._runner.submit(batch.id)
-        return batch
+        candidate = self._new_batch(params, current_owner(), key)
+        # Credentials that came with this request are not stored: such a batch can only run here.
+        claim_for = self._runner.holder if candidate.request_credentials else None
+        stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
+        if key is not None and not idempotency.same_request(stored.batch, params):  # the key's earlier batch
+            raise idempotency.conflict(key, stored.batch, params)
+        if lease is not None:
+            self._runner.adopt(lease)
+        if stored.batch.id == candidate.batch.id:
+            logger.info("Created batch", batch_id=stored.batch.id, idempotent=key is not None)
+        self._runner.wake()
+        return stored.batch
 
-    async def _store_new_batch(
-        self, batch_id: str, params: CreateParams, owner: Owner | None, key: str | None
-    ) -> BatchObject:
+    def _new_batch(self, params: CreateParams, owner: Owner | None, key: str | None) -> StoredBatch:
         now = int(self._clock())
         batch = BatchObject(
-            id=batch_id,
+            id=new_batch_id(),
             object="batch",
             endpoint=params.endpoint,
             input_file_id=params.input_file_id,
@@ -147,19 +131,9 @@ class BatchesService(Batches):
             metadata=None if params.metadata is None else dict(params.metadata),
             request_counts=BatchRequestCounts(total=0, completed=0, failed=0),
         )
-        scope = scope_of(owner)
-        position = await self._store.append_to_index(scope, batch_id)
-        await self._store.add_active(batch_id)
-        stored = StoredBatch(
-            batch=batch,
-            owner=owner,
-            request_credentials=carries_request_credentials(),
-            idempotency_key=key,
-            index_position=position,
+        return StoredBatch(
+            batch=batch, owner=owner, request_credentials=carries_request_credentials(), idempotency_key=key
         )
-        await self._store.put(stored)
-        logger.info("Created batch", batch_id=batch_id, idempotent=key is not None)
-        return batch
 
     # --- retrieve and cancel --------------------------------------------------------------------
 
@@ -206,21 +180,13 @@ class BatchesService(Batches):
         if request is not None:
             after, limit = request.after, request.limit
         limit = validate_list_limit(limit)
-        scope = scope_of(current_owner())
-        before = None
-        if after is not None:
-            cursor = await self._store.get(after)
-            if cursor is None or scope_of(cursor.owner) != scope or cursor.index_position is None:
-                raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")
-            before = cursor.index_position
-        ids = await self._store.newest_ids(scope, before, limit + 1)
-        readable = [
-            s for s in await self._store.get_many(ids[:limit]) if may(self._policy, Action.READ, s.batch.id, s.owner)
-        ]
-        page = [stored.batch for stored in readable]
+        found = await self._store.page(scope_of(current_owner()), after, limit)
+        if found is None:
+            raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")
+        page = [s.batch for s in found.batches if may(self._policy, Action.READ, s.batch.id, s.owner)]
         return ListBatchesResponse(
             data=page,
             first_id=page[0].id if page else None,
             last_id=page[-1].id if page else None,
-            has_more=len(ids) > limit,
+            has_more=found.has_more,
         )

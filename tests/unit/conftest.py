@@ -15,7 +15,7 @@ from llama_stack_api import Api, ModelNotFoundError
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
-from llama_stack_provider_batches.store import BatchStore
+from llama_stack_provider_batches.kv_store import KVBatchStore
 
 
 class FakeResponse(BaseModel, extra="allow"):
@@ -139,8 +139,8 @@ def config(kvstore_reference: KVStoreReference) -> BatchesProviderConfig:
 
 
 @pytest.fixture
-async def store(kvstore_reference: KVStoreReference) -> BatchStore:
-    return BatchStore(await kvstore_impl(kvstore_reference), kvstore_reference.namespace)
+async def store(kvstore_reference: KVStoreReference) -> KVBatchStore:
+    return KVBatchStore(await kvstore_impl(kvstore_reference), kvstore_reference.namespace)
 
 
 @pytest.fixture

@@ -82,7 +82,6 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
 
     second = await provider_with(config, files, inference, models)
     second.start()  # as on the serving loop's first refresh
-    await second._resuming
     await second._runner.wait_idle()
     done = await second.retrieve_batch(running.id)
     assert done.status == "completed"
@@ -92,33 +91,29 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
     assert len(inference.calls) == 101  # nothing ran twice
     assert (await second.retrieve_batch(waiting.id)).status == "completed"
     assert await second._store.active_ids() == []
+    assert second._runner.running() == []
     await second.shutdown()
 
 
-async def test_resume_retries_while_the_store_fails(
+async def test_claims_are_retried_while_the_store_fails(
     provider: BatchesService, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from llama_stack_provider_batches import engine
 
     monkeypatch.setattr(engine, "RETRY_DELAYS_SECONDS", (0.01,))
-    batch = await provider._store_new_batch(
-        "batch_0000000000000000000000000000000a",
-        CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None),
-        owner=None,
-        key=None,
-    )
-    real_active_ids = provider._store.active_ids
+    params = CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None)
+    stored, _ = await provider._store.create(provider._new_batch(params, owner=None, key=None))  # as before a restart
+    real_claim = provider._store.claim
     failures: list[int] = []
 
-    async def flaky_active_ids() -> list[str]:
+    async def flaky_claim(*args: Any) -> list[Any]:
         if len(failures) < 2:
             failures.append(1)
             raise ConnectionError("store not reachable yet")
-        return await real_active_ids()
+        return await real_claim(*args)
 
-    monkeypatch.setattr(provider._store, "active_ids", flaky_active_ids)
+    monkeypatch.setattr(provider._store, "claim", flaky_claim)
     provider.start()
-    await provider._resuming
     await provider._runner.wait_idle()
     assert failures == [1, 1]
-    assert (await provider.retrieve_batch(batch.id)).status == "completed"
+    assert (await provider.retrieve_batch(stored.batch.id)).status == "completed"

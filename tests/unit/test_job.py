@@ -192,11 +192,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    chunks = [chunk async for chunk in provider._store.result_chunks(batch.id)]
+    chunks = [chunk async for chunk in provider._store.results.through(batch.id, 0)]
     assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert [chunk async for chunk in provider._store.result_chunks(batch.id)] == []
+    assert [chunk async for chunk in provider._store.results.through(batch.id, 0)] == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(
@@ -255,7 +255,7 @@ async def test_a_resumed_job_skips_requests_whose_results_are_stored(
     inference.behaviour = None
     calls_before = len(inference.calls)
     second = await provider_with(config, files, inference, models)
-    second._runner.submit(batch.id)
+    second.start()
     await second._runner.wait_idle()
     batch = await second.retrieve_batch(batch.id)
     assert batch.status == "completed"

@@ -105,7 +105,7 @@ async def test_background_work_runs_as_the_creator_also_after_a_restart(
     # As after a restart: the batch is picked up outside any request.
     await provider._store.update(batch.id, lambda b: b.model_copy(update={"status": "validating"}))
     await provider._store.add_active(batch.id)
-    provider._runner.submit(batch.id)
+    provider._runner.wake()  # the claim loop was started by alice's request, yet runs as nobody
     await provider._runner.wait_idle()
     assert files.readers[-1] == "alice"
 
@@ -162,7 +162,7 @@ async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
 
     calls_before_restart = len(inference.calls)
     second = await provider_with(config, files, inference, models)
-    second._runner.submit(batch.id)  # as after a restart: outside any request
+    second.start()  # as after a restart: outside any request
     await second._runner.wait_idle()
     with signed_in(ALICE):
         finished = await second.retrieve_batch(batch.id)

@@ -2,17 +2,21 @@ import asyncio
 
 from llama_stack_provider_batches.result_log import ResultLog
 from llama_stack_provider_batches.results import ResultEntry, decode_results
-from llama_stack_provider_batches.store import BatchStore, StoredBatch
+from llama_stack_provider_batches.store import BatchStore, Lease, StoredBatch
 from tests.unit.helpers import make_batch
 
 
 async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
-    return [entry async for chunk in store.result_chunks(batch_id) for entry in decode_results(chunk)]
+    return [entry async for chunk in store.results.through(batch_id, 0) for entry in decode_results(chunk)]
+
+
+def lease(batch_id: str) -> Lease:
+    return Lease(batch_id, "this-server", epoch=0)
 
 
 async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -> None:
-    await store.put(StoredBatch(batch=make_batch("batch_l", status="in_progress")))
-    log = ResultLog(store, "batch_l", total=3)
+    await store.create(StoredBatch(batch=make_batch("batch_l", status="in_progress")))
+    log = ResultLog(store, lease("batch_l"), total=3)
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 3, 4)
     for _ in range(100):
@@ -28,8 +32,8 @@ async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -
 
 
 async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
-    await store.put(StoredBatch(batch=make_batch("batch_c", status="in_progress")))
-    log = ResultLog(store, "batch_c", total=5)
+    await store.create(StoredBatch(batch=make_batch("batch_c", status="in_progress")))
+    log = ResultLog(store, lease("batch_c"), total=5)
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
     assert log.counts().completed == 0
     await log.flush()
@@ -40,17 +44,17 @@ async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
 
 
 async def test_a_resumed_log_numbers_new_chunks_after_the_stored_ones(store: BatchStore) -> None:
-    first = ResultLog(store, "batch_r", total=4)
+    first = ResultLog(store, lease("batch_r"), total=4)
     first.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await first.flush()
-    second = ResultLog(store, "batch_r", total=4, stored_chunks=first.chunks)
+    second = ResultLog(store, lease("batch_r"), total=4, stored_chunks=first.chunks)
     second.add_success(ResultEntry(1, True, "{}"), 0, 0)
     await second.flush()
     assert [entry.position for entry in await stored_entries(store, "batch_r")] == [0, 1]
 
 
 async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) -> None:
-    log = ResultLog(store, "batch_x", total=50)
+    log = ResultLog(store, lease("batch_x"), total=50)
     writer = asyncio.create_task(log.write_continuously())
     for position in range(50):
         log.add_success(ResultEntry(position, True, "{}"), 0, 0)
@@ -64,8 +68,8 @@ async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) 
 
 
 async def test_progress_is_reported_within_the_interval_even_when_results_stop_coming(store: BatchStore) -> None:
-    await store.put(StoredBatch(batch=make_batch("batch_p", status="in_progress")))
-    log = ResultLog(store, "batch_p", total=10)
+    await store.create(StoredBatch(batch=make_batch("batch_p", status="in_progress")))
+    log = ResultLog(store, lease("batch_p"), total=10)
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await asyncio.sleep(0.1)

@@ -20,9 +20,7 @@ from llama_stack_provider_batches.validation import InvalidParameterError
 @pytest.fixture
 def idle_provider(provider: BatchesService, monkeypatch: pytest.MonkeyPatch) -> BatchesService:
     """The provider with its engine switched off, so statuses stay where the API put them."""
-    submitted: list[str] = []
-    monkeypatch.setattr(provider._runner, "submit", submitted.append)
-    provider.submitted = submitted  # type: ignore[attr-defined]
+    monkeypatch.setattr(provider._runner, "start", lambda: None)
     return provider
 
 
@@ -37,7 +35,7 @@ async def test_create_returns_a_validating_batch_in_openai_shape(
     assert batch.metadata == sample_batch_data["metadata"]
     assert batch.request_counts.total == 0
     assert await idle_provider.retrieve_batch(batch.id) == batch
-    assert idle_provider.submitted == [batch.id]
+    assert await idle_provider._store.active_ids() == [batch.id]  # queued to run
 
 
 async def test_keyword_call_matches_request_model_call(
@@ -111,14 +109,15 @@ async def test_concurrent_creates_with_one_key_store_one_batch_and_start_it_once
     )
     assert len({b.id for b in batches}) == 1
     assert len((await idle_provider.list_batches(limit=100)).data) == 1
-    assert idle_provider.submitted == [batches[0].id]
+    assert await idle_provider._store.active_ids() == [batches[0].id]
 
 
 async def test_a_key_whose_batch_was_lost_recreates_it_under_the_same_id(
     idle_provider: BatchesService, sample_batch_data: dict[str, Any]
 ) -> None:
     # As after a crash between writing the key and writing the batch.
-    await idle_provider._store.remember_key("_", "k", "batch_0123456789abcdef0123456789abcdef")
+    store = idle_provider._store
+    await store._kv.set(store._idempotency_key("_", "k"), "batch_0123456789abcdef0123456789abcdef")
     batch = await idle_provider.create_batch(**sample_batch_data, idempotency_key="k")
     assert batch.id == "batch_0123456789abcdef0123456789abcdef"
 

@@ -1,184 +1,163 @@
-"""The storage layout, against every kvstore backend that runs here (SQLite always; PostgreSQL and
-Redis on 127.0.0.1 when their servers are up)."""
+"""What every storage connector does, run against each connector on each backend that runs here:
+KVBatchStore over the SQLite, PostgreSQL and Redis kvstores; SQLBatchStore over SQLite and
+PostgreSQL (results in a SQLite kvstore)."""
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from llama_stack.core.storage.datatypes import (
-    KVStoreReference,
-    PostgresKVStoreConfig,
-    RedisKVStoreConfig,
-    SqliteKVStoreConfig,
-)
-from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
 from llama_stack_api import BatchNotFoundError, BatchObject
 
+from llama_stack_provider_batches.kv_store import KVBatchStore
 from llama_stack_provider_batches.lifecycle import transition
-from llama_stack_provider_batches.store import PAGE_SIZE, BatchStore, KeyedLocks, StoredBatch
+from llama_stack_provider_batches.ownership import Owner, scope_of
+from llama_stack_provider_batches.results import ResultEntry, decode_results
+from llama_stack_provider_batches.sql_store import SQLBatchStore
+from llama_stack_provider_batches.store import BatchStore, StoredBatch
+from tests.unit.backends import KV_BACKENDS, SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch
-from tools.harness import server_up
 
-BACKENDS = {
-    "sqlite": None,
-    "postgres": PostgresKVStoreConfig(host="127.0.0.1", port=5432, db="test", user="postgres", table_name="kv_unit"),
-    "redis": RedisKVStoreConfig(host="127.0.0.1", port=6379),
-}
-PORTS = {"postgres": 5432, "redis": 6379}
+CONNECTORS = [f"kv-{name}" for name in KV_BACKENDS] + [f"sql-{name}" for name in SQL_BACKENDS]
 
 
-class CountingKV:
-    """A kvstore wrapper that counts reads, to show what a list call costs."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.gets = 0
-
-    async def get(self, key: str):
-        self.gets += 1
-        return await self.inner.get(key)
-
-    async def set(self, key: str, value: str, expiration=None) -> None:
-        await self.inner.set(key, value)
-
-
-@pytest.fixture(params=list(BACKENDS))
-async def kv_store(request, tmp_path: Path) -> AsyncIterator[BatchStore]:
-    name = request.param
-    if name in PORTS and not server_up(PORTS[name]):
-        pytest.skip(f"no {name} server on 127.0.0.1:{PORTS[name]}")
-    config = BACKENDS[name] or SqliteKVStoreConfig(db_path=str(tmp_path / "kv.db"))
-    register_kvstore_backends({"kv_store_test": config})
-    # A fresh namespace per test keeps the shared servers' earlier data out of the way.
-    namespace = f"t{uuid.uuid4().hex[:12]}"
-    kvstore = await kvstore_impl(KVStoreReference(backend="kv_store_test", namespace=namespace))
-    yield BatchStore(kvstore, namespace)
-    await kvstore.shutdown()
+@pytest.fixture(params=CONNECTORS)
+async def store(request, tmp_path: Path) -> AsyncIterator[BatchStore]:
+    kind, backend = request.param.split("-")
+    if kind == "kv":
+        async with open_kvstore(backend, tmp_path) as (kvstore, namespace):
+            connector: BatchStore = KVBatchStore(kvstore, namespace)
+            await connector.initialize()
+            yield connector
+        return
+    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(backend, tmp_path) as ref:
+        connector = SQLBatchStore(ref, kvstore, namespace)
+        await connector.initialize()
+        yield connector
+        await connector.close()
 
 
-async def add(store: BatchStore, batch_id: str, scope: str = "_") -> None:
-    position = await store.append_to_index(scope, batch_id)
-    await store.put(StoredBatch(batch=make_batch(batch_id), index_position=position))
+def owned_by(principal: str) -> Owner:
+    return Owner(principal=principal, attributes={"teams": [principal]})
 
 
-async def test_put_get_round_trip(kv_store: BatchStore) -> None:
-    await kv_store.put(StoredBatch(batch=make_batch("batch_a", metadata={"k": "v"}), idempotency_key="k"))
-    stored = await kv_store.get("batch_a")
+async def create(store: BatchStore, batch_id: str, key: str | None = None, owner: Owner | None = None) -> StoredBatch:
+    stored, _ = await store.create(StoredBatch(batch=make_batch(batch_id), idempotency_key=key, owner=owner))
+    return stored
+
+
+async def test_a_created_batch_reads_back(store: BatchStore) -> None:
+    await create(store, "batch_a", key="k")
+    await store.update("batch_a", lambda b: b.model_copy(update={"metadata": {"k": "v"}}))
+    stored = await store.get("batch_a")
     assert stored is not None
     assert stored.batch == make_batch("batch_a", metadata={"k": "v"})
     assert stored.idempotency_key == "k"
-    assert await kv_store.get("batch_missing") is None
+    assert await store.get("batch_missing") is None
     with pytest.raises(BatchNotFoundError):
-        await kv_store.get_batch("batch_missing")
+        await store.get_batch("batch_missing")
 
 
-async def test_concurrent_updates_do_not_lose_each_other(kv_store: BatchStore) -> None:
-    await kv_store.put(StoredBatch(batch=make_batch("batch_u", status="in_progress")))
+async def test_concurrent_creates_with_one_key_store_one_batch(store: BatchStore) -> None:
+    results = await asyncio.gather(*(create(store, f"batch_{n}", key="same") for n in range(20)))
+    assert len({stored.batch.id for stored in results}) == 1
+    page = await store.page("_", None, 100)
+    assert page is not None and [s.batch.id for s in page.batches] == [results[0].batch.id]
+
+
+async def test_idempotency_keys_are_scoped_by_owner(store: BatchStore) -> None:
+    alice = await create(store, "batch_alice", key="k", owner=owned_by("alice"))
+    bob = await create(store, "batch_bob", key="k", owner=owned_by("bob"))
+    assert (alice.batch.id, bob.batch.id) == ("batch_alice", "batch_bob")
+
+
+async def test_concurrent_updates_do_not_lose_each_other(store: BatchStore) -> None:
+    await create(store, "batch_u")
 
     def bump(batch: BatchObject) -> BatchObject:
         return batch.model_copy(update={"created_at": batch.created_at + 1})
 
-    await asyncio.gather(*(kv_store.update("batch_u", bump) for _ in range(30)))
-    assert (await kv_store.get_batch("batch_u")).created_at == 31
+    await asyncio.gather(*(store.update("batch_u", bump) for _ in range(30)))
+    assert (await store.get_batch("batch_u")).created_at == 31
 
 
-async def test_update_that_raises_writes_nothing(kv_store: BatchStore) -> None:
-    await kv_store.put(StoredBatch(batch=make_batch("batch_c", status="completed")))
+async def test_an_update_that_raises_writes_nothing(store: BatchStore) -> None:
+    await create(store, "batch_c")
+    await store.update("batch_c", lambda b: transition(b, "failed", now=2))
     with pytest.raises(Exception, match="cannot move"):
-        await kv_store.update("batch_c", lambda b: transition(b, "in_progress", now=9))
-    assert (await kv_store.get_batch("batch_c")).status == "completed"
+        await store.update("batch_c", lambda b: transition(b, "in_progress", now=9))
+    assert (await store.get_batch("batch_c")).status == "failed"
+    with pytest.raises(BatchNotFoundError):
+        await store.update("batch_missing", lambda b: b)
 
 
-async def test_index_pages_newest_first_across_page_boundaries(kv_store: BatchStore) -> None:
-    ids = [f"batch_{n:04d}" for n in range(PAGE_SIZE * 2 + 7)]
+async def test_pages_walk_a_scope_newest_first(store: BatchStore) -> None:
+    ids = [f"batch_{n:03d}" for n in range(25)]
     for batch_id in ids:
-        await add(kv_store, batch_id)
-    newest_first = list(reversed(ids))
-    assert await kv_store.newest_ids("_", None, 5) == newest_first[:5]
-    assert await kv_store.newest_ids("_", None, 1000) == newest_first
-    # Walking with a cursor visits every id once, in order.
+        await create(store, batch_id, owner=owned_by("alice"))
+    await create(store, "batch_other", owner=owned_by("bob"))
     walked: list[str] = []
-    before = None
-    while chunk := await kv_store.newest_ids("_", before, 30):
-        walked.extend(chunk)
-        before = (await kv_store.get(chunk[-1])).index_position
-    assert walked == newest_first
+    after = None
+    while True:
+        page = await store.page(scope_of(owned_by("alice")), after, 10)
+        assert page is not None
+        walked.extend(s.batch.id for s in page.batches)
+        if not page.has_more:
+            break
+        after = walked[-1]
+    assert walked == list(reversed(ids))
+    alice = scope_of(owned_by("alice"))
+    assert await store.page(alice, "batch_other", 10) is None  # bob's batch is no cursor for alice
+    assert await store.page(alice, "batch_missing", 10) is None
 
 
-async def test_concurrent_appends_keep_every_id(kv_store: BatchStore) -> None:
-    ids = [f"batch_c{n}" for n in range(PAGE_SIZE + 20)]
-    positions = await asyncio.gather(*(kv_store.append_to_index("_", batch_id) for batch_id in ids))
-    assert len({(p.page, p.slot) for p in positions}) == len(ids)
-    assert sorted(await kv_store.newest_ids("_", None, 1000)) == sorted(ids)
-
-
-async def test_scopes_have_separate_indexes(kv_store: BatchStore) -> None:
-    await add(kv_store, "batch_x", scope="alice")
-    await add(kv_store, "batch_y", scope="bob")
-    assert await kv_store.newest_ids("alice", None, 10) == ["batch_x"]
-    assert await kv_store.newest_ids("bob", None, 10) == ["batch_y"]
-
-
-async def test_idempotency_keys_are_scoped(kv_store: BatchStore) -> None:
-    await kv_store.remember_key("alice", "key-1", "batch_a")
-    assert await kv_store.batch_id_for_key("alice", "key-1") == "batch_a"
-    assert await kv_store.batch_id_for_key("bob", "key-1") is None
-
-
-async def test_a_page_costs_reads_in_proportion_to_its_size(tmp_path: Path) -> None:
-    register_kvstore_backends({"kv_count": SqliteKVStoreConfig(db_path=str(tmp_path / "count.db"))})
-    kvstore = await kvstore_impl(KVStoreReference(backend="kv_count", namespace="n"))
-    counting = CountingKV(kvstore)
-    store = BatchStore(counting, "n")  # type: ignore[arg-type]
-    for n in range(1000):
-        await store.append_to_index("_", f"batch_{n:05d}")
-    counting.gets = 0
-    assert len(await store.newest_ids("_", None, 21)) == 21
-    assert counting.gets <= 3  # the head and at most two pages, out of ten
-    await kvstore.shutdown()
-
-
-async def test_keyed_locks_serialise_one_key_and_clean_up() -> None:
-    locks = KeyedLocks()
-    order: list[str] = []
-
-    async def hold(name: str) -> None:
-        async with locks.hold("k"):
-            order.append(f"{name}-in")
-            await asyncio.sleep(0.01)
-            order.append(f"{name}-out")
-
-    await asyncio.gather(hold("a"), hold("b"))
-    assert order == ["a-in", "a-out", "b-in", "b-out"]
-    assert locks._locks == {}
-
-
-async def test_result_chunks_come_back_in_order_until_the_first_gap(kv_store: BatchStore) -> None:
-    from llama_stack_provider_batches.results import ResultEntry, decode_results
-
-    first, second = [ResultEntry(0, True, "{}")], [ResultEntry(1, False, '{"e":1}')]
-    await kv_store.save_result_chunk("batch_r", 0, first)
-    await kv_store.save_result_chunk("batch_r", 1, second)
-    chunks = [chunk async for chunk in kv_store.result_chunks("batch_r")]
-    assert [decode_results(chunk) for chunk in chunks] == [first, second]
-    await kv_store.delete_results("batch_r", 2)
-    assert [chunk async for chunk in kv_store.result_chunks("batch_r")] == []
-
-
-async def test_the_active_list_keeps_creation_order(kv_store: BatchStore) -> None:
+async def test_claims_take_unfinished_batches_oldest_first_and_once(store: BatchStore) -> None:
     for batch_id in ("batch_1", "batch_2", "batch_3"):
-        await kv_store.add_active(batch_id)
-    await kv_store.add_active("batch_2")
-    await kv_store.remove_active("batch_1")
-    await kv_store.remove_active("batch_unknown")
-    assert await kv_store.active_ids() == ["batch_2", "batch_3"]
+        await create(store, batch_id)
+    await store.update("batch_2", lambda b: transition(b, "failed", now=2))
+    await store.retire("batch_2")
+    first = await store.claim("server-a", 1, lease_seconds=30)
+    assert [lease.batch_id for lease in first] == ["batch_1"]
+    rest = await store.claim("server-a", 10, lease_seconds=30)
+    assert [lease.batch_id for lease in rest] == ["batch_3"]  # batch_1 is held, batch_2 finished
+    assert await store.claim("server-a", 10, lease_seconds=30) == []
+    assert await store.renew(first[0], lease_seconds=30) == "validating"
+    await store.release(first[0])
+    assert await store.renew(first[0], lease_seconds=30) is None
+    again = await store.claim("server-a", 10, lease_seconds=30)
+    assert [lease.batch_id for lease in again] == ["batch_1"]
 
 
-async def test_the_layout_version_is_written_once_and_checked(kv_store: BatchStore) -> None:
-    await kv_store.check_layout()
-    await kv_store.check_layout()
-    await kv_store._kv.set(kv_store._prefix + "layout", '{"version": 2}')
-    with pytest.raises(RuntimeError, match="layout"):
-        await kv_store.check_layout()
+async def test_a_batch_created_claimed_is_not_claimed_again(store: BatchStore) -> None:
+    await create(store, "batch_1")
+    _, lease = await store.create(StoredBatch(batch=make_batch("batch_2")), "server-a", lease_seconds=30)
+    assert lease is not None and lease.batch_id == "batch_2"
+    assert [lease.batch_id for lease in await store.claim("server-b", 10, lease_seconds=30)] == ["batch_1"]
+    assert await store.renew(lease, lease_seconds=30) == "validating"
+    await store.create(StoredBatch(batch=make_batch("batch_3"), idempotency_key="k"), "server-a", 30)
+    replay, replay_lease = await store.create(StoredBatch(batch=make_batch("batch_4"), idempotency_key="k"), "s", 30)
+    assert (replay.batch.id, replay_lease) == ("batch_3", None)  # a replay claims nothing
+
+
+async def test_concurrent_claims_never_share_a_batch(store: BatchStore) -> None:
+    for n in range(10):
+        await create(store, f"batch_{n}")
+    claims = await asyncio.gather(*(store.claim(f"server-{n}", 3, lease_seconds=30) for n in range(5)))
+    claimed = [lease.batch_id for leases in claims for lease in leases]
+    assert sorted(claimed) == sorted(f"batch_{n}" for n in range(10))
+
+
+async def test_results_of_each_epoch_come_back_in_order(store: BatchStore) -> None:
+    chunks = store.results
+    first, second, third = (
+        [ResultEntry(0, True, "{}")],
+        [ResultEntry(1, False, '{"e":1}')],
+        [ResultEntry(2, True, "{}")],
+    )
+    await chunks.save("batch_r", 0, 0, first)
+    await chunks.save("batch_r", 0, 1, second)
+    await chunks.save("batch_r", 2, 0, third)  # epoch 1 died before writing anything
+    assert [decode_results(c) async for c in chunks.through("batch_r", 2)] == [first, second, third]
+    assert [decode_results(c) async for c in chunks.of_epoch("batch_r", 2)] == [third]
+    await chunks.delete_through("batch_r", 2)
+    assert [c async for c in chunks.through("batch_r", 2)] == []

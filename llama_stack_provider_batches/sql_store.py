@@ -7,7 +7,8 @@ One table (named by `sql_store.table_name`) holds a row per batch:
     idempotency_ref    "<scope>/<sha256(key)>" for a batch created with an idempotency key (unique)
     status             the batch's status, kept equal to the record's: what claims look at
     record, version    the StoredBatch JSON, and how many times it has been written
-    lease_token, lease_holder, lease_epoch, lease_expires_at   the lease (store.py)
+    lease_token, lease_epoch, lease_expires_at   the lease (store.py); no token: nobody holds it
+    lease_holder       the server holding the lease, or that held it last
 
 Every guarantee rests on the database making single statements atomic, never on timing:
 
@@ -308,7 +309,7 @@ class SQLBatchStore(BatchStore):
         give_up = (
             update(table)
             .where(table.c.id == lease.batch_id, table.c.lease_token == lease.token)
-            .values(lease_token=None, lease_holder=None, lease_expires_at=None)
+            .values(lease_token=None, lease_expires_at=None)  # the holder's name stays, for the record
         )
         async with self._connect().begin() as connection:
             await connection.execute(give_up)

@@ -16,6 +16,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
 RUN_YAML = REPO / "run.yaml"
+REPLICAS_RUN_YAML = REPO / "run-replicas.yaml"  # several replicas over PostgreSQL and a shared files directory
 LLAMA = Path(sys.executable).parent / "llama"
 
 

@@ -1,12 +1,17 @@
-"""Scheduling batch jobs: the concurrency limit across batches, retries after internal errors."""
+"""Scheduling batch jobs: the concurrency limit across batches, retries after internal errors, and
+several servers (replicas) sharing one SQL store: work spreading, cancels and lost leases."""
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
 from llama_stack_provider_batches.idempotency import CreateParams
+from tests.unit.backends import sql_reference
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
 
@@ -117,3 +122,103 @@ async def test_claims_are_retried_while_the_store_fails(
     await provider._runner.wait_idle()
     assert failures == [1, 1]
     assert (await provider.retrieve_batch(stored.batch.id)).status == "completed"
+
+
+# --- several servers on one SQL store -----------------------------------------------------------
+
+
+@pytest.fixture
+async def replica_config(config: BatchesProviderConfig, tmp_path: Path) -> AsyncIterator[BatchesProviderConfig]:
+    async with sql_reference("sqlite", tmp_path) as reference:
+        yield config.model_copy(update={"sql_store": reference, "lease_seconds": 1.0})
+
+
+async def test_idle_replicas_pick_up_waiting_batches(
+    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold
+    first = await provider_with(replica_config, files, inference, models)
+    second = await provider_with(replica_config, files, inference, models)
+    second.start()
+    batches = [
+        await first.create_batch(
+            input_file_id=files.add(jsonl([chat_line(f"{n}")])), endpoint=CHAT, completion_window="24h"
+        )
+        for n in range(2)
+    ]
+    # One batch at a time each: the creating server runs the first, the idle one takes the second
+    # at its next look (every second).
+    for _ in range(30):
+        if second._runner.running():
+            break
+        await asyncio.sleep(0.05)
+    assert first._runner.running() == [batches[0].id] and second._runner.running() == [batches[1].id]
+    gate.set()
+    for provider in (first, second):
+        await provider._runner.wait_idle()
+    assert [(await second.retrieve_batch(b.id)).status for b in batches] == ["completed", "completed"]
+    await first.shutdown()
+    await second.shutdown()
+
+
+async def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
+    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    inference.stall_after(3)
+    running_here = await provider_with(replica_config, files, inference, models, cancel_grace_seconds=0.1)
+    elsewhere = await provider_with(replica_config, files, inference, models)
+    batch = await running_here.create_batch(
+        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])), endpoint=CHAT, completion_window="24h"
+    )
+    while len(inference.calls) < 4:
+        await asyncio.sleep(0.01)
+    cancelled_at = time.monotonic()
+    await elsewhere.cancel_batch(batch.id)
+    await running_here._runner.wait_idle()
+    assert time.monotonic() - cancelled_at < 2  # a heartbeat (0.2 s here) and the grace period
+    final = await elsewhere.retrieve_batch(batch.id)
+    assert final.status == "cancelled" and final.request_counts.completed == 3
+    await running_here.shutdown()
+    await elsewhere.shutdown()
+
+
+async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the_batch(
+    replica_config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inference.stall_after(5)
+    first = await provider_with(replica_config, files, inference, models)
+    batch = await first.create_batch(
+        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(20)])), endpoint=CHAT, completion_window="24h"
+    )
+    while (await first.retrieve_batch(batch.id)).request_counts.completed < 5:
+        await asyncio.sleep(0.02)
+
+    async def cut_off(*_: Any) -> None:  # as if the database said another server holds the lease
+        return None
+
+    monkeypatch.setattr(first._store, "renew", cut_off)
+    monkeypatch.setattr(first._store, "claim", lambda *_: asyncio.sleep(0, result=[]))
+    await asyncio.wait_for(first._runner.wait_idle(), timeout=5)  # stops without writing anything
+    assert (await first.retrieve_batch(batch.id)).status == "in_progress"
+
+    inference.behaviour = None
+    second = await provider_with(replica_config, files, inference, models)
+    second.start()  # claims the batch once the stale lease expires (1 s)
+    while (await second.retrieve_batch(batch.id)).status != "completed":
+        await asyncio.sleep(0.1)
+    final = await second.retrieve_batch(batch.id)
+    assert sorted(line["custom_id"] for line in read_lines(files, final.output_file_id)) == sorted(
+        f"r{i}" for i in range(20)
+    )
+    assert final.request_counts.completed == 20
+    await first.shutdown()
+    await second.shutdown()

@@ -1,0 +1,252 @@
+"""Three real stack servers sharing PostgreSQL (kvstore and SQL store) and one files directory, as
+run-replicas.yaml deploys them: any replica serves any batch, each batch runs on one replica at a
+time, a dead replica's batch is taken over, a cancel reaches the replica running the batch, and
+idempotent creates stay exactly-once across replicas.
+
+Which replica holds a batch is read from the batches table (`lease_holder` names the server
+process). The figures measured are written to `replicas.json` in the test session's directory.
+"""
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from openai import ConflictError, OpenAI
+
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
+from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, server_up, start_stack, warm_up
+
+REPLICAS = 3
+LEASE_SECONDS = 3
+WINDOW = 10
+
+
+@dataclass
+class Cluster:
+    """Replicas started from run-replicas.yaml over one database table and one files directory."""
+
+    run_dir: Path
+    model_url: str
+    env: dict[str, str]
+    servers: list[ServerProcess] = field(default_factory=list)
+
+    def start_replica(self) -> ServerProcess:
+        state = self.run_dir / f"replica-{uuid.uuid4().hex[:6]}"
+        server = start_stack(self.run_dir, state, self.model_url, self.env, run_yaml=REPLICAS_RUN_YAML)
+        warm_up(server)
+        self.servers.append(server)
+        return server
+
+    def clients(self) -> list[OpenAI]:
+        return [OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=60) for s in self.servers]
+
+    def lease(self, batch_id: str) -> tuple[str | None, int, bool]:
+        """(the server holding the batch or that held it last, the lease epoch, whether it is held now)."""
+        table = self.env["BATCHES_SQL_TABLE"]
+        connection = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT lease_holder, lease_epoch, lease_token IS NOT NULL FROM {table} WHERE id = %s", (batch_id,)
+                )
+                row = cursor.fetchone()
+        finally:
+            connection.close()
+        assert row is not None, batch_id
+        return row
+
+    def server_of(self, holder: str | None) -> ServerProcess:
+        """The replica whose process holds (or held) a lease."""
+        assert holder is not None
+        pid = int(holder.split(":")[1])
+        return next(s for s in self.servers if s.process.pid == pid)
+
+    def wait_for_holder(self, batch_id: str, epoch_above: int = 0, timeout: float = 30) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            holder, epoch, held = self.lease(batch_id)
+            if held and epoch > epoch_above:
+                return holder, epoch  # type: ignore[return-value]
+            time.sleep(0.05)
+        raise AssertionError(f"nobody claimed {batch_id} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(run_dir: Path, standin_server: ServerProcess) -> Iterator[Cluster]:
+    if not server_up(5432):
+        pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
+    tag = uuid.uuid4().hex[:10]
+    env = {
+        "SHARED_DIR": str(run_dir / f"shared-{tag}"),
+        "BATCHES_SQL_TABLE": f"batches_{tag}",
+        "BATCHES_KV_NAMESPACE": f"batches-{tag}",
+        "BATCHES_LEASE_SECONDS": str(LEASE_SECONDS),
+        "BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW),
+        "BATCHES_CANCEL_GRACE_SECONDS": "1",
+    }
+    cluster = Cluster(run_dir, f"{standin_server.url}/v1", env)
+    try:
+        for _ in range(REPLICAS):
+            cluster.start_replica()
+        yield cluster
+    finally:
+        for server in cluster.servers:
+            server.stop(signal.SIGKILL)
+
+
+def record(run_dir: Path, case: str, figures: dict[str, Any]) -> None:
+    path = run_dir / "replicas.json"
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    measured[case] = figures
+    path.write_text(json.dumps(measured, indent=2))
+    print(f"\n{case}: {figures}")
+
+
+def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> list[int]:
+    received = standin.stats()["by_prompt"]
+    return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]
+
+
+def test_batches_created_through_any_replica_complete_and_spread_over_replicas(
+    cluster: Cluster, standin: StandInControl, run_dir: Path
+) -> None:
+    standin.configure(latency_mean=0.1)
+    clients = cluster.clients()
+    batches = [create_chat_batch(clients[n % REPLICAS], chat_lines(40)) for n in range(6)]
+    for n, batch in enumerate(batches):
+        # Every replica answers for every batch, whichever created or runs it.
+        finished = wait_for_batch(clients[(n + 1) % REPLICAS], batch.id, timeout=120)
+        assert finished.status == "completed", finished
+        assert finished.request_counts.completed == 40
+        assert len(read_result_file(clients[(n + 2) % REPLICAS], finished.output_file_id)) == 40
+    ran_on = {cluster.server_of(cluster.lease(b.id)[0]).url for b in batches}
+    assert len(ran_on) > 1
+    listed = {b.id for b in clients[2].batches.list(limit=100).data}
+    assert {b.id for b in batches} <= listed
+    record(run_dir, "spread", {"batches": len(batches), "replicas_that_ran_batches": len(ran_on)})
+
+
+def test_concurrent_idempotent_creates_over_every_replica_give_one_batch(cluster: Cluster) -> None:
+    clients = cluster.clients()
+    file_id = upload_jsonl(clients[0], chat_lines(3))
+    key = f"replicas-{uuid.uuid4().hex}"
+
+    def create(n: int) -> str:
+        client = clients[n % REPLICAS]
+        batch = client.batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_body={"idempotency_key": key},
+        )
+        return batch.id
+
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        ids = set(pool.map(create, range(50)))
+    assert len(ids) == 1
+    [batch_id] = ids
+    assert wait_for_batch(clients[1], batch_id).status == "completed"
+    with pytest.raises(ConflictError):
+        clients[2].batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"other": "parameters"},
+            extra_body={"idempotency_key": key},
+        )
+
+
+def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
+    cluster: Cluster, standin: StandInControl, run_dir: Path
+) -> None:
+    standin.configure(latency_mean=0.2)
+    clients = cluster.clients()
+    lines = chat_lines(600)
+    batch = create_chat_batch(clients[0], lines)
+    holder, _ = cluster.wait_for_holder(batch.id)
+    runner = cluster.server_of(holder)
+    other = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not runner)
+    while other.batches.retrieve(batch.id).request_counts.completed < 20:
+        time.sleep(0.05)
+
+    cancelled_at = time.monotonic()
+    assert other.batches.cancel(batch.id).status == "cancelling"
+    # The holder learns of the cancel at its next lease renewal and stops dispatching.
+    sent_before, stopped_at = sum(sent_per_request(standin, lines)), None
+    while time.monotonic() - cancelled_at < 10:
+        time.sleep(0.25)
+        sent_now = sum(sent_per_request(standin, lines))
+        if sent_now == sent_before:
+            stopped_at = time.monotonic()
+            break
+        sent_before = sent_now
+    assert stopped_at is not None, "the replica running the batch kept sending requests"
+    final = wait_for_batch(other, batch.id, timeout=30)
+    done_at = time.monotonic()
+    assert final.status == "cancelled"
+    assert final.request_counts.completed < len(lines)
+    # Nothing more is sent once the batch is cancelled.
+    time.sleep(1)
+    assert sum(sent_per_request(standin, lines)) == sent_before
+    record(
+        run_dir,
+        "cancel_elsewhere",
+        {
+            "requests_stopped_after_s": round(stopped_at - cancelled_at, 2),
+            "cancelled_after_s": round(done_at - cancelled_at, 2),
+            "completed": final.request_counts.completed,
+        },
+    )
+
+
+def test_a_killed_replicas_batch_is_taken_over_and_completes_once(
+    cluster: Cluster, standin: StandInControl, run_dir: Path
+) -> None:
+    standin.configure(latency_mean=0.05)
+    clients = cluster.clients()
+    lines = chat_lines(2000)
+    batch = create_chat_batch(clients[0], lines)
+    holder, epoch = cluster.wait_for_holder(batch.id)
+    victim = cluster.server_of(holder)
+    survivor = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not victim)
+    while survivor.batches.retrieve(batch.id).request_counts.completed < 400:
+        time.sleep(0.05)
+
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    cluster.servers.remove(victim)
+    new_holder, new_epoch = cluster.wait_for_holder(batch.id, epoch_above=epoch, timeout=LEASE_SECONDS + 15)
+    taken_over_after = time.monotonic() - killed_at
+    assert new_holder != holder
+
+    finished = wait_for_batch(survivor, batch.id, timeout=180)
+    assert finished.status == "completed", finished
+    output = read_result_file(survivor, finished.output_file_id)
+    seen = [line["custom_id"] for line in output]
+    assert len(seen) == len(set(seen)) == len(lines)  # every custom_id exactly once
+    assert finished.request_counts.completed == len(lines)
+    sent = sent_per_request(standin, lines)
+    assert min(sent) >= 1
+    repeated = sum(count - 1 for count in sent)
+    # Repeats: the requests in flight at the kill plus at most one unwritten group commit.
+    assert max(sent) <= 2 and repeated <= 2 * WINDOW
+    record(
+        run_dir,
+        "takeover_after_sigkill",
+        {
+            "lease_seconds": LEASE_SECONDS,
+            "taken_over_after_s": round(taken_over_after, 2),
+            "epoch": new_epoch,
+            "requests": len(lines),
+            "repeated": repeated,
+        },
+    )
+    cluster.start_replica()  # back to three for whatever runs next

@@ -250,3 +250,36 @@ def test_a_killed_replicas_batch_is_taken_over_and_completes_once(
         },
     )
     cluster.start_replica()  # back to three for whatever runs next
+
+
+def test_a_replica_stopping_cleanly_hands_its_batch_over_without_waiting_for_the_lease(
+    cluster: Cluster, standin: StandInControl, run_dir: Path
+) -> None:
+    standin.configure(latency_mean=0.05)
+    clients = cluster.clients()
+    lines = chat_lines(1000)
+    batch = create_chat_batch(clients[0], lines)
+    holder, epoch = cluster.wait_for_holder(batch.id)
+    leaving = cluster.server_of(holder)
+    staying = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not leaving)
+    while staying.batches.retrieve(batch.id).request_counts.completed < 200:
+        time.sleep(0.05)
+
+    stopping_at = time.monotonic()
+    leaving.stop(signal.SIGTERM)  # the stack shuts its providers down: the lease is released
+    cluster.servers.remove(leaving)
+    cluster.wait_for_holder(batch.id, epoch_above=epoch, timeout=LEASE_SECONDS + 15)
+    handed_over_after = time.monotonic() - stopping_at
+
+    finished = wait_for_batch(staying, batch.id, timeout=120)
+    assert finished.status == "completed"
+    seen = [line["custom_id"] for line in read_result_file(staying, finished.output_file_id)]
+    assert len(seen) == len(set(seen)) == len(lines)
+    repeated = sum(count - 1 for count in sent_per_request(standin, lines))
+    record(
+        run_dir,
+        "handover_after_sigterm",
+        {"lease_seconds": LEASE_SECONDS, "handed_over_after_s": round(handed_over_after, 2), "repeated": repeated},
+    )
+    assert repeated == 0  # in-flight requests finished and were stored before the replica left
+    cluster.start_replica()

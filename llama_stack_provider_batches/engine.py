@@ -193,8 +193,6 @@ class BatchRunner:
         heartbeat = asyncio.create_task(self._heartbeat(lease, lost), name=f"lease:{lease.batch_id}")
         try:
             await self._run_with_retries(lease, lost)
-        except LeaseLostError:
-            pass
         finally:
             heartbeat.cancel()
             if lost.is_set():
@@ -211,9 +209,9 @@ class BatchRunner:
                         return
                     await self._job(lease, lost).run()
                 return
-            except LeaseLostError:
+            except LeaseLostError:  # a write was refused: another server holds the batch now
                 lost.set()
-                raise
+                return
             except Exception:
                 delay = retry_delay(attempt)
                 logger.exception("Batch job failed; results kept, retrying", batch_id=lease.batch_id, retry_in=delay)

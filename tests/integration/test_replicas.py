@@ -115,6 +115,31 @@ def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> li
     return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]
 
 
+@dataclass
+class RunningBatch:
+    """A batch under way on one replica, seen from another."""
+
+    batch_id: str
+    lines: list[dict[str, Any]]
+    holder: str
+    epoch: int
+    runner: ServerProcess  # the replica running it
+    elsewhere: OpenAI  # a client of another replica
+
+
+def start_batch(cluster: Cluster, requests: int, until_completed: int) -> RunningBatch:
+    """Create a batch through the first replica; return once `until_completed` requests are done."""
+    clients = cluster.clients()
+    lines = chat_lines(requests)
+    batch = create_chat_batch(clients[0], lines)
+    holder, epoch = cluster.wait_for_holder(batch.id)
+    runner = cluster.server_of(holder)
+    elsewhere = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not runner)
+    while elsewhere.batches.retrieve(batch.id).request_counts.completed < until_completed:
+        time.sleep(0.05)
+    return RunningBatch(batch.id, lines, holder, epoch, runner, elsewhere)
+
+
 def test_batches_created_through_any_replica_complete_and_spread_over_replicas(
     cluster: Cluster, standin: StandInControl, run_dir: Path
 ) -> None:
@@ -168,17 +193,10 @@ def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
     cluster: Cluster, standin: StandInControl, run_dir: Path
 ) -> None:
     standin.configure(latency_mean=0.2)
-    clients = cluster.clients()
-    lines = chat_lines(600)
-    batch = create_chat_batch(clients[0], lines)
-    holder, _ = cluster.wait_for_holder(batch.id)
-    runner = cluster.server_of(holder)
-    other = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not runner)
-    while other.batches.retrieve(batch.id).request_counts.completed < 20:
-        time.sleep(0.05)
-
+    running = start_batch(cluster, requests=600, until_completed=20)
+    batch_id, lines, other = running.batch_id, running.lines, running.elsewhere
     cancelled_at = time.monotonic()
-    assert other.batches.cancel(batch.id).status == "cancelling"
+    assert other.batches.cancel(batch_id).status == "cancelling"
     # The holder learns of the cancel at its next lease renewal and stops dispatching.
     sent_before, stopped_at = sum(sent_per_request(standin, lines)), None
     while time.monotonic() - cancelled_at < 10:
@@ -189,7 +207,7 @@ def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
             break
         sent_before = sent_now
     assert stopped_at is not None, "the replica running the batch kept sending requests"
-    final = wait_for_batch(other, batch.id, timeout=30)
+    final = wait_for_batch(other, batch_id, timeout=30)
     done_at = time.monotonic()
     assert final.status == "cancelled"
     assert final.request_counts.completed < len(lines)
@@ -207,40 +225,37 @@ def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
     )
 
 
-def test_a_killed_replicas_batch_is_taken_over_and_completes_once(
-    cluster: Cluster, standin: StandInControl, run_dir: Path
+@pytest.mark.parametrize(
+    ("sig", "most_repeats"), [(signal.SIGKILL, 2 * WINDOW), (signal.SIGTERM, 0)], ids=["kill", "term"]
+)
+def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
+    cluster: Cluster, standin: StandInControl, run_dir: Path, sig: signal.Signals, most_repeats: int
 ) -> None:
+    """SIGKILL: another replica takes the batch over once the lease expires and repeats the requests
+    that were in flight (plus at most one unwritten group commit). SIGTERM: the stack shuts the
+    provider down, which stores what is in flight and releases the lease: taken over at once,
+    nothing repeated."""
     standin.configure(latency_mean=0.05)
-    clients = cluster.clients()
-    lines = chat_lines(2000)
-    batch = create_chat_batch(clients[0], lines)
-    holder, epoch = cluster.wait_for_holder(batch.id)
-    victim = cluster.server_of(holder)
-    survivor = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not victim)
-    while survivor.batches.retrieve(batch.id).request_counts.completed < 400:
-        time.sleep(0.05)
+    running = start_batch(cluster, requests=2000, until_completed=400)
+    lines = running.lines
 
-    victim.stop(signal.SIGKILL)
-    killed_at = time.monotonic()
-    cluster.servers.remove(victim)
-    new_holder, new_epoch = cluster.wait_for_holder(batch.id, epoch_above=epoch, timeout=LEASE_SECONDS + 15)
-    taken_over_after = time.monotonic() - killed_at
-    assert new_holder != holder
+    left_at = time.monotonic()
+    running.runner.stop(sig)
+    cluster.servers.remove(running.runner)
+    new_holder, new_epoch = cluster.wait_for_holder(running.batch_id, running.epoch, timeout=LEASE_SECONDS + 15)
+    taken_over_after = time.monotonic() - left_at
+    assert new_holder != running.holder
 
-    finished = wait_for_batch(survivor, batch.id, timeout=180)
+    finished = wait_for_batch(running.elsewhere, running.batch_id, timeout=180)
     assert finished.status == "completed", finished
-    output = read_result_file(survivor, finished.output_file_id)
-    seen = [line["custom_id"] for line in output]
+    seen = [line["custom_id"] for line in read_result_file(running.elsewhere, finished.output_file_id)]
     assert len(seen) == len(set(seen)) == len(lines)  # every custom_id exactly once
     assert finished.request_counts.completed == len(lines)
     sent = sent_per_request(standin, lines)
-    assert min(sent) >= 1
     repeated = sum(count - 1 for count in sent)
-    # Repeats: the requests in flight at the kill plus at most one unwritten group commit.
-    assert max(sent) <= 2 and repeated <= 2 * WINDOW
     record(
         run_dir,
-        "takeover_after_sigkill",
+        f"takeover_after_{sig.name}",
         {
             "lease_seconds": LEASE_SECONDS,
             "taken_over_after_s": round(taken_over_after, 2),
@@ -249,37 +264,5 @@ def test_a_killed_replicas_batch_is_taken_over_and_completes_once(
             "repeated": repeated,
         },
     )
+    assert min(sent) >= 1 and max(sent) <= 2 and repeated <= most_repeats
     cluster.start_replica()  # back to three for whatever runs next
-
-
-def test_a_replica_stopping_cleanly_hands_its_batch_over_without_waiting_for_the_lease(
-    cluster: Cluster, standin: StandInControl, run_dir: Path
-) -> None:
-    standin.configure(latency_mean=0.05)
-    clients = cluster.clients()
-    lines = chat_lines(1000)
-    batch = create_chat_batch(clients[0], lines)
-    holder, epoch = cluster.wait_for_holder(batch.id)
-    leaving = cluster.server_of(holder)
-    staying = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not leaving)
-    while staying.batches.retrieve(batch.id).request_counts.completed < 200:
-        time.sleep(0.05)
-
-    stopping_at = time.monotonic()
-    leaving.stop(signal.SIGTERM)  # the stack shuts its providers down: the lease is released
-    cluster.servers.remove(leaving)
-    cluster.wait_for_holder(batch.id, epoch_above=epoch, timeout=LEASE_SECONDS + 15)
-    handed_over_after = time.monotonic() - stopping_at
-
-    finished = wait_for_batch(staying, batch.id, timeout=120)
-    assert finished.status == "completed"
-    seen = [line["custom_id"] for line in read_result_file(staying, finished.output_file_id)]
-    assert len(seen) == len(set(seen)) == len(lines)
-    repeated = sum(count - 1 for count in sent_per_request(standin, lines))
-    record(
-        run_dir,
-        "handover_after_sigterm",
-        {"lease_seconds": LEASE_SECONDS, "handed_over_after_s": round(handed_over_after, 2), "repeated": repeated},
-    )
-    assert repeated == 0  # in-flight requests finished and were stored before the replica left
-    cluster.start_replica()

@@ -41,11 +41,31 @@ logger = get_logger(name=__name__, category="providers")
 RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)
 POLL_SECONDS = 1.0
 MAX_HEARTBEAT_SECONDS = 1.0
+STORE_CALL_SECONDS = 2.0  # how long a background task stopping is given to finish its store call
 
 
 def retry_delay(attempt: int) -> float:
     """The pause before retry number `attempt` (0-based) after an internal error."""
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
+
+
+async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` have passed; return whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
+
+
+async def finish_or_cancel(task: asyncio.Task[None], seconds: float) -> None:
+    """Let a task that was told to stop finish what it is doing; cancel it if that takes too long.
+
+    Cancelling a store call half-way leaves the driver's worker thread to answer a loop that may be
+    gone by then, so background tasks are stopped between calls whenever possible.
+    """
+    _, late = await asyncio.wait({task}, timeout=seconds)
+    for unfinished in late:
+        unfinished.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def server_name() -> str:
@@ -139,9 +159,9 @@ class BatchRunner:
         every result they have, and release their leases.
         """
         self._stopping.set()
+        self._wake.set()
         if self._claim_loop is not None:
-            self._claim_loop.cancel()
-            await asyncio.gather(self._claim_loop, return_exceptions=True)
+            await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
         tasks = list(self._tasks.values())
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self._settings.shutdown_grace_seconds + 1)
@@ -163,14 +183,13 @@ class BatchRunner:
                 delay = retry_delay(attempt)
                 logger.exception("Cannot claim batches; retrying", retry_in=delay)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await wait_at_most(self._wake, delay)
                 continue
             attempt = 0
             for lease in leases:
                 self._launch(lease)
             self._passes_done = wanted
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            await wait_at_most(self._wake, POLL_SECONDS)
 
     def _launch(self, lease: Lease) -> None:
         if self._stopping.is_set():
@@ -189,12 +208,13 @@ class BatchRunner:
     # --- running --------------------------------------------------------------------------------
 
     async def _run(self, lease: Lease) -> None:
-        lost = asyncio.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(lease, lost), name=f"lease:{lease.batch_id}")
+        lost, finished = asyncio.Event(), asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(lease, lost, finished), name=f"lease:{lease.batch_id}")
         try:
             await self._run_with_retries(lease, lost)
         finally:
-            heartbeat.cancel()
+            finished.set()
+            await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)
             if lost.is_set():
                 logger.warning("Lease lost; batch left to the server holding it now", batch_id=lease.batch_id)
             else:
@@ -216,14 +236,12 @@ class BatchRunner:
                 delay = retry_delay(attempt)
                 logger.exception("Batch job failed; results kept, retrying", batch_id=lease.batch_id, retry_in=delay)
                 attempt += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), delay)
+                await wait_at_most(lost, delay)
 
-    async def _heartbeat(self, lease: Lease, lost: asyncio.Event) -> None:
-        """Renew the lease until cancelled; pass on a cancel; set `lost` once the lease may be gone."""
+    async def _heartbeat(self, lease: Lease, lost: asyncio.Event, finished: asyncio.Event) -> None:
+        """Renew the lease until the job has `finished`; pass on a cancel; set `lost` once the lease may be gone."""
         valid_until = time.monotonic() + self.lease_seconds
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
+        while not await wait_at_most(finished, self._heartbeat_seconds):
             sent = time.monotonic()
             try:
                 status = await self._store.renew(lease, self.lease_seconds)

@@ -296,10 +296,10 @@ class BatchJob:
         temporary = tempfile.TemporaryFile
         with temporary() as parking, temporary() as output, temporary() as error:
             spool = ResultSpool(total, parking)
-            spool.add(unrun)
             # Oldest first: a request run twice (on two servers) keeps the result the job counted.
             async for chunk in self.store.results.through(self.batch_id, self.lease.epoch):
-                spool.add(decode_results(chunk), keep_first=True)
+                spool.add(decode_results(chunk))
+            spool.add(unrun)
             # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
             completed, failed = await asyncio.to_thread(spool.write_files, output, error)
             for kind, content in (("output", output), ("error", error)):

@@ -90,7 +90,7 @@ class ResultSpool:
 
     Memory holds three numbers per request rather than the lines, so building the files of a
     50,000-request batch costs about 1 MB, whatever the size of the answers. A position added twice
-    keeps its last line, or its first with `keep_first`.
+    keeps its first line (a request run twice, on two servers, counts once).
     """
 
     def __init__(self, total: int, parking: BinaryIO) -> None:
@@ -99,9 +99,9 @@ class ResultSpool:
         self._lengths = array("q", [0]) * total
         self._ok = bytearray(total)
 
-    def add(self, entries: Iterable[ResultEntry], keep_first: bool = False) -> None:
+    def add(self, entries: Iterable[ResultEntry]) -> None:
         for entry in entries:
-            if keep_first and self._offsets[entry.position] >= 0:
+            if self._offsets[entry.position] >= 0:
                 continue
             data = entry.line_json.encode() + b"\n"
             self._offsets[entry.position] = self._file.tell()

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
 from llama_stack_provider_batches.kv_store import KVBatchStore
+from tests.unit.backends import sql_reference
 
 
 class FakeResponse(BaseModel, extra="allow"):
@@ -136,6 +137,13 @@ def kvstore_reference(tmp_path: Path) -> KVStoreReference:
 @pytest.fixture
 def config(kvstore_reference: KVStoreReference) -> BatchesProviderConfig:
     return BatchesProviderConfig(kvstore=kvstore_reference, max_concurrent_requests_per_batch=4)
+
+
+@pytest.fixture
+async def replica_config(config: BatchesProviderConfig, tmp_path: Path) -> AsyncIterator[BatchesProviderConfig]:
+    """The config of a server that shares a SQL store (SQLite here) with others: leases of 1 s."""
+    async with sql_reference("sqlite", tmp_path) as reference:
+        yield config.model_copy(update={"sql_store": reference, "lease_seconds": 1.0})
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
-from llama_stack_provider_batches.results import decode_results
+from llama_stack_provider_batches.formats import success_line
+from llama_stack_provider_batches.results import ResultEntry, decode_results
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
 
@@ -263,3 +264,35 @@ async def test_a_resumed_job_skips_requests_whose_results_are_stored(
     output = read_lines(files, batch.output_file_id)
     assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(20)]
     await second.shutdown()
+
+
+async def test_a_request_whose_result_is_stored_twice_counts_once(
+    replica_config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As when a replica that lost its lease stored a result late: the same request in two epochs.
+    provider = await provider_with(replica_config, files, inference, models)
+    monkeypatch.setattr(provider._runner, "start", lambda: None)
+    lines = [chat_line(f"r{i}") for i in range(6)]
+    batch = await provider.create_batch(input_file_id=files.add(jsonl(lines)), endpoint=CHAT, completion_window="24h")
+    store = provider._store
+    for _ in range(2):  # two earlier holders: epochs 1 and 2
+        [lease] = await store.claim("earlier-server", 1, lease_seconds=30)
+        await store.release(lease)
+    usage = '{"usage": {"prompt_tokens": 3, "completion_tokens": 2}, "epoch": %d}'
+    await store.results.save(batch.id, 1, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 1)) for p in (0, 1)])
+    await store.results.save(batch.id, 2, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 2)) for p in (1, 2)])
+    monkeypatch.undo()
+    provider.start()
+    await provider._runner.wait_idle()
+    final = await provider.retrieve_batch(batch.id)
+    output = read_lines(files, final.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(6)]
+    assert output[1]["response"]["body"]["epoch"] == 1  # the first stored result
+    assert len(inference.calls) == 3  # r3 to r5
+    assert (final.request_counts.completed, final.usage.input_tokens) == (6, 18)
+    assert [chunk async for chunk in store.results.through(batch.id, 3)] == []
+    await provider.shutdown()

@@ -47,11 +47,12 @@ def test_no_successes_writes_nothing_to_the_output_file() -> None:
     assert output.getvalue() == b""
 
 
-def test_a_position_added_twice_keeps_its_last_line() -> None:
+def test_a_position_added_twice_keeps_its_first_line() -> None:
     spool, output, error = ResultSpool(1, io.BytesIO()), io.BytesIO(), io.BytesIO()
-    spool.add([failure(0)])
     spool.add([success(0)])
+    spool.add([failure(0)])
     assert spool.write_files(output, error) == (1, 0)
+    assert error.getvalue() == b""
 
 
 def test_tally_counts_and_sums_usage() -> None:

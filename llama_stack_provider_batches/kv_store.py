@@ -9,6 +9,7 @@ Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release 
     idem/<scope>/<sha256(key)>     the batch id an idempotency key was first used for
     index/<scope>/head             IndexHead JSON: the newest index page and how full it is
     index/<scope>/page/<n>         JSON list of up to PAGE_SIZE batch ids, oldest first
+    server                         {"holder", "beat"}: the server that last looked for work, and its count of looks
 
 `scope` separates the batches of different owners (ownership.py); it is `_` for unowned batches.
 
@@ -20,7 +21,9 @@ about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many 
 The kvstore offers no compare-and-set, so read-modify-write sequences (status updates, index
 appends) are serialised per key with asyncio locks, and leases are kept in memory: this is right
 for one server process and wrong for several sharing a store; those use SQLBatchStore. Leases here
-are all of epoch 0, whose result chunks each run continues numbering.
+are all of epoch 0, whose result chunks each run continues numbering. Each look for work records
+this server under `server`; seeing another server's record advance between two looks means several
+servers share this store without `sql_store`, and is logged as the error it is.
 """
 
 import asyncio
@@ -28,13 +31,17 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
+from llama_stack.log import get_logger
 from llama_stack_api import BatchNotFoundError
 from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
 
 from .ownership import scope_of
 from .store import LAYOUT_VERSION, BatchPage, BatchStore, IndexPosition, Lease, ResultChunks, StoredBatch
+
+logger = get_logger(name=__name__, category="providers")
 
 PAGE_SIZE = 100
 
@@ -76,6 +83,9 @@ class KVBatchStore(BatchStore):
         self._prefix = f"{namespace}/v{LAYOUT_VERSION}/"
         self._locks = KeyedLocks()
         self._held: set[str] = set()  # ids of the batches whose lease this process holds
+        self._looks = 0
+        self._other_server: dict[str, Any] | None = None  # another server's record, when last seen
+        self._reported: set[str] = set()
         self.results = ResultChunks(kvstore, self._prefix)
 
     async def initialize(self) -> None:
@@ -184,6 +194,7 @@ class KVBatchStore(BatchStore):
                 await self._kv.set(self._active_key(), json.dumps(ids))
 
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
+        await self._check_alone(holder)
         leases = []
         for batch_id in await self.active_ids():
             if len(leases) == count:
@@ -192,6 +203,27 @@ class KVBatchStore(BatchStore):
                 self._held.add(batch_id)
                 leases.append(Lease(batch_id, holder, epoch=0))
         return leases
+
+    async def _check_alone(self, holder: str) -> None:
+        """Record this server's look for work; log an error if another server is looking too."""
+        key = f"{self._prefix}server"
+        raw = await self._kv.get(key)
+        seen = json.loads(raw) if raw else None
+        if seen and seen["holder"] != holder:
+            # A record left by an earlier run of this server stays as it was; a live server's changes.
+            other = seen["holder"]
+            last_seen = self._other_server
+            alive = last_seen is not None and last_seen["holder"] == other and last_seen != seen
+            if alive and other not in self._reported:
+                self._reported.add(other)
+                logger.error(
+                    "Another server runs batches from this kvstore, so both run every batch: give every server"
+                    " the same `sql_store` (see the README's deployment section).",
+                    other_server=other,
+                )
+            self._other_server = seen
+        self._looks += 1
+        await self._kv.set(key, json.dumps({"holder": holder, "beat": self._looks}))
 
     async def renew(self, lease: Lease, lease_seconds: float) -> str | None:
         stored = await self.get(lease.batch_id) if lease.batch_id in self._held else None

@@ -3,6 +3,7 @@ every kvstore backend that runs here (SQLite always; PostgreSQL and Redis on 127
 servers are up). What every connector does is in test_store.py."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -118,3 +119,20 @@ async def test_the_layout_version_is_written_once_and_checked(kv_store: KVBatchS
     await kv_store._kv.set(kv_store._prefix + "layout", '{"version": 2}')
     with pytest.raises(RuntimeError, match="layout"):
         await kv_store.initialize()
+
+
+async def test_a_second_server_on_the_same_kvstore_is_reported(
+    kv_store: KVBatchStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An earlier run of this server left its record: that alone is no second server.
+    await kv_store._kv.set(kv_store._prefix + "server", json.dumps({"holder": "earlier-run", "beat": 7}))
+    for _ in range(3):
+        await kv_store.claim("this-server", 1, lease_seconds=30)
+    assert "Another server" not in caplog.text
+
+    other = KVBatchStore(kv_store._kv, kv_store._prefix.split("/")[0])
+    for _ in range(3):
+        await other.claim("other-server", 1, lease_seconds=30)
+        await kv_store.claim("this-server", 1, lease_seconds=30)
+    # Each server reports the other, once.
+    assert caplog.text.count("Another server runs batches from this kvstore") == 2

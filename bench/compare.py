@@ -76,16 +76,16 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def builtin_run_yaml(directory: Path) -> Path:
-    """run.yaml without the `module:` line and the settings only this provider knows."""
+def builtin_run_yaml(directory: Path, base: Path = RUN_YAML) -> Path:
+    """A run.yaml without the `module:` line and the settings only this provider knows."""
     upstream_settings = ("kvstore:", "max_concurrent_batches:", "max_concurrent_requests_per_batch:")
     kept = [
         line
-        for line in RUN_YAML.read_text().splitlines()
+        for line in base.read_text().splitlines()
         if "module: llama_stack_provider_batches" not in line
         and ("${env.BATCHES_" not in line or line.strip().startswith(upstream_settings))
     ]
-    path = directory / "run-builtin.yaml"
+    path = directory / f"{base.stem}-builtin.yaml"
     path.write_text("\n".join(kept) + "\n")
     return path
 

@@ -3,7 +3,7 @@
 One table (named by `sql_store.table_name`) holds a row per batch:
 
     id                 the batch id (primary key)
-    scope, created_ns  whose batch it is and when it was created: the list order
+    scope, created_ns  whose batch it is, and when it was created (by its server's clock): the list order
     idempotency_ref    "<scope>/<sha256(key)>" for a batch created with an idempotency key (unique)
     status             the batch's status, kept equal to the record's: what claims look at
     record, version    the StoredBatch JSON, and how many times it has been written
@@ -85,9 +85,9 @@ def batches_table(name: str) -> Table:
         name,
         MetaData(),
         Column("id", String(64), primary_key=True),
-        Column("scope", String(512), nullable=False),
+        Column("scope", String(64), nullable=False),
         Column("created_ns", BigInteger, nullable=False),
-        Column("idempotency_ref", String(600), nullable=True, unique=True),
+        Column("idempotency_ref", String(128), nullable=True, unique=True),
         Column("status", String(32), nullable=False),
         Column("record", Text, nullable=False),
         Column("version", Integer, nullable=False),

@@ -27,12 +27,18 @@ Every guarantee rests on the database making single statements atomic, never on 
   is how a cancel made through any replica reaches the one running the batch.
 - Lease expiry is judged by the database's clock alone, so servers' clocks need not agree.
 
+A deployment that ran one server without `sql_store` has its batches in the kvstore (kv_store.py).
+At start-up the unfinished ones are copied into the table (an insert that finds the row there
+already does nothing), so they run on; their results so far are epoch 0's. Finished ones stay
+where they are and are still found by id (`get`), but not listed.
+
 The stack's SqlStore interface cannot say how many rows an update matched, which compare-and-set
 needs, so this module runs its statements with SQLAlchemy (the stack's own SQL layer) on an engine
 of its own, built from the stack's backend named by `sql_store.backend`.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
@@ -66,6 +72,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .kv_store import KVBatchStore
 from .ownership import scope_of
 from .store import (
     LAYOUT_VERSION,
@@ -126,6 +133,7 @@ class SQLBatchStore(BatchStore):
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self.results = ResultChunks(kvstore, f"{namespace}/v{LAYOUT_VERSION}/")
+        self._single_server = KVBatchStore(kvstore, namespace)  # batches stored before `sql_store` was set
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -150,6 +158,7 @@ class SQLBatchStore(BatchStore):
         engine = self._connect()
         async with engine.begin() as connection:
             await connection.run_sync(self._table.metadata.create_all, checkfirst=True)
+        await self._take_over_single_server_batches()
         await self.close()  # its connections belong to the start-up loop; serving opens new ones
 
     async def close(self) -> None:
@@ -163,42 +172,59 @@ class SQLBatchStore(BatchStore):
         table = self._table
         async with self._connect().connect() as connection:
             record = await connection.scalar(select(table.c.record).where(table.c.id == batch_id))
-        return StoredBatch.model_validate_json(record) if record else None
+        if record is None:
+            return await self._single_server.get(batch_id)
+        return StoredBatch.model_validate_json(record)
+
+    async def _take_over_single_server_batches(self) -> None:
+        """Copy the unfinished batches a single server left in the kvstore into the table, once."""
+        for batch_id in await self._single_server.active_ids():
+            stored = await self._single_server.get(batch_id)
+            if stored is None or stored.batch.status not in UNFINISHED_STATUSES:
+                continue
+            created_ns = stored.batch.created_at * 10**9 + (stored.index_position.slot if stored.index_position else 0)
+            with contextlib.suppress(IntegrityError):  # copied already, by another replica or an earlier start
+                await self._insert(stored, created_ns)
 
     async def create(
         self, stored: StoredBatch, claim_for: str | None = None, lease_seconds: float = 0.0
     ) -> tuple[StoredBatch, Lease | None]:
-        scope = scope_of(stored.owner)
-        key = stored.idempotency_key
-        ref = idempotency_ref(scope, key) if key is not None else None
-        row = {
-            "id": stored.batch.id,
-            "scope": scope,
-            "created_ns": time.time_ns(),
-            "idempotency_ref": ref,
-            "status": stored.batch.status,
-            "record": stored.model_dump_json(),
-            "version": 1,
-            "lease_epoch": 0,
-        }
-        lease = None
+        lease, lease_columns = None, {}
         if claim_for is not None:
             lease = Lease(stored.batch.id, uuid.uuid4().hex, epoch=1)
-            row |= {"lease_token": lease.token, "lease_holder": claim_for, "lease_epoch": lease.epoch}
-            row |= {"lease_expires_at": self._now() + lease_seconds}
+            lease_columns = {"lease_token": lease.token, "lease_holder": claim_for, "lease_epoch": lease.epoch}
+            lease_columns["lease_expires_at"] = self._now() + lease_seconds
         try:
-            async with self._connect().begin() as connection:
-                await connection.execute(self._table.insert().values(**row))
+            await self._insert(stored, time.time_ns(), lease_columns)
             return stored, lease
         except IntegrityError:
-            if ref is None:
+            if stored.idempotency_key is None:
                 raise
         # Another create with the same key got in first: its batch is the answer.
+        ref = idempotency_ref(scope_of(stored.owner), stored.idempotency_key)
         async with self._connect().connect() as connection:
             record = await connection.scalar(select(self._table.c.record).where(self._table.c.idempotency_ref == ref))
         if record is None:  # the integrity error was not about the key after all
             raise RuntimeError(f"Cannot store batch {stored.batch.id!r}")
         return StoredBatch.model_validate_json(record), None
+
+    async def _insert(self, stored: StoredBatch, created_ns: int, lease_columns: dict[str, Any] | None = None) -> None:
+        """Insert a batch's row; IntegrityError if its id or idempotency key is taken."""
+        scope = scope_of(stored.owner)
+        key = stored.idempotency_key
+        row = {
+            "id": stored.batch.id,
+            "scope": scope,
+            "created_ns": created_ns,
+            "idempotency_ref": idempotency_ref(scope, key) if key is not None else None,
+            "status": stored.batch.status,
+            "record": stored.model_dump_json(),
+            "version": 1,
+            "lease_epoch": 0,
+            **(lease_columns or {}),
+        }
+        async with self._connect().begin() as connection:
+            await connection.execute(self._table.insert().values(**row))
 
     async def update_record(
         self, batch_id: str, change: Callable[[StoredBatch], StoredBatch], lease: Lease | None = None

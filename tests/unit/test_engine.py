@@ -213,3 +213,36 @@ async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the
     assert final.request_counts.completed == 20
     await first.shutdown()
     await second.shutdown()
+
+
+async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
+    config: BatchesProviderConfig,
+    replica_config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+) -> None:
+    inference.stall_after(5)
+    single = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
+    finished = await run_batch(single, files, [chat_line("f0")])
+    inference.calls.clear()
+    running = await single.create_batch(
+        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(20)])), endpoint=CHAT, completion_window="24h"
+    )
+    while (await single.retrieve_batch(running.id)).request_counts.completed < 5:
+        await asyncio.sleep(0.02)
+    await single.shutdown()  # the operator adds `sql_store` to run.yaml and restarts
+
+    inference.behaviour = None
+    calls_before = len(inference.calls)
+    replica = await provider_with(replica_config, files, inference, models)
+    replica.start()
+    await replica._runner.wait_idle()
+    done = await replica.retrieve_batch(running.id)
+    assert done.status == "completed" and done.request_counts.completed == 20
+    assert sorted(line["custom_id"] for line in read_lines(files, done.output_file_id)) == sorted(
+        f"r{i}" for i in range(20)
+    )
+    assert len(inference.calls) - calls_before == 15  # the 5 stored results were not asked again
+    assert (await replica.retrieve_batch(finished.id)).status == "completed"
+    await replica.shutdown()

@@ -246,3 +246,30 @@ async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
     assert len(inference.calls) - calls_before == 15  # the 5 stored results were not asked again
     assert (await replica.retrieve_batch(finished.id)).status == "completed"
     await replica.shutdown()
+
+
+async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_have_passed(
+    replica_config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inference.stall_after(3)
+    provider = await provider_with(replica_config, files, inference, models)  # leases of 1 s
+    batch = await provider.create_batch(
+        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])), endpoint=CHAT, completion_window="24h"
+    )
+    while len(inference.calls) < 4:
+        await asyncio.sleep(0.01)
+
+    async def unreachable(*_: Any) -> None:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(provider._store, "renew", unreachable)
+    monkeypatch.setattr(provider._store, "claim", lambda *_: asyncio.sleep(0, result=[]))
+    cut_off_at = time.monotonic()
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=5)
+    assert time.monotonic() - cut_off_at <= 1.5  # within the lease, plus a heartbeat
+    assert (await provider.retrieve_batch(batch.id)).status == "in_progress"  # left to whoever claims it next
+    await provider.shutdown()

@@ -13,14 +13,21 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare import builtin_run_yaml
-from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, start_stack, start_standin, warm_up
+from tools.harness import (
+    REPLICAS_RUN_YAML,
+    ServerProcess,
+    StandInControl,
+    fresh_replica_set_env,
+    start_stack,
+    start_standin,
+    warm_up,
+)
 
 BATCHES = 6
 REQUESTS_PER_BATCH = 100
@@ -43,13 +50,8 @@ def input_file(client: OpenAI, batch: int) -> str:
 
 
 def run(provider: str, replicas: int, standin: ServerProcess, work_dir: Path) -> dict[str, object]:
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        "SHARED_DIR": str(work_dir / f"shared-{tag}"),
-        "BATCHES_SQL_TABLE": f"bench_{tag}",
-        "BATCHES_KV_NAMESPACE": f"bench-{tag}",
-        "BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW),
-    }
+    env = fresh_replica_set_env(work_dir, BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW))
+    tag = env["BATCHES_SQL_TABLE"]
     run_yaml = REPLICAS_RUN_YAML if provider == "ours" else builtin_run_yaml(work_dir, REPLICAS_RUN_YAML)
     servers = [
         start_stack(work_dir, work_dir / f"{tag}-{n}", f"{standin.url}/v1", env, run_yaml=run_yaml)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,18 @@ def run_yaml_with_kvstore(directory: Path, backend: str) -> Path:
     path = directory / f"run-{backend}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def fresh_replica_set_env(directory: Path, **settings: str) -> dict[str, str]:
+    """Environment for a new set of replicas from run-replicas.yaml: its own files directory under
+    `directory`, its own batches table and kvstore namespace in the shared PostgreSQL, and `settings`."""
+    tag = uuid.uuid4().hex[:10]
+    return {
+        "SHARED_DIR": str(directory / f"shared-{tag}"),
+        "BATCHES_SQL_TABLE": f"batches_{tag}",
+        "BATCHES_KV_NAMESPACE": f"batches-{tag}",
+        **settings,
+    }
 
 
 def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = "", base: Path = RUN_YAML) -> Path:

@@ -22,7 +22,15 @@ import pytest
 from openai import ConflictError, OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
-from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, server_up, start_stack, warm_up
+from tools.harness import (
+    REPLICAS_RUN_YAML,
+    ServerProcess,
+    StandInControl,
+    fresh_replica_set_env,
+    server_up,
+    start_stack,
+    warm_up,
+)
 
 REPLICAS = 3
 LEASE_SECONDS = 3
@@ -83,15 +91,12 @@ class Cluster:
 def cluster(run_dir: Path, standin_server: ServerProcess) -> Iterator[Cluster]:
     if not server_up(5432):
         pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
-    tag = uuid.uuid4().hex[:10]
-    env = {
-        "SHARED_DIR": str(run_dir / f"shared-{tag}"),
-        "BATCHES_SQL_TABLE": f"batches_{tag}",
-        "BATCHES_KV_NAMESPACE": f"batches-{tag}",
-        "BATCHES_LEASE_SECONDS": str(LEASE_SECONDS),
-        "BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW),
-        "BATCHES_CANCEL_GRACE_SECONDS": "1",
-    }
+    env = fresh_replica_set_env(
+        run_dir,
+        BATCHES_LEASE_SECONDS=str(LEASE_SECONDS),
+        BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
+        BATCHES_CANCEL_GRACE_SECONDS="1",
+    )
     cluster = Cluster(run_dir, f"{standin_server.url}/v1", env)
     try:
         for _ in range(REPLICAS):

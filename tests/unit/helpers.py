@@ -1,5 +1,6 @@
 """Builders of batch input lines for unit tests."""
 
+import asyncio
 import json
 from typing import Any
 
@@ -54,3 +55,15 @@ async def provider_with(config: Any, files: Any, inference: Any, models: Any, **
     """A provider over the fakes with some settings changed."""
     deps = {Api.files: files, Api.inference: inference, Api.models: models}
     return await get_provider_impl(config.model_copy(update=settings), deps)
+
+
+async def start_batch(provider: Any, files: Any, requests: int) -> BatchObject:
+    """Create a chat batch of `requests` requests with custom ids r0, r1, ...; return at once."""
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(requests)]))
+    return await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+
+
+async def wait_until_completed(provider: Any, batch_id: str, requests: int) -> None:
+    """Wait until at least `requests` results of the batch are stored and counted."""
+    while (await provider.retrieve_batch(batch_id)).request_counts.completed < requests:
+        await asyncio.sleep(0.02)

@@ -10,7 +10,16 @@ import pytest
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
 from llama_stack_provider_batches.idempotency import CreateParams
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
-from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
+from tests.unit.helpers import (
+    CHAT,
+    chat_line,
+    jsonl,
+    provider_with,
+    read_lines,
+    run_batch,
+    start_batch,
+    wait_until_completed,
+)
 
 
 async def test_batches_beyond_the_limit_wait_their_turn(
@@ -68,14 +77,11 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
 
     inference.behaviour = slow
     first = await provider_with(config, files, inference, models, shutdown_grace_seconds=2)
-    running = await first.create_batch(
-        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(100)])), endpoint=CHAT, completion_window="24h"
-    )
+    running = await start_batch(first, files, 100)
     waiting = await first.create_batch(
         input_file_id=files.add(jsonl([chat_line("w")])), endpoint=CHAT, completion_window="24h"
     )
-    while (await first.retrieve_batch(running.id)).request_counts.completed < 20:
-        await asyncio.sleep(0.02)
+    await wait_until_completed(first, running.id, 20)
     await first.shutdown()
     stopped = await first.retrieve_batch(running.id)
     assert stopped.status == "in_progress"
@@ -163,9 +169,7 @@ async def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
     inference.stall_after(3)
     running_here = await provider_with(replica_config, files, inference, models, cancel_grace_seconds=0.1)
     elsewhere = await provider_with(replica_config, files, inference, models)
-    batch = await running_here.create_batch(
-        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])), endpoint=CHAT, completion_window="24h"
-    )
+    batch = await start_batch(running_here, files, 10)
     while len(inference.calls) < 4:
         await asyncio.sleep(0.01)
     cancelled_at = time.monotonic()
@@ -187,11 +191,8 @@ async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the
 ) -> None:
     inference.stall_after(5)
     first = await provider_with(replica_config, files, inference, models)
-    batch = await first.create_batch(
-        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(20)])), endpoint=CHAT, completion_window="24h"
-    )
-    while (await first.retrieve_batch(batch.id)).request_counts.completed < 5:
-        await asyncio.sleep(0.02)
+    batch = await start_batch(first, files, 20)
+    await wait_until_completed(first, batch.id, 5)
 
     async def cut_off(*_: Any) -> None:  # as if the database said another server holds the lease
         return None
@@ -226,11 +227,8 @@ async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
     single = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
     finished = await run_batch(single, files, [chat_line("f0")])
     inference.calls.clear()
-    running = await single.create_batch(
-        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(20)])), endpoint=CHAT, completion_window="24h"
-    )
-    while (await single.retrieve_batch(running.id)).request_counts.completed < 5:
-        await asyncio.sleep(0.02)
+    running = await start_batch(single, files, 20)
+    await wait_until_completed(single, running.id, 5)
     await single.shutdown()  # the operator adds `sql_store` to run.yaml and restarts
 
     inference.behaviour = None
@@ -257,9 +255,7 @@ async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_hav
 ) -> None:
     inference.stall_after(3)
     provider = await provider_with(replica_config, files, inference, models)  # leases of 1 s
-    batch = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])), endpoint=CHAT, completion_window="24h"
-    )
+    batch = await start_batch(provider, files, 10)
     while len(inference.calls) < 4:
         await asyncio.sleep(0.01)
 

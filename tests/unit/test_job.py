@@ -12,7 +12,15 @@ from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
 from llama_stack_provider_batches.formats import success_line
 from llama_stack_provider_batches.results import ResultEntry, decode_results
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
-from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, run_batch
+from tests.unit.helpers import (
+    CHAT,
+    chat_line,
+    jsonl,
+    provider_with,
+    read_lines,
+    run_batch,
+    wait_until_completed,
+)
 
 
 async def test_a_clean_batch_completes_with_an_output_file(provider: BatchesService, files: FakeFiles) -> None:
@@ -248,8 +256,7 @@ async def test_a_resumed_job_skips_requests_whose_results_are_stored(
     first = await provider_with(config, files, inference, models, max_concurrent_requests_per_batch=2)
     file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
     batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
-    while (await first.retrieve_batch(batch.id)).request_counts.completed < 5:
-        await asyncio.sleep(0.05)
+    await wait_until_completed(first, batch.id, 5)
     await first.shutdown()  # as a server stop: the batch stays in_progress
     assert (await first.retrieve_batch(batch.id)).status == "in_progress"
 

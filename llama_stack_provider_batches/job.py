@@ -20,6 +20,7 @@ lease, so a write it had under way is refused (LeaseLostError).
 import asyncio
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -163,7 +164,7 @@ class BatchJob:
         done so that they do not run again."""
         stored: list[ResultEntry] = []
         epoch = self.lease.epoch
-        async for chunk in self.store.results.through(self.batch_id, epoch - 1):
+        async for _, chunk in self.store.results.through(self.batch_id, epoch - 1):
             stored.extend(decode_results(chunk))
         chunks_of_epoch = 0  # more than 0 when a job retries under the same lease
         async for chunk in self.store.results.of_epoch(self.batch_id, epoch):
@@ -297,8 +298,10 @@ class BatchJob:
         with temporary() as parking, temporary() as output, temporary() as error:
             spool = ResultSpool(total, parking)
             # Oldest first: a request run twice (on two servers) keeps the result the job counted.
-            async for chunk in self.store.results.through(self.batch_id, self.lease.epoch):
+            chunks_by_epoch: Counter[int] = Counter()
+            async for epoch, chunk in self.store.results.through(self.batch_id, self.lease.epoch):
                 spool.add(decode_results(chunk))
+                chunks_by_epoch[epoch] += 1
             spool.add(unrun)
             # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
             completed, failed = await asyncio.to_thread(spool.write_files, output, error)
@@ -323,7 +326,7 @@ class BatchJob:
 
         final = await self._update(close)
         await self.store.retire(self.batch_id)
-        await self.store.results.delete_through(self.batch_id, self.lease.epoch)
+        await self.store.results.delete(self.batch_id, chunks_by_epoch)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
 
     def _unrun_entries(self, index: InputIndex, stop: Stop) -> list[ResultEntry]:

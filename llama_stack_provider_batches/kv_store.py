@@ -21,9 +21,9 @@ about `limit / PAGE_SIZE + 1` page reads plus `limit` batch reads, however many 
 The kvstore offers no compare-and-set, so read-modify-write sequences (status updates, index
 appends) are serialised per key with asyncio locks, and leases are kept in memory: this is right
 for one server process and wrong for several sharing a store; those use SQLBatchStore. Leases here
-are all of epoch 0, whose result chunks each run continues numbering. Each look for work records
-this server under `server`; seeing another server's record advance between two looks means several
-servers share this store without `sql_store`, and is logged as the error it is.
+are all of epoch 0, whose result chunks each run continues numbering. Every tenth look for work
+records this server under `server`; seeing another server's record advance between two such looks
+means several servers share this store without `sql_store`, and is logged as the error it is.
 """
 
 import asyncio
@@ -44,6 +44,7 @@ from .store import LAYOUT_VERSION, BatchPage, BatchStore, IndexPosition, Lease, 
 logger = get_logger(name=__name__, category="providers")
 
 PAGE_SIZE = 100
+LOOKS_PER_ALONE_CHECK = 10  # the claim loop looks for work every second
 
 
 class IndexHead(BaseModel):
@@ -194,7 +195,9 @@ class KVBatchStore(BatchStore):
                 await self._kv.set(self._active_key(), json.dumps(ids))
 
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
-        await self._check_alone(holder)
+        if self._looks % LOOKS_PER_ALONE_CHECK == 0:  # a write every look would be a write a second, forever
+            await self._check_alone(holder)
+        self._looks += 1
         leases = []
         for batch_id in await self.active_ids():
             if len(leases) == count:
@@ -222,7 +225,6 @@ class KVBatchStore(BatchStore):
                     other_server=other,
                 )
             self._other_server = seen
-        self._looks += 1
         await self._kv.set(key, json.dumps({"holder": holder, "beat": self._looks}))
 
     async def renew(self, lease: Lease, lease_seconds: float) -> str | None:

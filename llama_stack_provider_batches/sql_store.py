@@ -28,8 +28,9 @@ Every guarantee rests on the database making single statements atomic, never on 
 - Lease expiry is judged by the database's clock alone, so servers' clocks need not agree.
 
 A deployment that ran one server without `sql_store` has its batches in the kvstore (kv_store.py).
-At start-up the unfinished ones are copied into the table (an insert that finds the row there
-already does nothing), so they run on; their results so far are epoch 0's. Finished ones stay
+At start-up the unfinished ones are copied into the table and taken off the kvstore's work queue
+(a replica whose insert finds the row there already just does the latter), so they run on; their
+results so far are epoch 0's. Finished ones stay
 where they are and are still found by id (`get`), but not listed.
 
 The stack's SqlStore interface cannot say how many rows an update matched, which compare-and-set
@@ -177,14 +178,15 @@ class SQLBatchStore(BatchStore):
         return StoredBatch.model_validate_json(record)
 
     async def _take_over_single_server_batches(self) -> None:
-        """Copy the unfinished batches a single server left in the kvstore into the table, once."""
+        """Copy the unfinished batches a single server left in the kvstore into the table, and take
+        them off its work queue, so that later starts find nothing to do."""
         for batch_id in await self._single_server.active_ids():
             stored = await self._single_server.get(batch_id)
-            if stored is None or stored.batch.status not in UNFINISHED_STATUSES:
-                continue
-            created_ns = stored.batch.created_at * 10**9 + (stored.index_position.slot if stored.index_position else 0)
-            with contextlib.suppress(IntegrityError):  # copied already, by another replica or an earlier start
-                await self._insert(stored, created_ns)
+            if stored is not None and stored.batch.status in UNFINISHED_STATUSES:
+                position = stored.index_position.slot if stored.index_position else 0
+                with contextlib.suppress(IntegrityError):  # copied already, by another replica
+                    await self._insert(stored, stored.batch.created_at * 10**9 + position)
+            await self._single_server.retire(batch_id)
 
     async def create(
         self, stored: StoredBatch, claim_for: str | None = None, lease_seconds: float = 0.0

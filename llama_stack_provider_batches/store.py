@@ -14,7 +14,7 @@ taken over by another replica can neither overwrite results nor change the batch
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from llama_stack_api import BatchNotFoundError, BatchObject
@@ -108,19 +108,17 @@ class ResultChunks:
             yield text
             chunk += 1
 
-    async def through(self, batch_id: str, epoch: int) -> AsyncIterator[str]:
-        """Yield every stored chunk of epochs 0 to `epoch`, oldest first."""
+    async def through(self, batch_id: str, epoch: int) -> AsyncIterator[tuple[int, str]]:
+        """Yield (its epoch, chunk) for every stored chunk of epochs 0 to `epoch`, oldest first."""
         for each in range(epoch + 1):
             async for text in self.of_epoch(batch_id, each):
-                yield text
+                yield each, text
 
-    async def delete_through(self, batch_id: str, epoch: int) -> None:
-        """Drop the chunks of epochs 0 to `epoch` (a finished batch's files now hold them)."""
-        for each in range(epoch + 1):
-            chunk = 0
-            while await self._kv.get(key := self._key(batch_id, each, chunk)) is not None:
-                await self._kv.delete(key)
-                chunk += 1
+    async def delete(self, batch_id: str, chunks_by_epoch: Mapping[int, int]) -> None:
+        """Drop a finished batch's chunks (its files now hold them): so many of each epoch, as read."""
+        for epoch, count in chunks_by_epoch.items():
+            for chunk in range(count):
+                await self._kv.delete(self._key(batch_id, epoch, chunk))
 
 
 class BatchStore(ABC):

@@ -201,11 +201,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    chunks = [chunk async for chunk in provider._store.results.through(batch.id, 0)]
+    chunks = [chunk async for _, chunk in provider._store.results.through(batch.id, 0)]
     assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert [chunk async for chunk in provider._store.results.through(batch.id, 0)] == []
+    assert [chunk async for _, chunk in provider._store.results.through(batch.id, 0)] == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(
@@ -301,5 +301,5 @@ async def test_a_request_whose_result_is_stored_twice_counts_once(
     assert output[1]["response"]["body"]["epoch"] == 1  # the first stored result
     assert len(inference.calls) == 3  # r3 to r5
     assert (final.request_counts.completed, final.usage.input_tokens) == (6, 18)
-    assert [chunk async for chunk in store.results.through(batch.id, 3)] == []
+    assert [chunk async for _, chunk in store.results.through(batch.id, 3)] == []
     await provider.shutdown()

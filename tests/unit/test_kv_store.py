@@ -14,6 +14,7 @@ from llama_stack.core.storage.datatypes import (
 )
 from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
 
+from llama_stack_provider_batches import kv_store as kv_store_module
 from llama_stack_provider_batches.kv_store import PAGE_SIZE, KeyedLocks, KVBatchStore
 from llama_stack_provider_batches.store import StoredBatch
 from tests.unit.backends import KV_BACKENDS, open_kvstore
@@ -122,8 +123,9 @@ async def test_the_layout_version_is_written_once_and_checked(kv_store: KVBatchS
 
 
 async def test_a_second_server_on_the_same_kvstore_is_reported(
-    kv_store: KVBatchStore, caplog: pytest.LogCaptureFixture
+    kv_store: KVBatchStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(kv_store_module, "LOOKS_PER_ALONE_CHECK", 1)  # check at every look, not every tenth
     # An earlier run of this server left its record: that alone is no second server.
     await kv_store._kv.set(kv_store._prefix + "server", json.dumps({"holder": "earlier-run", "beat": 7}))
     for _ in range(3):

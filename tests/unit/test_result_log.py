@@ -7,7 +7,7 @@ from tests.unit.helpers import make_batch
 
 
 async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
-    return [entry async for chunk in store.results.through(batch_id, 0) for entry in decode_results(chunk)]
+    return [entry async for _, chunk in store.results.through(batch_id, 0) for entry in decode_results(chunk)]
 
 
 def lease(batch_id: str) -> Lease:

@@ -94,9 +94,10 @@ async def test_a_single_servers_unfinished_batches_are_taken_over_and_the_others
         await single.create(StoredBatch(batch=make_batch("batch_running"), idempotency_key="k"))
         await single.update("batch_running", lambda b: transition(b, "in_progress", now=2))
 
-        for _ in range(2):  # two replicas start: one copies, the other finds the copy there
+        for _ in range(2):  # two replicas start: one copies, the other finds nothing left to copy
             replica = SQLBatchStore(ref, kvstore, namespace)
             await replica.initialize()
+        assert await single.active_ids() == []
         [lease] = await replica.claim("server-a", 10, lease_seconds=30)
         assert (lease.batch_id, lease.epoch) == ("batch_running", 1)  # its results so far are epoch 0's
         assert (await replica.get_batch("batch_done")).status == "failed"  # found by id

@@ -55,6 +55,29 @@ class BatchesProviderConfig(BaseModel):
         ),
     )
 
+    max_job_attempts: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "How many times processing one batch may fail on an unexpected error (a bug, a record the store"
+            " refuses, an outage) before the batch ends `failed` with the results it has. Counted across restarts."
+        ),
+    )
+    job_retry_initial_seconds: float = Field(
+        default=1.0, gt=0, description="Pause before processing a batch again after its first failure; it doubles."
+    )
+    job_retry_max_seconds: float = Field(
+        default=30.0, gt=0, description="Longest pause between two attempts at processing a batch."
+    )
+    max_waiting_batches_with_credentials: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Batches created with per-request credentials wait on the server that received them (the credentials"
+            " are never stored); beyond this many waiting there, such a create is refused with HTTP 429."
+        ),
+    )
+
     max_attempts: int = Field(
         default=5, ge=1, description="Attempts per request when the backend fails transiently (429, 5xx, timeouts)."
     )

@@ -94,11 +94,40 @@ class RequestSender:
 
 
 def response_tokens(response: BaseModel) -> tuple[int, int]:
-    """(input, output) tokens a response reports using."""
-    usage = getattr(response, "usage", None)
-    if isinstance(usage, BaseModel):
-        usage = usage.model_dump()
-    return formats.token_usage({"usage": usage if isinstance(usage, dict) else {}})
+    """(input, output) tokens a response reports using; (0, 0) when it reports nothing readable."""
+    try:
+        usage = getattr(response, "usage", None)
+        if isinstance(usage, BaseModel):
+            usage = usage.model_dump()
+    except Exception:  # an odd usage object must not cost the answer its result line
+        return 0, 0
+    return formats.token_usage({"usage": usage})
+
+
+def result_for_response(custom_id: str, response: BaseModel) -> tuple[bool, str, int, int]:
+    """(ok, result line, input tokens, output tokens) for a request the model answered. Never raises.
+
+    A response that cannot be written as a result line (its model fails to serialize it, it holds
+    invalid Unicode such as a lone surrogate, or its JSON exceeds formats.MAX_RESPONSE_BYTES) gets an
+    error line instead: every request must end with a line, and one answer must not stall its batch.
+    """
+    try:
+        try:
+            body_json = response.model_dump_json(exclude_none=True)
+            size = formats.utf8_size(body_json)
+        except Exception:
+            message = "The model's response cannot be written as JSON: it is not serializable or not valid Unicode."
+            return False, formats.failure_line(custom_id, "invalid_response", message), 0, 0
+        if size > formats.MAX_RESPONSE_BYTES:
+            message = f"The model's response is {size} bytes; a result line holds at most {formats.MAX_RESPONSE_BYTES}."
+            return False, formats.failure_line(custom_id, "response_too_large", message), 0, 0
+        return True, formats.success_line(custom_id, body_json), *response_tokens(response)
+    except Exception:
+        return False, _internal_error_line(custom_id), 0, 0
+
+
+def _internal_error_line(custom_id: str) -> str:
+    return formats.failure_line(custom_id, "internal_error", "The request's result could not be recorded.")
 
 
 def _backend_error(exc: openai.APIStatusError) -> dict[str, Any]:
@@ -109,18 +138,28 @@ def _backend_error(exc: openai.APIStatusError) -> dict[str, Any]:
 
 
 def result_for_exception(request: RequestLine, exc: BaseException) -> str:
-    """The error-file line for a request that raised `exc`."""
+    """The error-file line for a request that raised `exc`. Never raises: an odd error must still end its request.
+
+    Messages are cut to formats.MAX_MESSAGE_CHARS and made valid Unicode, whatever the backend sent.
+    """
+    try:
+        return _line_for_exception(request.custom_id, exc)
+    except Exception:  # e.g. an exception whose __str__ raises
+        return _internal_error_line(request.custom_id)
+
+
+def _line_for_exception(custom_id: str, exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
-        return formats.http_error_line(request.custom_id, exc.status_code, _backend_error(exc), exc.request_id)
+        return formats.http_error_line(custom_id, exc.status_code, _backend_error(exc), exc.request_id)
     if isinstance(exc, ValidationError):
         error = {"message": str(exc), "type": "invalid_request_error", "code": "invalid_request"}
-        return formats.http_error_line(request.custom_id, 400, error)
+        return formats.http_error_line(custom_id, 400, error)
     status_code = getattr(exc, "status_code", None)
-    if isinstance(status_code, int) and 400 <= status_code < 600:
+    if type(status_code) is int and 400 <= status_code < 600:
         error = {"message": str(exc), "type": "invalid_request_error" if status_code < 500 else "server_error"}
-        return formats.http_error_line(request.custom_id, status_code, error)
+        return formats.http_error_line(custom_id, status_code, error)
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
-        return formats.failure_line(request.custom_id, "timeout", str(exc) or "The request timed out.")
+        return formats.failure_line(custom_id, "timeout", str(exc) or "The request timed out.")
     if isinstance(exc, openai.APIConnectionError | ConnectionError):
-        return formats.failure_line(request.custom_id, "connection_error", str(exc))
-    return formats.failure_line(request.custom_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        return formats.failure_line(custom_id, "connection_error", str(exc) or "The connection failed.")
+    return formats.failure_line(custom_id, "internal_error", f"{type(exc).__name__}: {exc}")

@@ -1,76 +1,84 @@
 """The execution engine: claims batches from the store and runs their jobs (job.py) in the
 background of the server's event loop.
 
-A claim loop takes the leases of unfinished batches, oldest first, as long as fewer than
-`max_concurrent_batches` jobs run here. It looks at once when this server creates a batch, and
-every POLL_SECONDS otherwise: that is how batches left by an earlier run (a restart) or by a dead
-replica (once its leases expire) are resumed, and how idle replicas pick up waiting batches.
-Jobs it starts run as their batch's owner (job.py), in a context of their own. The exception: a
-batch whose creating request carried provider credentials (per-request API keys, never stored) is
-created already claimed by this server and run here in that request's context, with them.
+A claim loop starts jobs, oldest batch first, as long as fewer than `max_concurrent_batches` run
+here. It looks at once when this server creates a batch, and every POLL_SECONDS otherwise: that is
+how batches left by an earlier run (a restart) or by a dead replica (once its leases expire) are
+resumed, and how idle replicas pick up waiting batches. Jobs it starts run as their batch's owner
+(job.py), in a context of their own.
 
-While a job runs, a heartbeat renews its lease about every second. Renewing returns the batch's
-status, so a cancel made through another replica reaches the job within a heartbeat; a lease that
-cannot be renewed ends the job at once, without writing anything (another server has the batch, or
-soon will). A server stop ends every job, leaves each batch in a status it resumes from and
-releases its lease, so that another replica can take it over at once. A job that fails on an
-internal error (a store or files outage, say) keeps its stored results and is tried again after a
-growing pause (up to a minute), still holding its lease.
+Batches created with per-request credentials (never stored) must run here, in their creating
+request's context: they are created already leased to this server and park here (at most
+`max_waiting_batches_with_credentials` of them) until the claim loop gives them a slot, in creation
+order with every other batch. Parked leases are renewed together every few seconds.
+
+While a job runs, its lease is kept by a heartbeat (leases.py); losing it ends the job at once,
+without writing anything. A server stop ends every job, leaves each batch in a status it resumes
+from and releases its leases, so that another replica can take them over at once.
+
+Poison batches. A job that raises (a store or files outage, a bug, a record that breaks something)
+keeps its stored results and is tried again after a pause that doubles from
+`job_retry_initial_seconds` up to `job_retry_max_seconds`, still holding its slot and lease. The
+failures are counted in the batch record, across restarts and replicas; at `max_job_attempts` the
+batch ends `failed` with an `errors` entry naming the last error, and its slot is free. Should even
+that fail, the batch is parked here (its lease held, no job) until the server stops.
 """
 
 import asyncio
-import contextlib
 import contextvars
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from llama_stack.log import get_logger
 from llama_stack_api import Files, Inference, Models
+from llama_stack_api.common.errors import LlamaStackError
 
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
 from .job import BatchJob, JobSettings
+from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
 from .resilience import RateLimiter, RetryPolicy
-from .store import BatchStore, Lease, LeaseLostError
+from .store import BatchStore, Lease, LeaseLostError, StoredBatch
 
 logger = get_logger(name=__name__, category="providers")
 
-RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)
+RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)  # of the claim loop, while the store cannot be reached
 POLL_SECONDS = 1.0
-MAX_HEARTBEAT_SECONDS = 1.0
-STORE_CALL_SECONDS = 2.0  # how long a background task stopping is given to finish its store call
+MAX_CAUSE_CHARS = 500
 
 
 def retry_delay(attempt: int) -> float:
-    """The pause before retry number `attempt` (0-based) after an internal error."""
+    """The pause before the claim loop's retry number `attempt` (0-based) after a store error."""
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
 
 
-async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
-    """Wait until `event` is set or `seconds` have passed; return whether it is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
-    return event.is_set()
+def failure_cause(failures: int, exc: BaseException) -> str:
+    """The `errors` message of a batch that failed for good: how often, and the last error, bounded."""
+    detail = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_CHARS].encode("utf-8", "replace").decode()
+    return f"Processing the batch failed {failures} times; the last error was {detail}"
 
 
-async def finish_or_cancel(task: asyncio.Task[None], seconds: float) -> None:
-    """Let a task that was told to stop finish what it is doing; cancel it if that takes too long.
+class TooManyWaitingBatchesError(LlamaStackError):
+    """Too many batches with per-request credentials wait on this server (HTTP 429)."""
 
-    Cancelling a store call half-way leaves the driver's worker thread to answer a loop that may be
-    gone by then, so background tasks are stopped between calls whenever possible.
-    """
-    _, late = await asyncio.wait({task}, timeout=seconds)
-    for unfinished in late:
-        unfinished.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    status_code = 429  # type: ignore[assignment]
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} batches created with per-request credentials already wait on this server; "
+            "retry once some have finished."
+        )
 
 
-def server_name() -> str:
-    """Who holds a lease: readable in the store, unique per server process."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+@dataclass
+class ParkedLease:
+    """A lease held here with no job running: a batch waiting for a slot in its creating request's
+    context, or one set aside after it could not even be marked failed."""
+
+    lease: Lease
+    created_at: int
+    context: contextvars.Context | None  # None: set aside, never to run here
 
 
 class BatchRunner:
@@ -96,18 +104,18 @@ class BatchRunner:
         self._files = files
         self._models = models
         self._clock = clock
+        self._config = config
         self._settings = JobSettings(
             window=config.max_concurrent_requests_per_batch,
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,
         )
-        self._max_jobs = config.max_concurrent_batches
         self.lease_seconds = config.lease_seconds
-        self._heartbeat_seconds = min(MAX_HEARTBEAT_SECONDS, config.lease_seconds / 5)
         self.holder = server_name()
-        self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: dict[str, asyncio.Event] = {}
+        self._parked: dict[str, ParkedLease] = {}
+        self._parked_renewed_at = time.monotonic()
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._claim_loop: asyncio.Task[None] | None = None
@@ -127,13 +135,20 @@ class BatchRunner:
             self._claim_loop = asyncio.create_task(loop, name="batches:claims", context=contextvars.Context())
 
     def wake(self) -> None:
-        """Look for work now (a batch was just created here)."""
+        """Look for work now (a batch was just created here, or a slot is free)."""
         self._passes_wanted += 1
         self._wake.set()
 
-    def adopt(self, lease: Lease) -> None:
-        """Run a batch created here already claimed, in the current (creating request's) context."""
-        self._launch(lease)
+    def check_room_to_park(self) -> None:
+        """Refuse (HTTP 429) a batch with per-request credentials when too many already wait here."""
+        waiting = sum(1 for parked in self._parked.values() if parked.context is not None)
+        if waiting >= self._config.max_waiting_batches_with_credentials:
+            raise TooManyWaitingBatchesError(self._config.max_waiting_batches_with_credentials)
+
+    def adopt(self, lease: Lease, created_at: int) -> None:
+        """Run a batch created here already leased, in the current (creating request's) context, when its turn comes."""
+        self._parked[lease.batch_id] = ParkedLease(lease, created_at, contextvars.copy_context())
+        self.wake()
 
     def request_cancel(self, batch_id: str) -> None:
         """Tell a batch running here to stop dispatching; it then writes its partial results."""
@@ -156,7 +171,7 @@ class BatchRunner:
         """Stop every job without changing any batch's status, so that it can be resumed.
 
         Running jobs stop dispatching, give their requests in flight `shutdown_grace_seconds`, store
-        every result they have, and release their leases.
+        every result they have, and release their leases; so do parked batches.
         """
         self._stopping.set()
         self._wake.set()
@@ -168,6 +183,9 @@ class BatchRunner:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for parked in list(self._parked.values()):
+            await self._release(parked.lease)
+        self._parked.clear()
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -177,8 +195,8 @@ class BatchRunner:
             wanted = self._passes_wanted
             self._wake.clear()
             try:
-                free = self._max_jobs - len(self._tasks)
-                leases = await self._store.claim(self.holder, free, self.lease_seconds) if free > 0 else []
+                await self._renew_parked()
+                await self._fill_free_slots()
             except Exception:
                 delay = retry_delay(attempt)
                 logger.exception("Cannot claim batches; retrying", retry_in=delay)
@@ -186,17 +204,51 @@ class BatchRunner:
                 await wait_at_most(self._wake, delay)
                 continue
             attempt = 0
-            for lease in leases:
-                self._launch(lease)
             self._passes_done = wanted
             await wait_at_most(self._wake, POLL_SECONDS)
 
-    def _launch(self, lease: Lease) -> None:
+    async def _fill_free_slots(self) -> None:
+        """Start the oldest batches, claimable or parked here, while slots are free."""
+        free = self._config.max_concurrent_batches - len(self._tasks)
+        if free <= 0:
+            return
+        claimed = await self._store.claim(self.holder, free, self.lease_seconds)
+        waiting = [parked for parked in self._parked.values() if parked.context is not None]
+        if not waiting:
+            for lease in claimed:
+                self._launch(lease)
+            return
+        # Parked batches take their turn in creation order with the others: no queue jumping.
+        candidates = [(await self._created_at(lease), lease, None) for lease in claimed]
+        candidates += [(parked.created_at, parked.lease, parked.context) for parked in waiting]
+        candidates.sort(key=lambda candidate: candidate[0])
+        for _, lease, context in candidates[:free]:
+            self._parked.pop(lease.batch_id, None)
+            self._launch(lease, context)
+        for _, lease, context in candidates[free:]:
+            if context is None:  # claimed but not started: let it be claimed again
+                await self._release(lease)
+
+    async def _created_at(self, lease: Lease) -> int:
+        stored = await self._store.get(lease.batch_id)
+        return stored.batch.created_at if stored else 0
+
+    async def _renew_parked(self) -> None:
+        """Keep the leases of parked batches, a few times per lease length."""
+        if not self._parked or time.monotonic() - self._parked_renewed_at < self.lease_seconds / 3:
+            return
+        self._parked_renewed_at = time.monotonic()
+        for batch_id, parked in list(self._parked.items()):
+            if await self._store.renew(parked.lease, self.lease_seconds) is None:
+                logger.warning("A parked batch's lease was lost", batch_id=batch_id)
+                self._parked.pop(batch_id, None)
+
+    def _launch(self, lease: Lease, context: contextvars.Context | None = None) -> None:
         if self._stopping.is_set():
             return
         batch_id = lease.batch_id
         self._cancel_requested[batch_id] = asyncio.Event()
-        task = asyncio.create_task(self._run(lease), name=f"batch:{batch_id}")
+        task = asyncio.create_task(self._run(lease), name=f"batch:{batch_id}", context=context)
         self._tasks[batch_id] = task
         task.add_done_callback(lambda _: self._forget(batch_id))
 
@@ -209,7 +261,9 @@ class BatchRunner:
 
     async def _run(self, lease: Lease) -> None:
         lost, finished = asyncio.Event(), asyncio.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(lease, lost, finished), name=f"lease:{lease.batch_id}")
+        on_cancelling = lambda: self.request_cancel(lease.batch_id)  # noqa: E731
+        keeper = keep_lease(self._store, lease, self.lease_seconds, lost, finished, on_cancelling)
+        heartbeat = asyncio.create_task(keeper, name=f"lease:{lease.batch_id}")
         try:
             await self._run_with_retries(lease, lost)
         finally:
@@ -217,47 +271,55 @@ class BatchRunner:
             await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)
             if lost.is_set():
                 logger.warning("Lease lost; batch left to the server holding it now", batch_id=lease.batch_id)
-            else:
+            elif lease.batch_id not in self._parked:
                 await self._release(lease)
 
     async def _run_with_retries(self, lease: Lease, lost: asyncio.Event) -> None:
-        attempt = 0
+        failures_here = 0
         while not self._stopping.is_set() and not lost.is_set():
             try:
-                async with self._slots:  # only an adopted batch ever waits here
-                    if self._stopping.is_set() or lost.is_set():
-                        return
-                    await self._job(lease, lost).run()
+                await self._job(lease, lost).run()
                 return
             except LeaseLostError:  # a write was refused: another server holds the batch now
                 lost.set()
                 return
-            except Exception:
-                delay = retry_delay(attempt)
-                logger.exception("Batch job failed; results kept, retrying", batch_id=lease.batch_id, retry_in=delay)
-                attempt += 1
-                await wait_at_most(lost, delay)
-
-    async def _heartbeat(self, lease: Lease, lost: asyncio.Event, finished: asyncio.Event) -> None:
-        """Renew the lease until the job has `finished`; pass on a cancel; set `lost` once the lease may be gone."""
-        valid_until = time.monotonic() + self.lease_seconds
-        while not await wait_at_most(finished, self._heartbeat_seconds):
-            sent = time.monotonic()
-            try:
-                status = await self._store.renew(lease, self.lease_seconds)
-            except Exception:
-                logger.exception("Cannot renew a lease", batch_id=lease.batch_id)
-                # Past the last renewal's expiry another server may already run the batch.
-                if time.monotonic() + self._heartbeat_seconds >= valid_until:
-                    lost.set()
+            except Exception as exc:
+                failures_here += 1
+                failures = await self._count_failure(lease, lost, failures_here)
+                if failures >= self._config.max_job_attempts:
+                    logger.exception("Batch processing failed for the last time", batch_id=lease.batch_id)
+                    await self._give_up(lease, lost, failure_cause(failures, exc))
                     return
-                continue
-            if status is None:
-                lost.set()
-                return
-            valid_until = sent + self.lease_seconds
-            if status == "cancelling":
-                self.request_cancel(lease.batch_id)
+                delay = min(
+                    self._config.job_retry_max_seconds, self._config.job_retry_initial_seconds * 2 ** (failures - 1)
+                )
+                logger.exception("Batch processing failed; results kept", batch_id=lease.batch_id, retry_in=delay)
+                await wait_at_most(self._stopping, delay)
+
+    async def _count_failure(self, lease: Lease, lost: asyncio.Event, failures_here: int) -> int:
+        """Add one to the batch's stored count of failures; return the count (this run's if the store refuses)."""
+
+        def one_more(stored: StoredBatch) -> StoredBatch:
+            return stored.model_copy(update={"processing_failures": stored.processing_failures + 1})
+
+        try:
+            stored = await self._store.update_record(lease.batch_id, one_more, lease)
+        except LeaseLostError:
+            lost.set()
+            return failures_here
+        except Exception:
+            logger.exception("Cannot count a failure of a batch", batch_id=lease.batch_id)
+            return failures_here
+        return max(stored.processing_failures, failures_here)
+
+    async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str) -> None:
+        try:
+            await self._job(lease, lost).give_up(cause)
+        except LeaseLostError:
+            lost.set()
+        except Exception:
+            logger.exception("Cannot end a failing batch; set aside until the server stops", batch_id=lease.batch_id)
+            self._parked[lease.batch_id] = ParkedLease(lease, 0, None)
 
     async def _release(self, lease: Lease) -> None:
         try:

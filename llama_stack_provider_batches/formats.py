@@ -6,7 +6,10 @@
     no HTTP answer:  {"id", "custom_id", "response": null, "error": {"code", "message"}}
 
 `body` is a JSON object, never a string holding JSON. Each line is one line of text: JSON escapes
-every newline and tab inside strings.
+every newline and tab inside strings, and success lines escape U+0085, U+2028 and U+2029 too, which
+some readers (Python's str.splitlines) take for line breaks. Every line encodes to UTF-8 and reads
+back as valid Unicode: text a line echoes (custom_id, messages, a backend's error fields) has any lone
+surrogate replaced by U+FFFD, and messages are cut to MAX_MESSAGE_CHARS, whatever a backend sent.
 """
 
 import json
@@ -14,6 +17,18 @@ import uuid
 from typing import Any
 
 JsonObject = dict[str, Any]
+
+# The largest response body a success line holds; endpoints.result_for_response turns a larger answer
+# into a `response_too_large` error line. Generous for real answers (2,048 embeddings of 768 dimensions
+# as JSON floats are about 33 MB, of 3,072 dimensions as base64 about 34 MB; 128k tokens of chat text
+# stay under 1 MB) while keeping any one line, and the kvstore chunk it is stored in, far below store
+# limits (Redis values stop at 512 MB, SQLite's at 1 GB).
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_CHARS = 2_000
+MAX_ERROR_FIELD_CHARS = 256  # type, param, code and request_id of a backend error
+# A token count above this is a backend's mistake, counted as 0: no response reads or writes two billion
+# tokens, and sums over 50,000 requests stay exact in any JSON reader (below 2**53).
+MAX_TOKENS_PER_RESPONSE = 2**31 - 1
 
 
 def new_request_line_id() -> str:
@@ -31,32 +46,93 @@ def dumps(line: JsonObject) -> str:
     return json.dumps(line, separators=(",", ":"))
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD, so that it encodes to UTF-8 (strict JSON readers
+    refuse a lone surrogate escape); surrogates that do pair up become the one character they stand for."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def clipped(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters and made valid Unicode: a line never echoes unbounded text."""
+    return valid_unicode(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8; raises UnicodeEncodeError when it holds a lone surrogate."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def one_line(body_json: str) -> str:
+    """JSON text with the line breaks JSON leaves raw (U+0085, U+2028, U+2029) escaped.
+
+    Pydantic writes them raw. They can only stand inside strings of valid JSON, where their escapes mean the same.
+    """
+    if body_json.isascii():
+        return body_json
+    for char, escape in (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        body_json = body_json.replace(char, escape)
+    return body_json
+
+
+def _as_text(value: object) -> str:
+    """`value` as text; "" when it has none (str() of an integer past Python's digit limit raises)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return ""
+
+
+def _error_field(value: object) -> str | int | None:
+    """A type, param or code of a backend error as a small JSON scalar (a number too big for a double becomes text)."""
+    if value is None or (type(value) is int and abs(value) < 2**53):
+        return value
+    return clipped(_as_text(value), MAX_ERROR_FIELD_CHARS)
+
+
+def _request_id(request_id: object) -> str:
+    """The backend's request id, bounded, or a new one."""
+    if isinstance(request_id, str) and request_id:
+        return clipped(request_id, MAX_ERROR_FIELD_CHARS)
+    return new_request_id()
+
+
 def success_line(custom_id: str, body_json: str, request_id: str | None = None) -> str:
     """An output-file line for a request the model answered; `body_json` is the response as JSON text.
 
     Built around the body's text, so a response is serialized once, by its own model.
     """
-    head = dumps({"id": new_request_line_id(), "custom_id": custom_id})[:-1]
-    request_id = json.dumps(request_id or new_request_id())
+    head = dumps({"id": new_request_line_id(), "custom_id": valid_unicode(custom_id)})[:-1]
+    request_id = json.dumps(_request_id(request_id))
+    body_json = one_line(body_json)
     return f'{head},"response":{{"status_code":200,"request_id":{request_id},"body":{body_json}}},"error":null}}'
 
 
 def http_error_line(custom_id: str, status_code: int, error: JsonObject, request_id: str | None = None) -> str:
     """An error-file line for a request the backend refused with an HTTP status."""
     detail = {
-        "message": str(error.get("message", "")),
-        "type": error.get("type"),
-        "param": error.get("param"),
-        "code": error.get("code"),
+        "message": clipped(_as_text(error.get("message", ""))),
+        "type": _error_field(error.get("type")),
+        "param": _error_field(error.get("param")),
+        "code": _error_field(error.get("code")),
     }
-    response = {"status_code": status_code, "request_id": request_id or new_request_id(), "body": {"error": detail}}
-    return dumps({"id": new_request_line_id(), "custom_id": custom_id, "response": response, "error": None})
+    response = {"status_code": status_code, "request_id": _request_id(request_id), "body": {"error": detail}}
+    return dumps(
+        {"id": new_request_line_id(), "custom_id": valid_unicode(custom_id), "response": response, "error": None}
+    )
 
 
 def failure_line(custom_id: str, code: str, message: str) -> str:
     """An error-file line for a request that got no HTTP answer (connection lost, timeout, expiry...)."""
-    error = {"code": code, "message": message}
-    return dumps({"id": new_request_line_id(), "custom_id": custom_id, "response": None, "error": error})
+    error = {"code": code, "message": clipped(message)}
+    return dumps({"id": new_request_line_id(), "custom_id": valid_unicode(custom_id), "response": None, "error": error})
 
 
 def expired_line(custom_id: str) -> str:
@@ -74,9 +150,24 @@ def credentials_unavailable_line(custom_id: str) -> str:
     return failure_line(custom_id, "credentials_unavailable", message)
 
 
-def token_usage(body: JsonObject) -> tuple[int, int]:
-    """(input, output) tokens of a response body, for chat, completion and embedding responses alike."""
-    usage = body.get("usage") or {}
-    input_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-    output_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
-    return int(input_tokens), int(output_tokens)
+def token_count(value: object) -> int:
+    """A token count as reported, or 0 when it is not one (a string, float, bool, negative or absurd number)."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS_PER_RESPONSE else 0
+
+
+def _first_count(usage: JsonObject, names: tuple[str, str]) -> int:
+    """The count under the first name that holds one (chat says prompt_tokens, newer APIs input_tokens)."""
+    return token_count(usage.get(names[0])) or token_count(usage.get(names[1]))
+
+
+def token_usage(body: object) -> tuple[int, int]:
+    """(input, output) tokens of a response body, for chat, completion and embedding responses alike.
+
+    Never raises: whatever a backend reports, usage that is not a count counts as 0.
+    """
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    input_tokens = _first_count(usage, ("prompt_tokens", "input_tokens"))
+    output_tokens = _first_count(usage, ("completion_tokens", "output_tokens"))
+    return input_tokens, output_tokens

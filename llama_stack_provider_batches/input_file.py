@@ -6,11 +6,31 @@ costs its raw size plus about 1 MB, not 50,000 dictionaries.
 
 One bad line fails the whole batch, as OpenAI does; `errors` lists the first MAX_LISTED_ERRORS
 problems, and a last entry says how many more there were.
+
+The parser is total: whatever the bytes, it returns requests or validation errors and never raises
+(a line it cannot check becomes an `invalid_json_line` error), so no file can stall a batch in
+`validating`. What it accepts:
+
+- Each line is one JSON object in strict UTF-8. Lines end with LF or CRLF; blank and
+  whitespace-only lines are skipped but still count in line numbers.
+- A UTF-8 byte order mark at the very start of the file is ignored; anywhere else it is invalid JSON.
+  Other encodings (UTF-16, UTF-32, Latin-1) are refused as "not valid UTF-8".
+- Numbers must be standard JSON: NaN, Infinity and -Infinity are refused, and so are numbers too large
+  for a double (1e999) and integers longer than Python's int-string limit (4,300 digits).
+- Strings must be valid Unicode: a `\\ud800`-style escape without its pair (a lone surrogate) is
+  refused; a proper pair (`\\ud83d\\ude00`) is one character and accepted.
+- Objects and arrays nest at most MAX_JSON_DEPTH (64) deep.
+- `custom_id` is a string of 1 to MAX_CUSTOM_ID_CHARS (512) characters.
+
+Error messages quote caller text (custom_id, url) cut to MAX_SHOWN_CHARS.
 """
 
 import json
+import math
+import re
 from array import array
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from openai.types.batch_error import BatchError
@@ -18,6 +38,10 @@ from openai.types.batch_error import BatchError
 MAX_REQUESTS = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_LISTED_ERRORS = 100
+MAX_JSON_DEPTH = 64  # far beyond any request body (a tool's JSON schema nests about 10 deep)
+MAX_CUSTOM_ID_CHARS = 512
+MAX_SHOWN_CHARS = 64
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
 # The body fields each endpoint needs, with the JSON types they may have.
 REQUIRED_BODY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -26,6 +50,65 @@ REQUIRED_BODY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "/v1/embeddings": {"model": (str,), "input": (str, list)},
 }
 TOP_LEVEL_FIELDS: dict[str, type] = {"custom_id": str, "method": str, "url": str, "body": dict}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {shown(text)} is out of range")
+    return value
+
+
+# One decoder for every line (building one per line would cost more than parsing a short line).
+# NaN and out-of-range numbers are refused: a request body must be JSON that any backend can read.
+DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+# Maps `[` and `{` to +1, `]` and `}` to -1 (as signed bytes), after deleting every other byte.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
+# An escape of a UTF-16 surrogate, \uD800 to \uDFFF: the only way a JSON line can hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` quoted for an error message, cut to `limit` characters: messages never echo unbounded caller text."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep objects and arrays nest in a JSON text, by a scan that skips strings (no parsing, no recursion).
+
+    Exact for valid JSON. On invalid JSON it is never below the depth a parser reaches before it fails
+    (the scan reads strings as the parser does up to the failure), so a line it passes cannot recurse deeper.
+    """
+    if b"\\" in raw:  # dropping escaped backslashes, then escaped quotes, leaves the quotes around strings
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(raw.split(b'"')[::2])
+    steps = outside_strings.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(accumulate(memoryview(steps).cast("b")), default=0)
+
+
+def too_deep(raw: bytes) -> bool:
+    """Whether a JSON text nests deeper than MAX_JSON_DEPTH; cheap for ordinary lines, which have few brackets."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and nesting_depth(raw) > MAX_JSON_DEPTH
+
+
+def is_valid_unicode(data: Any) -> bool:
+    """Whether every string in parsed JSON encodes to UTF-8 (a lone surrogate escape does not)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of a line already checked by `read_line`."""
+    return DECODER.decode(raw.decode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -60,7 +143,7 @@ class InputIndex:
 
     def request(self, position: int) -> RequestLine:
         """The request at `position` (0-based, among valid requests), parsed afresh."""
-        data = json.loads(self.content[self.starts[position] : self.ends[position]])
+        data = parse_json(self.content[self.starts[position] : self.ends[position]])
         return RequestLine(line=self.line_numbers[position], custom_id=data["custom_id"], body=data["body"])
 
 
@@ -82,12 +165,42 @@ def line_error(code: str, line: int, message: str, param: str | None = None) -> 
     return BatchError(code=code, line=line, message=message, param=param)
 
 
+def _json_problem(exc: ValueError) -> str:
+    """What a decoder error says, in a bounded message."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return str(exc)[:200]
+
+
+TOO_DEEP_MESSAGE = f"This line nests objects and arrays more than {MAX_JSON_DEPTH} deep."
+
+
+def read_line(raw: bytes, line: int) -> Any:
+    """The JSON value of one line, or an invalid_json_line error saying why it cannot be read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return line_error("invalid_json_line", line, "This line is not valid UTF-8.")
+    if too_deep(raw):
+        return line_error("invalid_json_line", line, TOO_DEEP_MESSAGE)
+    try:
+        data = DECODER.decode(text)
+    except RecursionError:  # not expected after the depth check, but it must never escape
+        return line_error("invalid_json_line", line, TOO_DEEP_MESSAGE)
+    except ValueError as exc:
+        return line_error("invalid_json_line", line, f"This line is not valid JSON: {_json_problem(exc)}.")
+    # Strict UTF-8 decoding refuses encoded surrogates, so only lines with a surrogate escape need the full check.
+    if _SURROGATE_ESCAPE.search(raw) and not is_valid_unicode(data):
+        message = "This line holds a \\ud800-\\udfff escape without its pair, which is not valid Unicode."
+        return line_error("invalid_json_line", line, message)
+    return data
+
+
 def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError:
     """Parse and check one line of the input file."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        return line_error("invalid_json_line", line, "This line is not valid UTF-8 JSON.")
+    data = read_line(raw, line)
+    if isinstance(data, BatchError):
+        return data
     if not isinstance(data, dict):
         return line_error("invalid_json_line", line, "Each line must be a JSON object.")
     for name, kind in TOP_LEVEL_FIELDS.items():
@@ -95,10 +208,13 @@ def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError
             return line_error("missing_required_parameter", line, f"Missing required parameter: '{name}'.", name)
         if not isinstance(data[name], kind):
             return line_error("invalid_request", line, f"'{name}' must be a {kind.__name__}.", name)
+    if not 0 < len(data["custom_id"]) <= MAX_CUSTOM_ID_CHARS:
+        message = f"'custom_id' must be 1 to {MAX_CUSTOM_ID_CHARS} characters long."
+        return line_error("invalid_request", line, message, "custom_id")
     if data["method"] != "POST":
         return line_error("invalid_request", line, "'method' must be 'POST'.", "method")
     if data["url"] != endpoint:
-        message = f"The url {data['url']!r} does not match the batch endpoint {endpoint!r}."
+        message = f"The url {shown(data['url'])} does not match the batch endpoint {shown(endpoint)}."
         return line_error("invalid_url", line, message, "url")
     body = data["body"]
     if body.get("stream") is True:
@@ -111,9 +227,22 @@ def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError
     return RequestLine(line=line, custom_id=data["custom_id"], body=body)
 
 
+def checked_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError:
+    """`check_line`, except that an unexpected failure fails this line rather than the whole job."""
+    try:
+        return check_line(raw, line, endpoint)
+    except MemoryError:
+        raise
+    except Exception:
+        return line_error("invalid_json_line", line, "This line could not be read as a request.")
+
+
 def parse_input(content: bytes, endpoint: str) -> ParsedInput:
     """Check every line of a JSONL input file for a batch on `endpoint`."""
     parsed = ParsedInput(index=InputIndex(content=content))
+    if endpoint not in REQUIRED_BODY_FIELDS:
+        parsed.errors.append(file_error(f"The endpoint {shown(endpoint)} is not supported.", param="endpoint"))
+        return parsed
     if len(content) > MAX_FILE_BYTES:
         parsed.errors.append(file_error(f"The input file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB."))
         return parsed
@@ -121,7 +250,7 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
     problems = 0
     requests = 0
     line = 0
-    start = 0
+    start = len(BYTE_ORDER_MARK) if content.startswith(BYTE_ORDER_MARK) else 0  # written by Windows editors
     while start < len(content):
         end = content.find(b"\n", start)
         end = len(content) if end < 0 else end
@@ -134,9 +263,9 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
         if requests > MAX_REQUESTS:
             parsed.errors.append(file_error(f"The input file holds more than {MAX_REQUESTS} requests."))
             return parsed
-        result = check_line(raw, line, endpoint)
+        result = checked_line(raw, line, endpoint)
         if isinstance(result, RequestLine) and result.custom_id in seen_ids:
-            message = f"The custom_id {result.custom_id!r} appears more than once."
+            message = f"The custom_id {shown(result.custom_id)} appears more than once."
             result = line_error("duplicate_custom_id", line, message, "custom_id")
         if isinstance(result, BatchError):
             problems += 1

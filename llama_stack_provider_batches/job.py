@@ -1,57 +1,52 @@
-"""One batch's run: validation, sliding-window execution, finalization.
+"""One batch's run: validation, then sliding-window execution; the end goes to finalization.py.
 
 A job starts from whatever status its batch is stored in, so the same code runs a new batch and
 resumes an interrupted one:
 
-    validating   read the input file through the Files API and check every line (off the event loop)
+    validating   read the input file through the Files API and check every line (off the event loop);
+                 store the requests' custom_ids (store.RequestIds), then move to in_progress
     in_progress  skip requests whose results are stored; run the rest, at most `window` in flight,
                  a new one starting as soon as any finishes
-    finalizing   write `<batch_id>_output.jsonl` / `_error.jsonl` from the stored results
-    cancelling   stop dispatching, give in-flight requests a grace period, keep every result
+    finalizing   write the result files from the stored results (finalization.py)
+    cancelling   the same, at once: the input file is not read again
 
-Finished results go to the kvstore as they come (result_log.py); a request counts as done once
-its result is stored. Expiry works like a cancel, but every request left without a result gets a
-`batch_expired` error line. A server stop (`stopping`) ends dispatching the same way, then leaves
-the batch in its status, to be resumed. A lost lease (`lease_lost`: another server has the batch
-now) ends it at once, and the job writes nothing more; every batch update it makes carries its
-lease, so a write it had under way is refused (LeaseLostError).
+Expiry is checked before anything else, so nothing is sent to the model after `expires_at`: a batch
+still validating expires with no request, a running one with a `batch_expired` line for every
+request left. A batch whose input file is gone when it resumes ends `failed`, with an
+`input_file_unavailable` line for every request left. Finished results go to the kvstore as they
+come (result_log.py); a request counts as done once its result is stored.
+
+A server stop (`stopping`) ends dispatching like a cancel, then leaves the batch in its status, to
+be resumed. A lost lease (`lease_lost`: another server has the batch now) ends it at once, and the
+job writes nothing more; every batch update it makes carries its lease, so a write it had under way
+is refused (LeaseLostError).
 """
 
 import asyncio
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, BinaryIO
+from typing import Any
 
-from fastapi import UploadFile
 from llama_stack.log import get_logger
-from llama_stack_api import (
-    BatchObject,
-    Files,
-    GetModelRequest,
-    Models,
-    OpenAIFilePurpose,
-    RetrieveFileContentRequest,
-    RetrieveFileRequest,
-    UploadFileRequest,
-)
+from llama_stack_api import BatchObject, Files, Models
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
 from pydantic import BaseModel
 
 from . import formats
-from .endpoints import RequestSender, response_tokens, result_for_exception
-from .input_file import MAX_FILE_BYTES, InputIndex, ParsedInput, file_error, parse_input
+from .endpoints import RequestSender, result_for_exception, result_for_response
+from .finalization import Finalizer, UnrunLine
+from .input_file import MAX_LISTED_ERRORS, InputIndex, file_error
+from .input_reader import InputFileGone, read_checked_input, read_requests
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
 from .ownership import acting_as, carries_request_credentials
 from .resilience import AdaptiveLimit
 from .result_log import ResultLog
-from .results import ResultEntry, ResultSpool, Tally, decode_results
-from .store import BatchStore, Lease
+from .results import ResultEntry, Tally, decode_results
+from .store import BatchStore, Lease, StoredBatch
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -63,11 +58,15 @@ class Stop(Enum):
     EXPIRED = "expired"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"  # another server runs the batch now
-    CREDENTIALS_GONE = "credentials_gone"  # resumed after a restart; the creator's request credentials are not kept
 
 
-# The error line for each request that never ran, by the reason it never will.
-UNRUN_LINES = {Stop.EXPIRED: formats.expired_line, Stop.CREDENTIALS_GONE: formats.credentials_unavailable_line}
+def input_unavailable_line(custom_id: str | None) -> str:
+    message = "The batch's input file could not be read any more, so this request never ran."
+    return formats.failure_line(custom_id, "input_file_unavailable", message)  # type: ignore[arg-type]
+
+
+def custom_ids_of(index: InputIndex) -> list[str]:
+    return [index.request(position).custom_id for position in range(len(index))]
 
 
 @dataclass
@@ -104,11 +103,15 @@ class BatchJob:
     def _now(self) -> int:
         return int(self.clock())
 
-    async def _update(self, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
-        return await self.store.update(self.batch_id, change, self.lease)
+    def _past_deadline(self, batch: BatchObject) -> bool:
+        return batch.expires_at is not None and self.clock() >= batch.expires_at
+
+    def _finalizer(self) -> Finalizer:
+        return Finalizer(self.lease, self.store, self.files, self.clock)
 
     async def _move(self, target: BatchStatus, **fields: Any) -> BatchObject:
-        return await self._update(lambda b: transition(b, target, self._now(), **fields))
+        change = lambda b: transition(b, target, self._now(), **fields)  # noqa: E731
+        return await self.store.update(self.batch_id, change, self.lease)
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -120,44 +123,93 @@ class BatchJob:
             return
         # Files are read and written, and models reached, with the creator's rights.
         with acting_as(stored.owner):
-            credentials_gone = stored.request_credentials and not carries_request_credentials()
-            await self._run(stored.batch, credentials_gone)
+            await self._run(stored)
 
-    async def _run(self, batch: BatchObject, credentials_gone: bool) -> None:
-        parsed = await self._read_input(batch)
-        if parsed.errors and batch.status == "validating":
-            await self._move("failed", errors=Errors(object="list", data=parsed.errors))
+    async def give_up(self, cause: str) -> None:
+        """End the batch `failed` (or `cancelled`, if that was asked) after processing it failed for good.
+
+        The results stored so far go into its result files; if even that fails, they stay in the
+        kvstore under `results/<batch_id>/`, and the batch is marked failed without files.
+        """
+        stored = await self.store.get(self.batch_id)
+        if stored is None or is_terminal(stored.batch.status):
             await self.store.retire(self.batch_id)
             return
-        if parsed.errors:
-            # The file was valid when the batch started and has gone since: no request can run any
-            # more, so the batch is finished with the results it has.
-            logger.error("Input file unreadable on resume", batch_id=self.batch_id, errors=str(parsed.errors))
-            await self._finalize(None, [], total=batch.request_counts.total if batch.request_counts else 0)
+        errors = [BatchError(code="batch_processing_failed", line=None, param=None, message=cause)]
+        total = stored.batch.request_counts.total if stored.batch.request_counts else 0
+        try:
+            with acting_as(stored.owner):
+                await self._finalizer().close("failed", total, errors=errors)
             return
-        self._total = len(parsed.index)
+        except Exception:
+            logger.exception("Cannot write the result files of a failed batch; its results stay stored")
+        kept = "Its results so far stay in the provider's kvstore; no result file could be written."
+        errors = [errors[0].model_copy(update={"message": f"{cause} {kept}"})]
+        closed = "cancelled" if stored.batch.status == "cancelling" else "failed"
+        await self._move(closed, errors=Errors(object="list", data=errors))
+        await self.store.retire(self.batch_id)
+
+    async def _run(self, stored: StoredBatch) -> None:
+        batch = stored.batch
+        if batch.status == "validating":
+            validated = await self._validate(batch)
+            if validated is None:  # refused, or expired before it could start
+                return
+            batch = validated
+        total = batch.request_counts.total if batch.request_counts else 0
+        if batch.status in ("cancelling", "finalizing"):
+            await self._finalizer().close("completed", total)
+        elif self._past_deadline(batch):
+            await self._finalizer().close("expired", total, formats.expired_line)
+        elif stored.request_credentials and not carries_request_credentials():
+            # Running the rest under the server's own credentials would bill or expose the wrong account.
+            await self._finalizer().close("completed", total, formats.credentials_unavailable_line)
+        else:
+            await self._run_requests(batch, total)
+
+    async def _run_requests(self, batch: BatchObject, total: int) -> None:
+        try:
+            index = await read_requests(self.files, batch)
+        except InputFileGone:
+            logger.error("Input file gone; the batch ends failed", batch_id=self.batch_id)
+            message = f"The input file {batch.input_file_id!r} cannot be read any more; the batch cannot go on."
+            errors = [file_error(message, code="input_file_unavailable")]
+            await self._finalizer().close("failed", total, input_unavailable_line, errors=errors)
+            return
+        self._total = len(index)
         self._done = bytearray(self._total)
         self._log = await self._open_result_log()
-
-        stop: Stop | None = None
-        if batch.status == "validating":
-            model = next(iter(parsed.first_line_of_model), None)
-            try:
-                batch = await self._move("in_progress", request_counts=self._log.counts(), model=model)
-            except IllegalTransitionError:  # cancelled while validating
-                batch = await self.store.get_batch(self.batch_id)
-        if batch.status == "in_progress" and credentials_gone:
-            # Running the rest under the server's own credentials would bill or expose the wrong account.
-            stop = Stop.CREDENTIALS_GONE
-        elif batch.status == "in_progress":
-            stop = await self._execute(batch, parsed.index)
-        elif batch.status == "cancelling":
-            stop = Stop.CANCELLED
+        stop = await self._execute(batch, index)
         if stop in (Stop.SHUTDOWN, Stop.LEASE_LOST):
             return
-        unrun = await asyncio.to_thread(self._unrun_entries, parsed.index, stop) if stop in UNRUN_LINES else []
-        del parsed  # the input is not needed any more: free it before the result files are built
-        await self._finalize(stop, unrun, self._total)
+        del index  # the input is not needed any more: free it before the result files are built
+        unrun: UnrunLine | None = formats.expired_line if stop is Stop.EXPIRED else None
+        await self._finalizer().close(
+            "expired" if stop is Stop.EXPIRED else "completed", self._total, unrun, tally=self._log.tally
+        )
+
+    # --- validation -----------------------------------------------------------------------------
+
+    async def _validate(self, batch: BatchObject) -> BatchObject | None:
+        """Check the input file; store the custom_ids and move to in_progress. None if the batch ended here."""
+        parsed = None if self._past_deadline(batch) else await read_checked_input(self.files, self.models, batch)
+        if parsed is None or self._past_deadline(batch):
+            # Before or while it was checked: no request ran, and none will.
+            await self._finalizer().close("expired", 0)
+            return None
+        if parsed.errors:
+            errors = Errors(object="list", data=parsed.errors[: MAX_LISTED_ERRORS + 1])
+            await self._move("failed", errors=errors)
+            await self.store.retire(self.batch_id)
+            return None
+        custom_ids = await asyncio.to_thread(custom_ids_of, parsed.index)
+        await self.store.request_ids.save(self.batch_id, custom_ids)
+        counts = BatchRequestCounts(total=len(custom_ids), completed=0, failed=0)
+        model = next(iter(parsed.first_line_of_model), None)
+        try:
+            return await self._move("in_progress", request_counts=counts, model=model)
+        except IllegalTransitionError:  # cancelled while it was checked
+            return await self.store.get_batch(self.batch_id)
 
     async def _open_result_log(self) -> ResultLog:
         """The batch's result log, with the requests whose results are stored (a resumed batch) marked
@@ -172,38 +224,11 @@ class BatchJob:
             chunks_of_epoch += 1
         first_results = []  # a request found twice ran on two servers: its first result counts
         for entry in stored:
-            if not self._done[entry.position]:
+            if entry.position < self._total and not self._done[entry.position]:
                 self._done[entry.position] = 1
                 first_results.append(entry)
         tally = await asyncio.to_thread(Tally.of, first_results) if first_results else Tally()
         return ResultLog(self.store, self.lease, self._total, stored_chunks=chunks_of_epoch, tally=tally)
-
-    async def _read_input(self, batch: BatchObject) -> ParsedInput:
-        try:
-            info = await self.files.openai_retrieve_file(RetrieveFileRequest(file_id=batch.input_file_id))
-            if info.bytes > MAX_FILE_BYTES:
-                return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
-            response = await self.files.openai_retrieve_file_content(
-                RetrieveFileContentRequest(file_id=batch.input_file_id)
-            )
-        except Exception:
-            return ParsedInput(errors=[file_error(f"Cannot find the input file {batch.input_file_id!r}.")])
-        # Checking 50,000 lines takes a while: a thread keeps the event loop answering meanwhile.
-        parsed = await asyncio.to_thread(parse_input, bytes(response.body), batch.endpoint)
-        if not parsed.errors:
-            parsed.errors.extend(await self._unknown_models(parsed.first_line_of_model))
-        return parsed
-
-    async def _unknown_models(self, first_line_of_model: dict[str, int]) -> list[BatchError]:
-        """A model_not_found error for each distinct unknown model, at the first line naming it."""
-        errors = []
-        for model, line in first_line_of_model.items():
-            try:
-                await self.models.get_model(GetModelRequest(model_id=model))
-            except Exception:
-                message = f"The model {model!r} does not exist or is not available."
-                errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
-        return errors
 
     # --- execution ------------------------------------------------------------------------------
 
@@ -230,6 +255,9 @@ class BatchJob:
                 if self._done[position]:
                     continue
                 await window.acquire()
+                if self._past_deadline(batch):  # the expiry task may not have run yet: send nothing late
+                    await window.release()
+                    break
                 task = asyncio.create_task(run_one(position))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
@@ -251,7 +279,7 @@ class BatchJob:
                 writer.result()  # the writer only ends on an error (the store's, or LeaseLostError): raise it
             if dispatcher.done():
                 dispatcher.result()  # re-raise what went wrong, if anything did
-                return None
+                return None if all(self._done) else Stop.EXPIRED  # it stopped early only at the deadline
             if lost.done():
                 return Stop.LEASE_LOST  # its results would be written for nothing: abandon the requests
             stop = Stop.SHUTDOWN if stopping.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
@@ -276,71 +304,13 @@ class BatchJob:
             await asyncio.gather(*abandoned, return_exceptions=True)
 
     def _record_success(self, position: int, custom_id: str, response: BaseModel) -> None:
-        line = formats.success_line(custom_id, response.model_dump_json(exclude_none=True))
-        self._log.add_success(ResultEntry(position, True, line), *response_tokens(response))  # type: ignore[union-attr]
+        ok, line, input_tokens, output_tokens = result_for_response(custom_id, response)
+        if ok:
+            self._log.add_success(ResultEntry(position, True, line), input_tokens, output_tokens)  # type: ignore[union-attr]
+        else:  # an answer that cannot be written as a result line is this request's error, not the batch's
+            self._log.add_failure(ResultEntry(position, False, line))  # type: ignore[union-attr]
         self._done[position] = 1
 
     def _record_failure(self, position: int, line: str) -> None:
         self._log.add_failure(ResultEntry(position, False, line))  # type: ignore[union-attr]
         self._done[position] = 1
-
-    # --- finalization ---------------------------------------------------------------------------
-
-    async def _finalize(self, stop: Stop | None, unrun: list[ResultEntry], total: int) -> None:
-        """Write the result files from the stored results and move the batch to its final status."""
-        if stop in (None, Stop.CREDENTIALS_GONE):  # on the way to `completed`
-            # A cancel may have come in as the last requests finished; then the batch stays cancelling.
-            now = self._now()
-            await self._update(lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b)
-        stored = await self.store.get(self.batch_id)
-        uploaded = dict(stored.uploaded_files) if stored else {}
-        temporary = tempfile.TemporaryFile
-        with temporary() as parking, temporary() as output, temporary() as error:
-            spool = ResultSpool(total, parking)
-            # Oldest first: a request run twice (on two servers) keeps the result the job counted.
-            chunks_by_epoch: Counter[int] = Counter()
-            async for epoch, chunk in self.store.results.through(self.batch_id, self.lease.epoch):
-                spool.add(decode_results(chunk))
-                chunks_by_epoch[epoch] += 1
-            spool.add(unrun)
-            # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
-            completed, failed = await asyncio.to_thread(spool.write_files, output, error)
-            for kind, content in (("output", output), ("error", error)):
-                if kind not in uploaded and content.tell() > 0:
-                    content.seek(0)
-                    uploaded[kind] = await self._upload(kind, content)
-                    await self.store.update_record(
-                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)}), self.lease
-                    )
-        fields = {
-            "output_file_id": uploaded.get("output"),
-            "error_file_id": uploaded.get("error"),
-            "request_counts": BatchRequestCounts(total=total, completed=completed, failed=failed),
-            "usage": (self._log.tally if self._log else Tally()).usage(),
-        }
-
-        def close(batch: BatchObject) -> BatchObject:
-            if batch.status == "cancelling":
-                return transition(batch, "cancelled", self._now(), **fields)
-            return transition(batch, "expired" if stop is Stop.EXPIRED else "completed", self._now(), **fields)
-
-        final = await self._update(close)
-        await self.store.retire(self.batch_id)
-        await self.store.results.delete(self.batch_id, chunks_by_epoch)
-        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
-
-    def _unrun_entries(self, index: InputIndex, stop: Stop) -> list[ResultEntry]:
-        """An error line (`batch_expired`, `credentials_unavailable`) for every request that has no result."""
-        line = UNRUN_LINES[stop]
-        return [
-            ResultEntry(position, False, line(index.request(position).custom_id))
-            for position in range(len(index))
-            if not self._done[position]
-        ]
-
-    async def _upload(self, kind: str, content: BinaryIO) -> str:
-        upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
-        uploaded = await self.files.openai_upload_file(
-            request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload
-        )
-        return uploaded.id

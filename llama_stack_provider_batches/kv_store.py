@@ -6,6 +6,7 @@ Layout, under `<namespace>/v1/` (the `v1` is the layout version a later release 
     batch/<batch_id>               StoredBatch JSON: the OpenAI batch object plus provider bookkeeping
     active                         JSON list of the ids of unfinished batches, in creation order
     results/...                    finished request results (store.ResultChunks)
+    ids/...                        the custom_ids of running batches (store.RequestIds)
     idem/<scope>/<sha256(key)>     the batch id an idempotency key was first used for
     index/<scope>/head             IndexHead JSON: the newest index page and how full it is
     index/<scope>/page/<n>         JSON list of up to PAGE_SIZE batch ids, oldest first
@@ -39,7 +40,16 @@ from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
 
 from .ownership import scope_of
-from .store import LAYOUT_VERSION, BatchPage, BatchStore, IndexPosition, Lease, ResultChunks, StoredBatch
+from .store import (
+    LAYOUT_VERSION,
+    BatchPage,
+    BatchStore,
+    IndexPosition,
+    Lease,
+    RequestIds,
+    ResultChunks,
+    StoredBatch,
+)
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -88,6 +98,7 @@ class KVBatchStore(BatchStore):
         self._other_server: dict[str, Any] | None = None  # another server's record, when last seen
         self._reported: set[str] = set()
         self.results = ResultChunks(kvstore, self._prefix)
+        self.request_ids = RequestIds(kvstore, self._prefix)
 
     async def initialize(self) -> None:
         """Mark a new store with this layout version; refuse a store written in another one."""
@@ -156,9 +167,9 @@ class KVBatchStore(BatchStore):
             self._held.add(batch_id)
             lease = Lease(batch_id, claim_for, epoch=0)
         position = await self.append_to_index(scope_of(stored.owner), batch_id)
-        await self.add_active(batch_id)
         stored = stored.model_copy(update={"index_position": position})
         await self.put(stored)
+        await self.add_active(batch_id)  # last: a claim must never find a batch whose record is not written
         return stored, lease
 
     async def update_record(

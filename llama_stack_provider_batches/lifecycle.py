@@ -3,10 +3,14 @@
 Every status change of a batch goes through `transition`, so this table is the whole truth:
 
     validating  -> in_progress | failed | cancelling | expired
-    in_progress -> finalizing  | cancelling | expired
-    finalizing  -> completed   | cancelling | expired
+    in_progress -> finalizing  | cancelling | expired | failed
+    finalizing  -> completed   | cancelling | expired | failed
     cancelling  -> cancelled
     completed, failed, expired, cancelled: terminal
+
+`failed` after `validating` is not OpenAI's (there, only validation fails a batch): it ends a batch
+that cannot go on, because its input file is gone or its processing failed again and again (a
+poison batch, engine.py); such a batch keeps the result files of what it finished.
 
 Entering a status stamps its timestamp field (`in_progress_at`, `failed_at`, ...), as OpenAI does.
 """
@@ -21,8 +25,8 @@ BatchStatus = Literal[
 
 ALLOWED_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
     "validating": frozenset({"in_progress", "failed", "cancelling", "expired"}),
-    "in_progress": frozenset({"finalizing", "cancelling", "expired"}),
-    "finalizing": frozenset({"completed", "cancelling", "expired"}),
+    "in_progress": frozenset({"finalizing", "cancelling", "expired", "failed"}),
+    "finalizing": frozenset({"completed", "cancelling", "expired", "failed"}),
     "cancelling": frozenset({"cancelled"}),
     "completed": frozenset(),
     "failed": frozenset(),

@@ -32,10 +32,23 @@ def encode_results(entries: Iterable[ResultEntry]) -> str:
 
 def decode_results(text: str) -> list[ResultEntry]:
     entries = []
-    for row in text.splitlines():
+    # Split on "\n" only: str.splitlines would also split at U+2028 and the like, which a line may hold raw.
+    for row in text.split("\n"):
+        if not row:
+            continue
         position, ok, line_json = row.split("\t", 2)
         entries.append(ResultEntry(int(position), ok == "1", line_json))
     return entries
+
+
+def success_tokens(line_json: str) -> tuple[int, int]:
+    """(input, output) tokens of a stored success line; (0, 0) when it cannot be read, so a tally never fails."""
+    try:
+        line = json.loads(line_json)
+    except (ValueError, RecursionError):  # e.g. an integer longer than Python reads, in an answer
+        return 0, 0
+    response = line.get("response") if isinstance(line, dict) else None
+    return token_usage(response.get("body") if isinstance(response, dict) else None)
 
 
 @dataclass
@@ -67,7 +80,7 @@ class Tally:
         tally = cls()
         for entry in entries:
             if entry.ok:
-                tally.add_success(*token_usage(json.loads(entry.line_json)["response"]["body"]))
+                tally.add_success(*success_tokens(entry.line_json))
             else:
                 tally.add_failure()
         return tally
@@ -99,15 +112,23 @@ class ResultSpool:
         self._lengths = array("q", [0]) * total
         self._ok = bytearray(total)
 
-    def add(self, entries: Iterable[ResultEntry]) -> None:
+    def add(self, entries: Iterable[ResultEntry]) -> list[ResultEntry]:
+        """Park the entries of positions not parked yet; return those kept."""
+        kept = []
         for entry in entries:
-            if self._offsets[entry.position] >= 0:
-                continue
+            if not 0 <= entry.position < len(self._offsets) or self._offsets[entry.position] >= 0:
+                continue  # a position outside the batch cannot be a result of it
             data = entry.line_json.encode() + b"\n"
             self._offsets[entry.position] = self._file.tell()
             self._lengths[entry.position] = len(data)
             self._ok[entry.position] = entry.ok
             self._file.write(data)
+            kept.append(entry)
+        return kept
+
+    def missing(self) -> list[int]:
+        """The positions that have no result yet."""
+        return [position for position, offset in enumerate(self._offsets) if offset < 0]
 
     def write_files(self, output: BinaryIO, error: BinaryIO) -> tuple[int, int]:
         """Write every parked line to `output` (successes) or `error`; return (successes, failures)."""

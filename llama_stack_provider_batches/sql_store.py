@@ -82,6 +82,7 @@ from .store import (
     BatchStore,
     Lease,
     LeaseLostError,
+    RequestIds,
     ResultChunks,
     StoredBatch,
 )
@@ -134,6 +135,7 @@ class SQLBatchStore(BatchStore):
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self.results = ResultChunks(kvstore, f"{namespace}/v{LAYOUT_VERSION}/")
+        self.request_ids = RequestIds(kvstore, f"{namespace}/v{LAYOUT_VERSION}/")
         self._single_server = KVBatchStore(kvstore, namespace)  # batches stored before `sql_store` was set
 
     # --- connections ----------------------------------------------------------------------------

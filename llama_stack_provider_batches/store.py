@@ -13,6 +13,7 @@ taken over by another replica can neither overwrite results nor change the batch
 (`LeaseLostError`). How a connector makes claims exclusive is written where it does it.
 """
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .ownership import Owner
 from .results import ResultEntry, encode_results
 
 LAYOUT_VERSION = 1
+IDS_PER_CHUNK = 5_000
 
 # Batches in these statuses still have work to do: they are claimed and run until terminal.
 UNFINISHED_STATUSES: tuple[BatchStatus, ...] = ("validating", "in_progress", "finalizing", "cancelling")
@@ -49,6 +51,8 @@ class StoredBatch(BaseModel):
     index_position: IndexPosition | None = None
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
     uploaded_files: dict[str, str] = {}
+    # How many times processing this batch raised unexpectedly (engine.py ends it at a limit).
+    processing_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,46 @@ class ResultChunks:
                 await self._kv.delete(self._key(batch_id, epoch, chunk))
 
 
+class RequestIds:
+    """The custom_ids of a running batch's requests, in file order, kept in the kvstore:
+
+        ids/<batch_id>/<n>    JSON list of up to IDS_PER_CHUNK custom_ids
+
+    Written once, when the batch passes validation, so that every request can be given its line
+    in the result files even when the input file cannot be read any more (it was deleted, the batch
+    expired on resume): no request goes unaccounted for.
+    """
+
+    def __init__(self, kvstore: KVStore, prefix: str) -> None:
+        self._kv = kvstore
+        self._prefix = prefix
+
+    def _key(self, batch_id: str, chunk: int) -> str:
+        return f"{self._prefix}ids/{batch_id}/{chunk}"
+
+    async def save(self, batch_id: str, custom_ids: list[str]) -> None:
+        for chunk, start in enumerate(range(0, len(custom_ids), IDS_PER_CHUNK)):
+            await self._kv.set(self._key(batch_id, chunk), json.dumps(custom_ids[start : start + IDS_PER_CHUNK]))
+
+    async def load(self, batch_id: str) -> list[str]:
+        """The stored custom_ids; shorter than the batch (empty for a batch of an older release) if not all were."""
+        custom_ids: list[str] = []
+        chunk = 0
+        while (text := await self._kv.get(self._key(batch_id, chunk))) is not None:
+            custom_ids.extend(json.loads(text))
+            chunk += 1
+        return custom_ids
+
+    async def delete(self, batch_id: str, total: int) -> None:
+        for chunk in range((total + IDS_PER_CHUNK - 1) // IDS_PER_CHUNK):
+            await self._kv.delete(self._key(batch_id, chunk))
+
+
 class BatchStore(ABC):
     """Batch records, idempotency keys, the list order and the leases: one connector's job."""
 
     results: ResultChunks
+    request_ids: RequestIds
 
     @abstractmethod
     async def initialize(self) -> None:

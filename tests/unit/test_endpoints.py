@@ -1,20 +1,28 @@
 import asyncio
 import json
+from typing import Any
+from unittest import mock
 
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.endpoints import (
     RequestSender,
     call_endpoint,
     response_tokens,
     result_for_exception,
+    result_for_response,
     without_completion_store,
 )
 from llama_stack_provider_batches.input_file import RequestLine
 from llama_stack_provider_batches.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
 from tests.unit.conftest import FakeInference
+from tests.unit.test_formats import any_text, assert_result_line, json_values
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
 
@@ -174,3 +182,119 @@ async def test_the_pace_spaces_requests_to_one_model() -> None:
     for _ in range(6):
         await sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event())
     assert asyncio.get_running_loop().time() - started >= 0.09  # 5 intervals of 20 ms
+
+
+# --- whatever a model answers or a backend raises: one valid line, never an exception (issue 11) -----
+
+
+class Answer(BaseModel):
+    value: Any = None
+    usage: Any = None
+
+
+def expected_body(response: BaseModel) -> tuple[str, Any]:
+    """("ok", body) when a response can be a success line under the size limit, else the error code."""
+    try:
+        body_json = response.model_dump_json(exclude_none=True)
+        size = len(body_json.encode("utf-8"))
+    except Exception:
+        return "invalid_response", None
+    return ("ok", json.loads(body_json)) if size <= formats.MAX_RESPONSE_BYTES else ("response_too_large", None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), json_values, json_values, st.integers(0, 400))
+def test_any_response_gives_one_valid_line(custom_id: str, value: object, usage: object, limit: int) -> None:
+    response = Answer(value=value, usage=usage)
+    with mock.patch.object(formats, "MAX_RESPONSE_BYTES", limit):
+        ok, text, input_tokens, output_tokens = result_for_response(custom_id, response)
+        outcome, body = expected_body(response)
+    line = assert_result_line(text)
+    assert line["custom_id"] == custom_id
+    assert ok is (outcome == "ok")
+    if ok:
+        assert line["response"]["body"] == body
+        assert (input_tokens, output_tokens) == formats.token_usage(body)
+    else:
+        assert line["response"] is None and line["error"]["code"] == outcome
+        assert (input_tokens, output_tokens) == (0, 0)
+
+
+def test_a_response_with_a_lone_surrogate_is_an_invalid_response() -> None:
+    ok, text, *tokens = result_for_response("c", Answer(value="bad \ud800", usage={"prompt_tokens": 3}))
+    assert (ok, tokens) == (False, [0, 0])
+    assert assert_result_line(text)["error"]["code"] == "invalid_response"
+
+
+def test_a_response_over_the_size_limit_is_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "MAX_RESPONSE_BYTES", 100)
+    ok, text, *_ = result_for_response("c", Answer(value="é" * 45))  # 90 characters, 99 bytes with the braces
+    assert not ok and assert_result_line(text)["error"]["code"] == "response_too_large"
+    ok, _, *_ = result_for_response("c", Answer(value="e" * 45))
+    assert ok
+
+
+class Unserializable(BaseModel):
+    def model_dump_json(self, **_: Any) -> str:  # type: ignore[override]
+        raise RuntimeError("cannot")
+
+
+class OddUsage(BaseModel):
+    @property
+    def usage(self) -> Any:
+        raise RuntimeError("no usage")
+
+
+def test_a_response_that_cannot_be_dumped_or_counted_still_gives_a_line() -> None:
+    ok, text, *_ = result_for_response("c", Unserializable())
+    assert not ok and assert_result_line(text)["error"]["code"] == "invalid_response"
+    ok, text, *tokens = result_for_response("c", OddUsage())
+    assert ok and tokens == [0, 0]
+    assert assert_result_line(text)["response"]["body"] == {}
+
+
+def test_a_success_counts_the_tokens_it_reports() -> None:
+    response = Answer(value="x\u2028y", usage={"prompt_tokens": 4, "completion_tokens": 5})
+    ok, text, *tokens = result_for_response("c", response)
+    assert ok and tokens == [4, 5]
+    assert assert_result_line(text)["response"]["body"]["value"] == "x\u2028y"
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def exceptions() -> st.SearchStrategy[BaseException]:
+    message = any_text.map(lambda text: text * 300)
+    plain = st.builds(
+        lambda kind, text: kind(text), st.sampled_from([RuntimeError, TimeoutError, ConnectionError]), message
+    )
+    http = st.builds(
+        lambda status, body: status_error(status, body),
+        st.integers(400, 599),
+        st.one_of(json_values, st.dictionaries(st.sampled_from(["error", "message", "type", "code"]), json_values)),
+    )
+    return st.one_of(plain, http, st.just(UnprintableError()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), exceptions())
+def test_any_exception_gives_one_bounded_valid_line(custom_id: str, exc: BaseException) -> None:
+    text = result_for_exception(RequestLine(line=1, custom_id=custom_id, body={}), exc)
+    line = assert_result_line(text)
+    assert line["custom_id"] == custom_id
+    assert len(text) <= 12 * (formats.MAX_MESSAGE_CHARS + 4 * formats.MAX_ERROR_FIELD_CHARS + len(custom_id)) + 300
+
+
+def test_an_exception_that_cannot_be_described_is_an_internal_error() -> None:
+    line = result_line(UnprintableError())
+    assert line["error"]["code"] == "internal_error"
+
+
+def test_huge_backend_errors_are_cut_short() -> None:
+    body = {"error": {"message": "m\ud800" * 100_000, "code": 10**5000, "type": ["t"] * 1000, "param": "p" * 10**6}}
+    line = result_line(status_error(400, body))
+    detail = line["response"]["body"]["error"]
+    assert len(detail["message"]) <= formats.MAX_MESSAGE_CHARS and "\ufffd" in detail["message"]
+    assert all(len(detail[name]) <= formats.MAX_ERROR_FIELD_CHARS for name in ("code", "type", "param"))

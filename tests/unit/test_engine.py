@@ -48,11 +48,13 @@ async def test_batches_beyond_the_limit_wait_their_turn(
 
 
 async def test_an_internal_error_is_retried_without_losing_results(
-    provider: BatchesService, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from llama_stack_provider_batches import engine
-
-    monkeypatch.setattr(engine, "RETRY_DELAYS_SECONDS", (0.01,))
+    provider = await provider_with(config, files, inference, models, job_retry_initial_seconds=0.01)
     real_upload = files.openai_upload_file
     failures = []
 
@@ -67,6 +69,204 @@ async def test_an_internal_error_is_retried_without_losing_results(
     assert failures == [1]
     assert batch.status == "completed"
     assert len(read_lines(files, batch.output_file_id)) == 5
+    await provider.shutdown()
+
+
+# --- poison batches -----------------------------------------------------------------------------
+
+
+def broken_file_reads(files: FakeFiles, monkeypatch: pytest.MonkeyPatch, file_id: str) -> list[str]:
+    """Make every metadata read of `file_id` raise as a bug would; return the list of reads made."""
+    reads: list[str] = []
+    real_retrieve = files.openai_retrieve_file
+
+    async def retrieve(request: Any) -> Any:
+        if request.file_id == file_id:
+            reads.append(file_id)
+            raise RecursionError("maximum recursion depth exceeded")
+        return await real_retrieve(request)
+
+    monkeypatch.setattr(files, "openai_retrieve_file", retrieve)
+    return reads
+
+
+async def test_a_batch_that_fails_every_attempt_ends_failed_and_frees_its_slot(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = await provider_with(
+        config, files, inference, models, max_concurrent_batches=1, max_job_attempts=3, job_retry_initial_seconds=0.01
+    )
+    poison_file = files.add(jsonl([chat_line("p")]))
+    reads = broken_file_reads(files, monkeypatch, poison_file)
+    poison = await provider.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
+    after = await start_batch(provider, files, 3)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+
+    failed = await provider.retrieve_batch(poison.id)
+    assert failed.status == "failed" and failed.failed_at is not None
+    [error] = failed.errors.data
+    assert error.code == "batch_processing_failed"
+    assert "failed 3 times" in error.message and "RecursionError" in error.message
+    assert len(reads) == 3
+    assert (await provider.retrieve_batch(after.id)).status == "completed"
+    assert await provider._store.active_ids() == []
+    await provider.shutdown()
+
+
+async def test_the_failure_count_survives_a_restart(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = {"max_job_attempts": 4, "job_retry_initial_seconds": 0.01, "job_retry_max_seconds": 0.01}
+    poison_file = files.add(jsonl([chat_line("p")]))
+    reads = broken_file_reads(files, monkeypatch, poison_file)
+    first = await provider_with(config, files, inference, models, **settings)
+    poison = await first.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
+    while len(reads) < 2:
+        await asyncio.sleep(0.005)
+    await first.shutdown()
+    reads_before_restart = len(reads)
+
+    second = await provider_with(config, files, inference, models, **settings)
+    second.start()
+    await asyncio.wait_for(second._runner.wait_idle(), timeout=10)
+    assert (await second.retrieve_batch(poison.id)).status == "failed"
+    assert len(reads) == 4  # the attempts before the restart counted
+    assert reads_before_restart >= 2
+    await second.shutdown()
+
+
+async def test_a_failing_batch_keeps_the_results_it_stored(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = await provider_with(config, files, inference, models, max_job_attempts=2, job_retry_initial_seconds=0.01)
+    from llama_stack_provider_batches.result_log import ResultLog
+
+    real = ResultLog.report_progress
+    stored_results: list[int] = []
+
+    async def refuse_after_five(log: ResultLog) -> None:
+        if log.tally.completed >= 5:  # as if the store refused the record from here on
+            stored_results.append(log.tally.completed)
+            raise ValueError("record refused")
+        await real(log)
+
+    monkeypatch.setattr(ResultLog, "report_progress", refuse_after_five)
+    inference.stall_after(5, seconds=0.05)
+    batch = await start_batch(provider, files, 20)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=20)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "failed"
+    assert final.errors.data[0].code == "batch_processing_failed" and "record refused" in final.errors.data[0].message
+    kept = read_lines(files, final.output_file_id)
+    assert len(kept) >= 5 and len(kept) == final.request_counts.completed
+    assert final.request_counts.total == 20
+    await provider.shutdown()
+
+
+async def test_a_failing_batch_can_be_cancelled(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = {"max_job_attempts": 1000, "job_retry_initial_seconds": 0.02, "job_retry_max_seconds": 0.02}
+    provider = await provider_with(config, files, inference, models, **settings)
+    poison_file = files.add(jsonl([chat_line("p")]))
+    reads = broken_file_reads(files, monkeypatch, poison_file)
+    poison = await provider.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
+    while len(reads) < 2:
+        await asyncio.sleep(0.005)
+    assert (await provider.cancel_batch(poison.id)).status == "cancelling"
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=5)
+    cancelled = await provider.retrieve_batch(poison.id)
+    assert cancelled.status == "cancelled"
+    reads_at_end = len(reads)
+    await asyncio.sleep(0.1)
+    assert len(reads) == reads_at_end  # nothing is tried any more
+    await provider.shutdown()
+
+
+# --- batches with per-request credentials ------------------------------------------------------
+
+
+async def test_batches_with_credentials_wait_their_turn_in_creation_order(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    from llama_stack.core.request_headers import RequestProviderDataContext
+
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    start = int(time.time())
+    clock = iter(range(start, start + 1_000))
+    provider._clock = lambda: float(next(clock))  # one second apart: creation order is unambiguous
+    gate = asyncio.Event()
+
+    async def hold(body: dict[str, Any]) -> None:
+        if "first" in str(body["messages"]):
+            await gate.wait()
+
+    inference.behaviour = hold
+    first = await provider.create_batch(
+        input_file_id=files.add(jsonl([chat_line("a", "first")])), endpoint=CHAT, completion_window="24h"
+    )
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    plain = await provider.create_batch(
+        input_file_id=files.add(jsonl([chat_line("a", "plain")])), endpoint=CHAT, completion_window="24h"
+    )
+    with RequestProviderDataContext({"openai_api_key": "sk-user"}):
+        pinned = [
+            await provider.create_batch(
+                input_file_id=files.add(jsonl([chat_line("a", f"pinned {n}")])), endpoint=CHAT, completion_window="24h"
+            )
+            for n in range(3)
+        ]
+    await asyncio.sleep(0.1)
+    assert provider._runner.running() == [first.id]  # the pinned batches wait like any other
+    gate.set()
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    prompts = [str(call["messages"]) for call in inference.calls]
+    order = [next(tag for tag in ("first", "plain", "pinned 0", "pinned 1", "pinned 2") if tag in p) for p in prompts]
+    assert order == ["first", "plain", "pinned 0", "pinned 1", "pinned 2"]
+    for batch in (plain, *pinned):
+        assert (await provider.retrieve_batch(batch.id)).status == "completed"
+    await provider.shutdown()
+
+
+async def test_batches_with_credentials_waiting_on_one_server_are_bounded(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    from llama_stack.core.request_headers import RequestProviderDataContext
+
+    from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
+
+    provider = await provider_with(
+        config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
+    )
+    inference.stall_after(0)
+    await start_batch(provider, files, 1)  # holds the only slot
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    with RequestProviderDataContext({"openai_api_key": "sk-user"}):
+        for _ in range(2):
+            await start_batch(provider, files, 1)
+        with pytest.raises(TooManyWaitingBatchesError) as refused:
+            await start_batch(provider, files, 1)
+    assert refused.value.status_code == 429
+    assert len(provider._runner.running()) == 1
+    await provider.shutdown()
 
 
 async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(

@@ -1,6 +1,30 @@
 import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llama_stack_provider_batches import formats
+
+ODD_CHARACTERS = ['"', "\\", "\n", "\t", "\x00", "\x85", "\u2028", "\u2029", "\ud800", "\udfff", "\ud83d", "\ude00"]
+any_text = st.text(st.characters(exclude_categories=()) | st.sampled_from(ODD_CHARACTERS))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=20,
+)
+
+
+def assert_result_line(line: str) -> dict[str, Any]:
+    """A result line is one line of JSON that encodes to UTF-8 and reads back as valid Unicode; returns it parsed."""
+    assert isinstance(line, str)
+    assert len(line.splitlines()) == 1, "one line, even for readers splitting at U+2028"
+    line.encode("utf-8")
+    data = json.loads(line)
+    json.dumps(data, ensure_ascii=False).encode("utf-8")  # no lone surrogate escape either
+    assert isinstance(data, dict) and set(data) == {"id", "custom_id", "response", "error"}
+    return data
 
 
 def test_success_line_has_openai_shape_with_body_as_object() -> None:
@@ -42,3 +66,61 @@ def test_token_usage_of_chat_and_embedding_bodies() -> None:
     assert formats.token_usage({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}) == (3, 4)
     assert formats.token_usage({"usage": {"prompt_tokens": 5, "total_tokens": 5}}) == (5, 0)
     assert formats.token_usage({}) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("usage", "tokens"),
+    [
+        ({"prompt_tokens": "3", "completion_tokens": 4.0}, (0, 0)),
+        ({"prompt_tokens": True, "completion_tokens": None}, (0, 0)),
+        ({"prompt_tokens": -1, "completion_tokens": 10**5000}, (0, 0)),
+        ({"prompt_tokens": {"n": 1}, "completion_tokens": [2]}, (0, 0)),
+        ({"prompt_tokens": "x", "input_tokens": 6, "output_tokens": 7}, (6, 7)),
+        ({"prompt_tokens": formats.MAX_TOKENS_PER_RESPONSE, "completion_tokens": 2**31}, (2**31 - 1, 0)),
+        ("lots", (0, 0)),
+        ([1, 2], (0, 0)),
+        (None, (0, 0)),
+    ],
+)
+def test_usage_that_is_not_a_count_counts_as_zero(usage: object, tokens: tuple[int, int]) -> None:
+    assert formats.token_usage({"usage": usage}) == tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    json_values, st.dictionaries(st.sampled_from(["prompt_tokens", "completion_tokens", "input_tokens"]), json_values)
+)
+def test_token_usage_never_raises(body: object, usage: dict) -> None:
+    for value in (body, {"usage": body}, {"usage": usage}):
+        tokens = formats.token_usage(value)
+        assert all(type(n) is int and 0 <= n <= formats.MAX_TOKENS_PER_RESPONSE for n in tokens)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), any_text, json_values, json_values, st.one_of(st.none(), any_text))
+def test_error_lines_are_bounded_valid_lines(
+    custom_id: str, message: str, kind: object, code: object, request_id: str | None
+) -> None:
+    message = message * 500  # far beyond the cap
+    failure = assert_result_line(formats.failure_line(custom_id, "timeout", message))
+    assert failure["custom_id"] == custom_id
+    assert len(failure["error"]["message"]) <= formats.MAX_MESSAGE_CHARS
+    error = {"message": message, "type": kind, "param": code, "code": code}
+    text = formats.http_error_line(custom_id, 400, error, request_id)
+    detail = assert_result_line(text)["response"]["body"]["error"]
+    assert len(detail["message"]) <= formats.MAX_MESSAGE_CHARS
+    chars = formats.MAX_MESSAGE_CHARS + 4 * formats.MAX_ERROR_FIELD_CHARS + len(custom_id)
+    assert len(text) <= 12 * chars + 300, "at most 12 characters of escapes per character, whatever came in"
+
+
+def test_messages_keep_pairs_and_replace_lone_surrogates() -> None:
+    assert formats.valid_unicode("a\ud83d\ude00b\ud800") == "a\U0001f600b\ufffd"
+    line = assert_result_line(formats.failure_line("c", "internal_error", "bad \udfff"))
+    assert line["error"]["message"] == "bad \ufffd"
+    assert formats.clipped("x" * 5000) == "x" * (formats.MAX_MESSAGE_CHARS - 3) + "..."
+
+
+def test_success_lines_escape_the_line_breaks_json_leaves_raw() -> None:
+    body = {"text": "a\x85b\u2028c\u2029d\ne"}
+    text = formats.success_line("c", json.dumps(body, ensure_ascii=False))
+    assert assert_result_line(text)["response"]["body"] == body

@@ -2,6 +2,7 @@
 cancel, expiry and resume."""
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from tests.unit.helpers import (
     provider_with,
     read_lines,
     run_batch,
+    start_batch,
     wait_until_completed,
 )
 
@@ -303,3 +305,122 @@ async def test_a_request_whose_result_is_stored_twice_counts_once(
     assert (final.request_counts.completed, final.usage.input_tokens) == (6, 18)
     assert [chunk async for _, chunk in store.results.through(batch.id, 3)] == []
     await provider.shutdown()
+
+
+# --- deadlines, gone inputs and unwritable answers ----------------------------------------------
+
+
+async def stopped_half_way(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> tuple[str, str]:
+    """A 20-request batch stopped by a server stop after 5 results; return (batch id, input file id)."""
+    inference.stall_after(5)
+    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.05)
+    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
+    batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    await wait_until_completed(first, batch.id, 5)
+    await first.shutdown()
+    inference.behaviour = None
+    return batch.id, file_id
+
+
+async def test_a_batch_resumed_after_its_deadline_sends_nothing_and_expires(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    batch_id, _ = await stopped_half_way(config, files, inference, models)
+    calls_before = len(inference.calls)
+    second = await provider_with(config, files, inference, models)
+    second._runner._clock = lambda: time.time() + 2 * 86400  # the server was down past expires_at
+    second.start()
+    await second._runner.wait_idle()
+    batch = await second.retrieve_batch(batch_id)
+    assert batch.status == "expired"
+    assert len(inference.calls) == calls_before
+    errors = read_lines(files, batch.error_file_id)
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert batch.request_counts.completed + batch.request_counts.failed == batch.request_counts.total == 20
+    assert sorted(line["custom_id"] for line in errors + read_lines(files, batch.output_file_id)) == sorted(
+        f"r{i}" for i in range(20)
+    )
+    await second.shutdown()
+
+
+async def test_a_batch_that_reaches_its_slot_after_its_deadline_expires_unrun(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold
+    first = await start_batch(provider, files, 1)
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    late = await provider.create_batch(
+        input_file_id=files.add(jsonl([chat_line("late", "late question")])), endpoint=CHAT, completion_window="24h"
+    )
+    provider._runner._clock = lambda: time.time() + 2 * 86400
+    gate.set()
+    await provider._runner.wait_idle()
+    expired = await provider.retrieve_batch(late.id)
+    assert expired.status == "expired" and expired.in_progress_at is None
+    assert expired.request_counts.total == 0
+    assert not any("late question" in str(call["messages"]) for call in inference.calls)
+    await provider.shutdown()
+
+
+async def test_a_batch_whose_input_is_deleted_accounts_for_every_request(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    batch_id, file_id = await stopped_half_way(config, files, inference, models)
+    del files.contents[file_id]
+    second = await provider_with(config, files, inference, models)
+    second.start()
+    await second._runner.wait_idle()
+    batch = await second.retrieve_batch(batch_id)
+    assert batch.status == "failed"
+    assert [error.code for error in batch.errors.data] == ["input_file_unavailable"]
+    output, errors = read_lines(files, batch.output_file_id), read_lines(files, batch.error_file_id)
+    assert {line["error"]["code"] for line in errors} == {"input_file_unavailable"}
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(f"r{i}" for i in range(20))
+    counts = batch.request_counts
+    assert (counts.completed, counts.failed, counts.total) == (len(output), len(errors), 20)
+    await second.shutdown()
+
+
+async def test_a_cancelled_batch_ends_without_reading_its_input_again(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    batch_id, file_id = await stopped_half_way(config, files, inference, models)
+    second = await provider_with(config, files, inference, models)
+    await second.cancel_batch(batch_id)
+    files.contents[file_id] = b"[" * 5_000  # whatever the file holds now, it is not read again
+    reads_before = len(files.readers)
+    second.start()
+    await second._runner.wait_idle()
+    batch = await second.retrieve_batch(batch_id)
+    assert batch.status == "cancelled" and batch.request_counts.completed >= 5
+    assert len(files.readers) == reads_before
+    await second.shutdown()
+
+
+async def test_an_answer_that_cannot_be_written_is_that_requests_error(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.conftest import FakeResponse
+
+    real = inference.openai_chat_completion
+
+    async def answer(params: Any) -> Any:
+        if "broken" in str(params.messages):
+            return FakeResponse(text="\ud800 lone surrogate")
+        return await real(params)
+
+    monkeypatch.setattr(inference, "openai_chat_completion", answer)
+    batch = await run_batch(provider, files, [chat_line("ok"), chat_line("bad", "broken")])
+    assert batch.status == "completed"
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    [error] = read_lines(files, batch.error_file_id)
+    assert (error["custom_id"], error["error"]["code"]) == ("bad", "invalid_response")

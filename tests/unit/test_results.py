@@ -1,6 +1,9 @@
 import io
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.results import (
     ResultEntry,
@@ -8,7 +11,9 @@ from llama_stack_provider_batches.results import (
     Tally,
     decode_results,
     encode_results,
+    success_tokens,
 )
+from tests.unit.test_formats import any_text, json_values
 
 
 def success(position: int, prompt_tokens: int = 2, completion_tokens: int = 3) -> ResultEntry:
@@ -60,3 +65,28 @@ def test_tally_counts_and_sums_usage() -> None:
     assert tally.counts(total=4).model_dump() == {"total": 4, "completed": 2, "failed": 1}
     usage = tally.usage()
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (6, 8, 14)
+
+
+def test_lines_holding_raw_unicode_line_breaks_round_trip() -> None:
+    entries = [ResultEntry(0, True, '{"text":"a\u2028b\x85c\x1ed"}'), failure(1)]
+    assert decode_results(encode_results(entries)) == entries
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        any_text, json_values.map(json.dumps), json_values.map(lambda v: formats.success_line("c", json.dumps(v)))
+    )
+)
+def test_tally_never_fails_on_a_stored_line(line_json: str) -> None:
+    tally = Tally.of([ResultEntry(0, True, line_json), failure(1)])
+    assert (tally.completed, tally.failed) == (1, 1)
+    assert tally.input_tokens >= 0 and tally.output_tokens >= 0
+
+
+def test_unreadable_success_lines_count_no_tokens() -> None:
+    huge = formats.success_line("c", '{"usage":{"prompt_tokens":2},"n":' + "9" * 5000 + "}")
+    assert success_tokens(huge) == (0, 0)
+    assert success_tokens("not json") == (0, 0)
+    assert success_tokens('{"response": {"body": [1]}}') == (0, 0)
+    assert success_tokens('{"response": {"body": {"usage": {"prompt_tokens": "2", "completion_tokens": 3}}}}') == (0, 3)

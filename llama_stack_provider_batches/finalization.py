@@ -1,0 +1,133 @@
+"""Ending a batch that started: its result files, assembled from the stored results, and its last status.
+
+Every batch that got past validation ends through `Finalizer.close`, whatever stopped it:
+
+    completed   every request ran (or, resumed without its creator's credentials, got an error line)
+    expired     the completion window closed; requests that never ran get `batch_expired` lines
+    failed      the batch cannot go on: its input file is gone (`input_file_unavailable` lines for the
+                requests that never ran), or processing it failed `max_job_attempts` times (engine.py)
+    cancelled   whatever was asked, a batch that is `cancelling` ends `cancelled`; requests that never
+                ran get no line, as OpenAI does
+
+The files hold one line per stored result, in input order; a request stored twice (it ran on two
+servers) keeps its first result. Closing is idempotent: files uploaded by an interrupted close are
+recorded in the batch and not uploaded again.
+"""
+
+import asyncio
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+from fastapi import UploadFile
+from llama_stack.log import get_logger
+from llama_stack_api import BatchObject, Files, OpenAIFilePurpose, UploadFileRequest
+from openai.types.batch import Errors
+from openai.types.batch_error import BatchError
+from openai.types.batch_request_counts import BatchRequestCounts
+
+from .lifecycle import transition
+from .results import ResultEntry, ResultSpool, Tally, decode_results
+from .store import BatchStore, Lease
+
+logger = get_logger(name=__name__, category="providers")
+
+Outcome = Literal["completed", "expired", "failed"]
+# The error line of a request that never ran, from its custom_id (None if it is not known).
+UnrunLine = Callable[[str | None], str]
+
+
+@dataclass
+class Finalizer:
+    """Writes one batch's result files and moves it to its terminal status, under its lease."""
+
+    lease: Lease
+    store: BatchStore
+    files: Files
+    clock: Callable[[], float] = time.time
+
+    @property
+    def batch_id(self) -> str:
+        return self.lease.batch_id
+
+    async def close(
+        self,
+        outcome: Outcome,
+        total: int,
+        unrun_line: UnrunLine | None = None,
+        errors: list[BatchError] | None = None,
+        tally: Tally | None = None,
+    ) -> BatchObject:
+        """End the batch as `outcome` (or `cancelled` if it is cancelling).
+
+        `unrun_line` gives every request without a stored result its error line; `tally` is the
+        usage of the stored results when the caller kept it, else it is computed from them.
+        """
+        if outcome == "completed":
+            # A cancel may have come in as the last requests finished; then the batch stays cancelling.
+            now = int(self.clock())
+            await self._update(lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b)
+        stored = await self.store.get(self.batch_id)
+        uploaded = dict(stored.uploaded_files) if stored else {}
+        with tempfile.TemporaryFile() as parking, tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as error:
+            spool = ResultSpool(total, parking)
+            kept_tally = tally or Tally()
+            # Oldest first: a request run twice (on two servers) keeps the result counted first.
+            chunks_by_epoch: Counter[int] = Counter()
+            async for epoch, chunk in self.store.results.through(self.batch_id, self.lease.epoch):
+                kept = spool.add(decode_results(chunk))
+                if tally is None and kept:
+                    kept_tally.merge(await asyncio.to_thread(Tally.of, kept))
+                chunks_by_epoch[epoch] += 1
+            if unrun_line is not None and spool.missing():
+                custom_ids = await self.store.request_ids.load(self.batch_id)
+                await asyncio.to_thread(spool.add, unrun_entries(spool.missing(), custom_ids, unrun_line))
+            # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
+            completed, failed = await asyncio.to_thread(spool.write_files, output, error)
+            for kind, content in (("output", output), ("error", error)):
+                if kind not in uploaded and content.tell() > 0:
+                    content.seek(0)
+                    uploaded[kind] = await self._upload(kind, content)
+                    await self.store.update_record(
+                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)}), self.lease
+                    )
+        fields: dict[str, object] = {
+            "output_file_id": uploaded.get("output"),
+            "error_file_id": uploaded.get("error"),
+            "request_counts": BatchRequestCounts(total=total, completed=completed, failed=failed),
+            "usage": kept_tally.usage(),
+        }
+        if errors:
+            fields["errors"] = Errors(object="list", data=errors)
+        final = await self._update(lambda b: transition(b, final_status(b, outcome), int(self.clock()), **fields))
+        await self.store.retire(self.batch_id)
+        await self.store.results.delete(self.batch_id, chunks_by_epoch)
+        await self.store.request_ids.delete(self.batch_id, total)
+        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
+        return final
+
+    async def _update(self, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
+        return await self.store.update(self.batch_id, change, self.lease)
+
+    async def _upload(self, kind: str, content: BinaryIO) -> str:
+        upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
+        uploaded = await self.files.openai_upload_file(
+            request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload
+        )
+        return uploaded.id
+
+
+def final_status(batch: BatchObject, outcome: Outcome) -> Literal["completed", "expired", "failed", "cancelled"]:
+    """A cancel asked for is honoured whatever else ended the batch."""
+    return "cancelled" if batch.status == "cancelling" else outcome
+
+
+def unrun_entries(positions: list[int], custom_ids: list[str], line: UnrunLine) -> list[ResultEntry]:
+    """An error entry for each request that never ran, by its custom_id where it is known."""
+    return [
+        ResultEntry(position, False, line(custom_ids[position] if position < len(custom_ids) else None))
+        for position in positions
+    ]

@@ -154,6 +154,7 @@ class ParsedInput:
     index: InputIndex = field(default_factory=InputIndex)
     errors: list[BatchError] = field(default_factory=list)
     first_line_of_model: dict[str, int] = field(default_factory=dict)
+    custom_ids: list[str] = field(default_factory=list)  # of the requests, in file order
 
 
 def file_error(message: str, code: str = "invalid_request", param: str | None = "input_file_id") -> BatchError:
@@ -273,6 +274,7 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
                 parsed.errors.append(result)
             continue
         seen_ids.add(result.custom_id)
+        parsed.custom_ids.append(result.custom_id)
         parsed.first_line_of_model.setdefault(result.model, line)
         parsed.index.add(line_start, end, line)
     if problems > MAX_LISTED_ERRORS:

@@ -65,10 +65,6 @@ def input_unavailable_line(custom_id: str | None) -> str:
     return formats.failure_line(custom_id, "input_file_unavailable", message)  # type: ignore[arg-type]
 
 
-def custom_ids_of(index: InputIndex) -> list[str]:
-    return [index.request(position).custom_id for position in range(len(index))]
-
-
 @dataclass
 class JobSettings:
     """The parts of the provider config a job needs."""
@@ -202,9 +198,8 @@ class BatchJob:
             await self._move("failed", errors=errors)
             await self.store.retire(self.batch_id)
             return None
-        custom_ids = await asyncio.to_thread(custom_ids_of, parsed.index)
-        await self.store.request_ids.save(self.batch_id, custom_ids)
-        counts = BatchRequestCounts(total=len(custom_ids), completed=0, failed=0)
+        await self.store.request_ids.save(self.batch_id, parsed.custom_ids)
+        counts = BatchRequestCounts(total=len(parsed.custom_ids), completed=0, failed=0)
         model = next(iter(parsed.first_line_of_model), None)
         try:
             return await self._move("in_progress", request_counts=counts, model=model)

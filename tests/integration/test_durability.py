@@ -178,3 +178,25 @@ def test_a_crash_while_finalizing_leaves_one_output_and_one_error_file(
     )
     assert figures["errors"] == 20
     assert finished.output_file_id and finished.error_file_id
+
+
+def test_a_batch_whose_input_is_deleted_before_a_restart_accounts_for_every_request(
+    restartable: Restartable, standin: StandInControl
+) -> None:
+    standin.configure(latency_mean=LATENCY, latency_sigma=0)
+    client = restartable.start()
+    batch = create_chat_batch(client, chat_lines(1_000))
+    while client.batches.retrieve(batch.id).request_counts.completed < 100:
+        time.sleep(0.05)
+    client.files.delete(batch.input_file_id)  # the running job still has what it read
+    restartable.stop(signal.SIGTERM)
+    client = restartable.start()
+    final = wait_for_batch(client, batch.id, timeout=60)
+    assert final.status == "failed"
+    assert final.errors is not None and [e.code for e in final.errors.data] == ["input_file_unavailable"]
+    output = read_result_file(client, final.output_file_id)
+    errors = read_result_file(client, final.error_file_id)
+    assert {line["error"]["code"] for line in errors} == {"input_file_unavailable"}
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(f"req-{i}" for i in range(1_000))
+    counts = final.request_counts
+    assert (counts.completed, counts.failed, counts.total) == (len(output), len(errors), 1_000)

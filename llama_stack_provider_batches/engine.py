@@ -16,12 +16,10 @@ While a job runs, its lease is kept by a heartbeat (leases.py); losing it ends t
 without writing anything. A server stop ends every job, leaves each batch in a status it resumes
 from and releases its leases, so that another replica can take them over at once.
 
-Poison batches. A job that raises (a store or files outage, a bug, a record that breaks something)
-keeps its stored results and is tried again after a pause that doubles from
-`job_retry_initial_seconds` up to `job_retry_max_seconds`, still holding its slot and lease. The
-failures are counted in the batch record, across restarts and replicas; at `max_job_attempts` the
-batch ends `failed` with an `errors` entry naming the last error, and its slot is free. Should even
-that fail, the batch is parked here (its lease held, no job) until the server stops.
+Poison batches: a job that raises is tried again, a bounded number of times (attempts.py); a batch
+that could not even be marked failed is parked here, its lease held and no job run, until the server
+stops. Batches that need no work, cancelled ones not running here and waiting ones past their
+deadline, are closed without waiting for a slot.
 """
 
 import asyncio
@@ -34,29 +32,25 @@ from llama_stack.log import get_logger
 from llama_stack_api import Files, Inference, Models
 from llama_stack_api.common.errors import LlamaStackError
 
+from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
 from .job import BatchJob, JobSettings
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
 from .resilience import RateLimiter, RetryPolicy
-from .store import BatchStore, Lease, LeaseLostError, StoredBatch
+from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
 
 RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)  # of the claim loop, while the store cannot be reached
 POLL_SECONDS = 1.0
-MAX_CAUSE_CHARS = 500
+SWEEP_PASSES = 10  # every tenth look for work, waiting batches past their deadline are expired
+SWEEP_BATCHES = 100  # the oldest waiting batches looked at by a sweep (they expire first)
 
 
 def retry_delay(attempt: int) -> float:
     """The pause before the claim loop's retry number `attempt` (0-based) after a store error."""
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
-
-
-def failure_cause(failures: int, exc: BaseException) -> str:
-    """The `errors` message of a batch that failed for good: how often, and the last error, bounded."""
-    detail = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_CHARS].encode("utf-8", "replace").decode()
-    return f"Processing the batch failed {failures} times; the last error was {detail}"
 
 
 class TooManyWaitingBatchesError(LlamaStackError):
@@ -116,7 +110,10 @@ class BatchRunner:
         self._cancel_requested: dict[str, asyncio.Event] = {}
         self._parked: dict[str, ParkedLease] = {}
         self._parked_renewed_at = time.monotonic()
+        self._to_close: set[str] = set()  # batches cancelled here while not running here
+        self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
+        self._attempts = JobAttempts(store, config, self._stopping, self._job)
         self._wake = asyncio.Event()
         self._claim_loop: asyncio.Task[None] | None = None
         # Claim passes started and finished: lets `wait_idle` know a wake-up has been acted on.
@@ -151,9 +148,13 @@ class BatchRunner:
         self.wake()
 
     def request_cancel(self, batch_id: str) -> None:
-        """Tell a batch running here to stop dispatching; it then writes its partial results."""
+        """Tell a batch running here to stop dispatching; it then writes its partial results. A batch
+        not running here is closed at the next look for work, without waiting for a slot."""
         if event := self._cancel_requested.get(batch_id):
             event.set()
+        else:
+            self._to_close.add(batch_id)
+            self.wake()
 
     def running(self) -> list[str]:
         """The ids of the batches whose jobs run here."""
@@ -196,6 +197,7 @@ class BatchRunner:
             self._wake.clear()
             try:
                 await self._renew_parked()
+                await self._close_without_slots()
                 await self._fill_free_slots()
             except Exception:
                 delay = retry_delay(attempt)
@@ -228,6 +230,30 @@ class BatchRunner:
         for _, lease, context in candidates[free:]:
             if context is None:  # claimed but not started: let it be claimed again
                 await self._release(lease)
+
+    async def _close_without_slots(self) -> None:
+        """Close, without waiting for a slot, the batches that need no work: cancelled ones not running
+        here, and, every SWEEP_PASSES looks, waiting ones past their deadline (they expire unrun)."""
+        to_close, self._to_close = self._to_close, set()
+        self._passes_since_sweep += 1
+        if self._passes_since_sweep >= SWEEP_PASSES:
+            self._passes_since_sweep = 0
+            now = self._clock()
+            for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):
+                stored = await self._store.get(batch_id)
+                batch = stored.batch if stored else None
+                if batch and (batch.status == "cancelling" or (batch.expires_at or now + 1) <= now):
+                    to_close.add(batch_id)
+        for batch_id in to_close:
+            if batch_id in self._tasks:
+                continue
+            parked = self._parked.pop(batch_id, None)
+            if parked is not None and parked.context is not None:
+                self._launch(parked.lease, parked.context)
+            elif parked is None and (lease := await self._store.claim_batch(batch_id, self.holder, self.lease_seconds)):
+                self._launch(lease)
+            elif parked is not None:  # set aside: it stays so
+                self._parked[batch_id] = parked
 
     async def _created_at(self, lease: Lease) -> int:
         stored = await self._store.get(lease.batch_id)
@@ -265,7 +291,8 @@ class BatchRunner:
         keeper = keep_lease(self._store, lease, self.lease_seconds, lost, finished, on_cancelling)
         heartbeat = asyncio.create_task(keeper, name=f"lease:{lease.batch_id}")
         try:
-            await self._run_with_retries(lease, lost)
+            if await self._attempts.run(lease, lost) is Ending.SET_ASIDE:
+                self._parked[lease.batch_id] = ParkedLease(lease, 0, None)
         finally:
             finished.set()
             await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)
@@ -273,53 +300,6 @@ class BatchRunner:
                 logger.warning("Lease lost; batch left to the server holding it now", batch_id=lease.batch_id)
             elif lease.batch_id not in self._parked:
                 await self._release(lease)
-
-    async def _run_with_retries(self, lease: Lease, lost: asyncio.Event) -> None:
-        failures_here = 0
-        while not self._stopping.is_set() and not lost.is_set():
-            try:
-                await self._job(lease, lost).run()
-                return
-            except LeaseLostError:  # a write was refused: another server holds the batch now
-                lost.set()
-                return
-            except Exception as exc:
-                failures_here += 1
-                failures = await self._count_failure(lease, lost, failures_here)
-                if failures >= self._config.max_job_attempts:
-                    logger.exception("Batch processing failed for the last time", batch_id=lease.batch_id)
-                    await self._give_up(lease, lost, failure_cause(failures, exc))
-                    return
-                delay = min(
-                    self._config.job_retry_max_seconds, self._config.job_retry_initial_seconds * 2 ** (failures - 1)
-                )
-                logger.exception("Batch processing failed; results kept", batch_id=lease.batch_id, retry_in=delay)
-                await wait_at_most(self._stopping, delay)
-
-    async def _count_failure(self, lease: Lease, lost: asyncio.Event, failures_here: int) -> int:
-        """Add one to the batch's stored count of failures; return the count (this run's if the store refuses)."""
-
-        def one_more(stored: StoredBatch) -> StoredBatch:
-            return stored.model_copy(update={"processing_failures": stored.processing_failures + 1})
-
-        try:
-            stored = await self._store.update_record(lease.batch_id, one_more, lease)
-        except LeaseLostError:
-            lost.set()
-            return failures_here
-        except Exception:
-            logger.exception("Cannot count a failure of a batch", batch_id=lease.batch_id)
-            return failures_here
-        return max(stored.processing_failures, failures_here)
-
-    async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str) -> None:
-        try:
-            await self._job(lease, lost).give_up(cause)
-        except LeaseLostError:
-            lost.set()
-        except Exception:
-            logger.exception("Cannot end a failing batch; set aside until the server stops", batch_id=lease.batch_id)
-            self._parked[lease.batch_id] = ParkedLease(lease, 0, None)
 
     async def _release(self, lease: Lease) -> None:
         try:

@@ -218,6 +218,15 @@ class KVBatchStore(BatchStore):
                 leases.append(Lease(batch_id, holder, epoch=0))
         return leases
 
+    async def claim_batch(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:
+        if batch_id in self._held or batch_id not in await self.active_ids():
+            return None
+        self._held.add(batch_id)
+        return Lease(batch_id, holder, epoch=0)
+
+    async def waiting_ids(self, count: int) -> list[str]:
+        return [batch_id for batch_id in await self.active_ids() if batch_id not in self._held][:count]
+
     async def _check_alone(self, holder: str) -> None:
         """Record this server's look for work; log an error if another server is looking too."""
         key = f"{self._prefix}server"

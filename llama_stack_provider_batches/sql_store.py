@@ -304,6 +304,12 @@ class SQLBatchStore(BatchStore):
         async with self._connect().connect() as connection:
             return list((await connection.scalars(query)).all())
 
+    async def claim_batch(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:
+        return await self._take(batch_id, holder, lease_seconds)
+
+    async def waiting_ids(self, count: int) -> list[str]:
+        return await self._claimable_ids(count)
+
     async def _take(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:
         """The lease of one batch if nobody holds it; None if another server took it first."""
         table = self._table

@@ -226,6 +226,14 @@ class BatchStore(ABC):
         """Take the leases of up to `count` unfinished batches nobody holds, oldest first."""
 
     @abstractmethod
+    async def claim_batch(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:
+        """Take the lease of one unfinished batch if nobody holds it (to close it without a slot)."""
+
+    @abstractmethod
+    async def waiting_ids(self, count: int) -> list[str]:
+        """The ids of up to `count` unfinished batches nobody holds, oldest first; nothing is claimed."""
+
+    @abstractmethod
     async def renew(self, lease: Lease, lease_seconds: float) -> str | None:
         """Extend a lease; return the batch's status, or None if the lease is not held any more."""
 

@@ -469,3 +469,55 @@ async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_hav
     assert time.monotonic() - cut_off_at <= 1.5  # within the lease, plus a heartbeat
     assert (await provider.retrieve_batch(batch.id)).status == "in_progress"  # left to whoever claims it next
     await provider.shutdown()
+
+
+# --- batches that need no slot -------------------------------------------------------------------
+
+
+async def test_a_waiting_batch_is_cancelled_without_waiting_for_a_slot(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    inference.stall_after(0)
+    running = await start_batch(provider, files, 1)
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    waiting = await start_batch(provider, files, 3)
+    await provider.cancel_batch(waiting.id)
+    for _ in range(100):
+        if (await provider.retrieve_batch(waiting.id)).status == "cancelled":
+            break
+        await asyncio.sleep(0.02)
+    assert (await provider.retrieve_batch(waiting.id)).status == "cancelled"
+    assert provider._runner.running() == [running.id]
+    assert len(inference.calls) == 1
+    await provider.shutdown()
+
+
+async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llama_stack_provider_batches import engine
+
+    monkeypatch.setattr(engine, "SWEEP_PASSES", 1)
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.02)
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    inference.stall_after(0)
+    running = await start_batch(provider, files, 1)
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    waiting = await start_batch(provider, files, 3)
+    provider._runner._clock = lambda: time.time() + 2 * 86400
+    for _ in range(100):
+        if (await provider.retrieve_batch(waiting.id)).status == "expired":
+            break
+        await asyncio.sleep(0.02)
+    expired = await provider.retrieve_batch(waiting.id)
+    assert expired.status == "expired" and expired.request_counts.total == 0
+    assert provider._runner.running() == [running.id]
+    assert len(inference.calls) == 1
+    await provider.shutdown()

@@ -355,7 +355,7 @@ async def test_a_batch_that_reaches_its_slot_after_its_deadline_expires_unrun(
         await gate.wait()
 
     inference.behaviour = hold
-    first = await start_batch(provider, files, 1)
+    await start_batch(provider, files, 1)
     while not inference.calls:
         await asyncio.sleep(0.005)
     late = await provider.create_batch(

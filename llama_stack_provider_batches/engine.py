@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llama_stack.log import get_logger
-from llama_stack_api import Files, Inference, Models
+from llama_stack_api import BatchObject, Files, Inference, Models
 from llama_stack_api.common.errors import LlamaStackError
 
 from .attempts import Ending, JobAttempts
@@ -240,8 +240,7 @@ class BatchRunner:
             self._passes_since_sweep = 0
             now = self._clock()
             for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):
-                stored = await self._store.get(batch_id)
-                batch = stored.batch if stored else None
+                batch = await self._batch_or_none(batch_id)
                 if batch and (batch.status == "cancelling" or (batch.expires_at or now + 1) <= now):
                     to_close.add(batch_id)
         for batch_id in to_close:
@@ -256,8 +255,18 @@ class BatchRunner:
                 self._parked[batch_id] = parked
 
     async def _created_at(self, lease: Lease) -> int:
-        stored = await self._store.get(lease.batch_id)
-        return stored.batch.created_at if stored else 0
+        batch = await self._batch_or_none(lease.batch_id)
+        return batch.created_at if batch else 0
+
+    async def _batch_or_none(self, batch_id: str) -> BatchObject | None:
+        """The batch, or None if it is missing or its record cannot be read: one bad record must not
+        stop the claim loop, which every other batch needs (its job fails, a bounded number of times)."""
+        try:
+            stored = await self._store.get(batch_id)
+        except Exception:
+            logger.exception("Cannot read a batch record", batch_id=batch_id)
+            return None
+        return stored.batch if stored else None
 
     async def _renew_parked(self) -> None:
         """Keep the leases of parked batches, a few times per lease length."""

@@ -521,3 +521,19 @@ async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
     assert provider._runner.running() == [running.id]
     assert len(inference.calls) == 1
     await provider.shutdown()
+
+
+async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(
+        config, files, inference, models, max_concurrent_batches=1, max_job_attempts=2, job_retry_initial_seconds=0.01
+    )
+    params = CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None)
+    broken, _ = await provider._store.create(provider._new_batch(params, owner=None, key=None))
+    await provider._store._kv.set(provider._store._batch_key(broken.batch.id), '{"batch": "garbage')
+    after = await start_batch(provider, files, 2)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    assert (await provider.retrieve_batch(after.id)).status == "completed"
+    assert provider._runner.running() == []
+    await provider.shutdown()

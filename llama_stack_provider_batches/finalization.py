@@ -82,9 +82,10 @@ class Finalizer:
                 if tally is None and kept:
                     kept_tally.merge(await asyncio.to_thread(Tally.of, kept))
                 chunks_by_epoch[epoch] += 1
-            if unrun_line is not None and spool.missing():
+            missing = spool.missing() if unrun_line is not None else []
+            if unrun_line is not None and missing:
                 custom_ids = await self.store.request_ids.load(self.batch_id)
-                await asyncio.to_thread(spool.add, unrun_entries(spool.missing(), custom_ids, unrun_line))
+                await asyncio.to_thread(spool.add, unrun_entries(missing, custom_ids, unrun_line))
             # Copying 50,000 lines is work for a thread: the event loop keeps answering meanwhile.
             completed, failed = await asyncio.to_thread(spool.write_files, output, error)
             for kind, content in (("output", output), ("error", error)):

@@ -129,19 +129,23 @@ def http_error_line(custom_id: str, status_code: int, error: JsonObject, request
     )
 
 
-def failure_line(custom_id: str, code: str, message: str) -> str:
-    """An error-file line for a request that got no HTTP answer (connection lost, timeout, expiry...)."""
+def failure_line(custom_id: str | None, code: str, message: str) -> str:
+    """An error-file line for a request that got no HTTP answer (connection lost, timeout, expiry...).
+
+    `custom_id` is None only for a request that never ran and whose custom_id is not known any more.
+    """
     error = {"code": code, "message": clipped(message)}
-    return dumps({"id": new_request_line_id(), "custom_id": valid_unicode(custom_id), "response": None, "error": error})
+    shown_id = None if custom_id is None else valid_unicode(custom_id)
+    return dumps({"id": new_request_line_id(), "custom_id": shown_id, "response": None, "error": error})
 
 
-def expired_line(custom_id: str) -> str:
+def expired_line(custom_id: str | None) -> str:
     """An error-file line for a request the completion window closed on before it ran."""
     message = "This request could not be executed before the completion window expired."
     return failure_line(custom_id, "batch_expired", message)
 
 
-def credentials_unavailable_line(custom_id: str) -> str:
+def credentials_unavailable_line(custom_id: str | None) -> str:
     """An error-file line for a request left unrun by a restart, when the batch needs its creator's credentials."""
     message = (
         "This batch was created with per-request provider credentials, which are never stored; a server restart "

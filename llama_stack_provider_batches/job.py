@@ -62,7 +62,7 @@ class Stop(Enum):
 
 def input_unavailable_line(custom_id: str | None) -> str:
     message = "The batch's input file could not be read any more, so this request never ran."
-    return formats.failure_line(custom_id, "input_file_unavailable", message)  # type: ignore[arg-type]
+    return formats.failure_line(custom_id, "input_file_unavailable", message)
 
 
 @dataclass

@@ -3,9 +3,9 @@
     read_checked_input   validation: the file checked line by line, and every model it names looked up
     read_requests        a batch that passed validation, read again to run (after a restart, say)
 
-A file that does not exist (or is not the caller's to read) is the user's problem: a validation
-error, or InputFileGone for a running batch. Any other failure of the Files API (an outage) is raised
-as it is, for the engine to try again later.
+A file that does not exist, is not the caller's to read or has an id the Files API refuses is the
+user's problem: a validation error, or InputFileGone for a running batch. Any other failure of the
+Files API (an outage) is raised as it is, for the engine to try again later.
 """
 
 import asyncio
@@ -29,8 +29,12 @@ class InputFileGone(Exception):
 
 
 def is_missing_file(exc: BaseException) -> bool:
-    """Whether the Files API said the file does not exist (or is not the caller's to read)."""
-    return isinstance(exc, ResourceNotFoundError | FileNotFoundError) or getattr(exc, "status_code", None) == 404
+    """Whether the Files API refused the file itself: it does not exist, is not the caller's to read,
+    or its id is not one the Files API accepts (a 4xx, not an outage)."""
+    if isinstance(exc, ResourceNotFoundError | FileNotFoundError | PermissionError | ValueError):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500
 
 
 async def read_checked_input(files: Files, models: Models, batch: BatchObject) -> ParsedInput:

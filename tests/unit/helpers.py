@@ -67,3 +67,30 @@ async def wait_until_completed(provider: Any, batch_id: str, requests: int) -> N
     """Wait until at least `requests` results of the batch are stored and counted."""
     while (await provider.retrieve_batch(batch_id)).request_counts.completed < requests:
         await asyncio.sleep(0.02)
+
+
+async def occupy_the_only_slot(provider: Any, files: Any, inference: Any) -> tuple[BatchObject, asyncio.Event]:
+    """Start a one-request batch whose request waits until the returned event is set; return once it waits.
+
+    For a provider with `max_concurrent_batches=1`: every batch created next waits for the slot.
+    """
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold  # every request waits, those of later batches too, until the gate opens
+    running = await start_batch(provider, files, 1)
+    while not inference.calls:
+        await asyncio.sleep(0.005)
+    return running, gate
+
+
+async def wait_for_status(provider: Any, batch_id: str, status: str, seconds: float = 2) -> BatchObject:
+    """The batch once it has `status`, or as it is after `seconds`."""
+    for _ in range(int(seconds / 0.02)):
+        batch = await provider.retrieve_batch(batch_id)
+        if batch.status == status:
+            return batch
+        await asyncio.sleep(0.02)
+    return await provider.retrieve_batch(batch_id)

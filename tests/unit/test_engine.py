@@ -14,10 +14,12 @@ from tests.unit.helpers import (
     CHAT,
     chat_line,
     jsonl,
+    occupy_the_only_slot,
     provider_with,
     read_lines,
     run_batch,
     start_batch,
+    wait_for_status,
     wait_until_completed,
 )
 
@@ -211,18 +213,7 @@ async def test_batches_with_credentials_wait_their_turn_in_creation_order(
     start = int(time.time())
     clock = iter(range(start, start + 1_000))
     provider._clock = lambda: float(next(clock))  # one second apart: creation order is unambiguous
-    gate = asyncio.Event()
-
-    async def hold(body: dict[str, Any]) -> None:
-        if "first" in str(body["messages"]):
-            await gate.wait()
-
-    inference.behaviour = hold
-    first = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line("a", "first")])), endpoint=CHAT, completion_window="24h"
-    )
-    while not inference.calls:
-        await asyncio.sleep(0.005)
+    first, gate = await occupy_the_only_slot(provider, files, inference)
     plain = await provider.create_batch(
         input_file_id=files.add(jsonl([chat_line("a", "plain")])), endpoint=CHAT, completion_window="24h"
     )
@@ -238,7 +229,7 @@ async def test_batches_with_credentials_wait_their_turn_in_creation_order(
     gate.set()
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
     prompts = [str(call["messages"]) for call in inference.calls]
-    order = [next(tag for tag in ("first", "plain", "pinned 0", "pinned 1", "pinned 2") if tag in p) for p in prompts]
+    order = [next((tag for tag in ("plain", "pinned 0", "pinned 1", "pinned 2") if tag in p), "first") for p in prompts]
     assert order == ["first", "plain", "pinned 0", "pinned 1", "pinned 2"]
     for batch in (plain, *pinned):
         assert (await provider.retrieve_batch(batch.id)).status == "completed"
@@ -255,10 +246,7 @@ async def test_batches_with_credentials_waiting_on_one_server_are_bounded(
     provider = await provider_with(
         config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
     )
-    inference.stall_after(0)
-    await start_batch(provider, files, 1)  # holds the only slot
-    while not inference.calls:
-        await asyncio.sleep(0.005)
+    await occupy_the_only_slot(provider, files, inference)
     with RequestProviderDataContext({"openai_api_key": "sk-user"}):
         for _ in range(2):
             await start_batch(provider, files, 1)
@@ -478,17 +466,10 @@ async def test_a_waiting_batch_is_cancelled_without_waiting_for_a_slot(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
-    inference.stall_after(0)
-    running = await start_batch(provider, files, 1)
-    while not inference.calls:
-        await asyncio.sleep(0.005)
+    running, _ = await occupy_the_only_slot(provider, files, inference)
     waiting = await start_batch(provider, files, 3)
     await provider.cancel_batch(waiting.id)
-    for _ in range(100):
-        if (await provider.retrieve_batch(waiting.id)).status == "cancelled":
-            break
-        await asyncio.sleep(0.02)
-    assert (await provider.retrieve_batch(waiting.id)).status == "cancelled"
+    assert (await wait_for_status(provider, waiting.id, "cancelled")).status == "cancelled"
     assert provider._runner.running() == [running.id]
     assert len(inference.calls) == 1
     await provider.shutdown()
@@ -506,17 +487,10 @@ async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
     monkeypatch.setattr(engine, "SWEEP_PASSES", 1)
     monkeypatch.setattr(engine, "POLL_SECONDS", 0.02)
     provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
-    inference.stall_after(0)
-    running = await start_batch(provider, files, 1)
-    while not inference.calls:
-        await asyncio.sleep(0.005)
+    running, _ = await occupy_the_only_slot(provider, files, inference)
     waiting = await start_batch(provider, files, 3)
     provider._runner._clock = lambda: time.time() + 2 * 86400
-    for _ in range(100):
-        if (await provider.retrieve_batch(waiting.id)).status == "expired":
-            break
-        await asyncio.sleep(0.02)
-    expired = await provider.retrieve_batch(waiting.id)
+    expired = await wait_for_status(provider, waiting.id, "expired")
     assert expired.status == "expired" and expired.request_counts.total == 0
     assert provider._runner.running() == [running.id]
     assert len(inference.calls) == 1

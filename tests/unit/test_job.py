@@ -17,10 +17,10 @@ from tests.unit.helpers import (
     CHAT,
     chat_line,
     jsonl,
+    occupy_the_only_slot,
     provider_with,
     read_lines,
     run_batch,
-    start_batch,
     wait_until_completed,
 )
 
@@ -349,15 +349,7 @@ async def test_a_batch_that_reaches_its_slot_after_its_deadline_expires_unrun(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
-    gate = asyncio.Event()
-
-    async def hold(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = hold
-    await start_batch(provider, files, 1)
-    while not inference.calls:
-        await asyncio.sleep(0.005)
+    _, gate = await occupy_the_only_slot(provider, files, inference)
     late = await provider.create_batch(
         input_file_id=files.add(jsonl([chat_line("late", "late question")])), endpoint=CHAT, completion_window="24h"
     )

@@ -34,7 +34,8 @@ async def get_provider_impl(
         SQLBatchStore(config.sql_store, kvstore, namespace) if config.sql_store else KVBatchStore(kvstore, namespace)
     )
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
-    service = BatchesService(config, store, runner, policy, RouteGuard.from_stack_config())
+    routes = RouteGuard.from_stack_config()
+    service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files])
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
     return service

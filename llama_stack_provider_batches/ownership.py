@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import yaml
-from llama_stack.core.access_control.access_control import is_action_allowed
+from llama_stack.core.access_control.access_control import AccessDeniedError, is_action_allowed
 from llama_stack.core.access_control.datatypes import AccessRule, Action, RouteAccessRule
 from llama_stack.core.datatypes import User
 from llama_stack.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
@@ -63,10 +63,43 @@ def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | 
     return is_action_allowed(policy, action, resource, get_authenticated_user())
 
 
+def check_may_create(policy: list[AccessRule], batch_id: str) -> None:
+    """Raise the stack's AccessDeniedError (HTTP 403) unless the current caller may create the batch `batch_id`.
+
+    Asked as the stack's routing tables ask before registering a resource: the batch has no owner
+    yet, so a rule on `batch::*` (or on the caller) applies, and `resource is unowned` holds while
+    `user is owner` does not. Under the default policy everyone may create.
+    """
+    resource = BatchResource(batch_id, None)
+    user = get_authenticated_user()
+    if not is_action_allowed(policy, Action.CREATE, resource, user):
+        raise AccessDeniedError(Action.CREATE.value, resource, user)
+
+
+CREDENTIAL_NAME_PARTS: tuple[str, ...] = ("key", "token", "secret", "password", "credential", "auth")
+
+
+def is_credential(name: object, value: object) -> bool:
+    """Whether one provider-data entry is a credential: a name that says so, with a non-blank string value."""
+    if not isinstance(name, str) or name == "__authenticated_user":  # the stack's own entry: who, not a secret
+        return False
+    lowered = name.lower()
+    return any(part in lowered for part in CREDENTIAL_NAME_PARTS) and isinstance(value, str) and bool(value.strip())
+
+
 def carries_request_credentials() -> bool:
-    """Whether the current request brought provider data (per-request API keys and the like)."""
-    provider_data = PROVIDER_DATA_VAR.get() or {}
-    return any(key != "__authenticated_user" for key in provider_data)
+    """Whether the current request brought per-request credentials in `X-LlamaStack-Provider-Data`.
+
+    Only real credentials count: an entry whose name contains `key`, `token`, `secret`, `password`,
+    `credential` or `auth` (any case; the stack's `__authenticated_user` excepted) and whose value is
+    a non-blank string, such as `{"openai_api_key": "sk-..."}`. A batch created with them is pinned
+    to the server that received them (they are never stored), where it waits its turn with the
+    others; a header holding anything else (`{}`, `{"foo": "bar"}`, an empty key) pins nothing.
+    """
+    provider_data = PROVIDER_DATA_VAR.get()
+    if not isinstance(provider_data, dict):  # the header may hold any JSON, a list say
+        return False
+    return any(is_credential(name, value) for name, value in provider_data.items())
 
 
 def acting_as(owner: Owner | None) -> AbstractContextManager[None]:

@@ -3,11 +3,16 @@
 The stack calls each method with its request model. Python callers (such as tests written against
 the upstream provider) may pass the same fields as keyword arguments, the idempotency key also
 under its older name `idem_tok`, and a plain batch id to retrieve and cancel.
+
+Every parameter is checked (validation.py) before anything reaches the store: a batch id that
+cannot be one of ours answers 404 without a store read, so no caller text of any size or content
+is looked up, written or echoed.
 """
 
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from llama_stack.core.access_control.access_control import AccessDeniedError
 from llama_stack.core.access_control.datatypes import AccessRule, Action
@@ -23,6 +28,7 @@ from llama_stack_api import (
     ListBatchesRequest,
     ListBatchesResponse,
     RetrieveBatchRequest,
+    RetrieveFileRequest,
 )
 from openai.types.batch_request_counts import BatchRequestCounts
 
@@ -31,9 +37,27 @@ from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .idempotency import CreateParams
 from .lifecycle import is_terminal, transition
-from .ownership import BatchResource, Owner, RouteGuard, carries_request_credentials, current_owner, may, scope_of
+from .ownership import (
+    BatchResource,
+    Owner,
+    RouteGuard,
+    carries_request_credentials,
+    check_may_create,
+    current_owner,
+    may,
+    scope_of,
+)
 from .store import BatchStore, StoredBatch
-from .validation import InvalidParameterError, validate_create_params, validate_list_limit
+from .validation import (
+    InvalidParameterError,
+    is_batch_id,
+    shown,
+    validate_create_params,
+    validate_idempotency_key,
+    validate_input_file_purpose,
+    validate_list_after,
+    validate_list_limit,
+)
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -41,6 +65,11 @@ logger = get_logger(name=__name__, category="providers")
 def new_batch_id() -> str:
     """A batch id in OpenAI's shape."""
     return f"batch_{uuid.uuid4().hex}"
+
+
+def not_found(batch_id: Any) -> BatchNotFoundError:
+    """The 404 for an id that cannot name a batch; the store is not asked, the message shows the id shortened."""
+    return BatchNotFoundError(shown(batch_id))
 
 
 class BatchesService(Batches):
@@ -54,8 +83,11 @@ class BatchesService(Batches):
         policy: list[AccessRule] | None = None,
         routes: RouteGuard | None = None,
         clock: Callable[[], float] = time.time,
+        files: Any | None = None,
     ) -> None:
+        """`files` is the stack's Files API, used to check the input file's purpose at create (skipped without it)."""
         self._config = config
+        self._files = files
         self._policy = policy or []
         self._routes = routes or RouteGuard([])
         self._store = store
@@ -96,6 +128,7 @@ class BatchesService(Batches):
             idempotency_key = request.idempotency_key
         key = idempotency_key if idempotency_key is not None else idem_tok
         validate_create_params(input_file_id, endpoint, completion_window, metadata)
+        validate_idempotency_key(key)
         if not self._routes.allows(endpoint):  # type: ignore[arg-type]  # validated just above
             raise AccessDeniedError("create", BatchResource(f"for {endpoint}", None), get_authenticated_user())
         params = CreateParams(
@@ -105,17 +138,37 @@ class BatchesService(Batches):
             metadata=None if metadata is None else dict(metadata),
         )
         candidate = self._new_batch(params, current_owner(), key)
+        check_may_create(self._policy, candidate.batch.id)  # the access policy's `create`, before anything is stored
+        await self._check_input_file_purpose(params.input_file_id)
         # Credentials that came with this request are not stored: such a batch can only run here.
-        claim_for = self._runner.holder if candidate.request_credentials else None
+        claim_for = None
+        if candidate.request_credentials:
+            self._runner.check_room_to_park()  # such batches wait here, and only so many may
+            claim_for = self._runner.holder
         stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
         if key is not None and not idempotency.same_request(stored.batch, params):  # the key's earlier batch
             raise idempotency.conflict(key, stored.batch, params)
         if lease is not None:
-            self._runner.adopt(lease)
+            self._runner.adopt(lease, stored.batch.created_at)
         if stored.batch.id == candidate.batch.id:
             logger.info("Created batch", batch_id=stored.batch.id, idempotent=key is not None)
         self._runner.wake()
         return stored.batch
+
+    async def _check_input_file_purpose(self, input_file_id: str) -> None:
+        """Refuse (HTTP 400) an input file uploaded for another purpose than 'batch', as OpenAI does.
+
+        The lookup runs in the creating request's context, with the caller's rights. A file that
+        cannot be looked up is not refused here: validation then fails the batch with the
+        missing-file error, as for a file deleted after create.
+        """
+        if self._files is None:
+            return
+        try:
+            info = await self._files.openai_retrieve_file(RetrieveFileRequest(file_id=input_file_id))
+        except Exception:  # missing, not the caller's, or the lookup failed: left to validation
+            return
+        validate_input_file_purpose(input_file_id, getattr(info, "purpose", "batch"))
 
     def _new_batch(self, params: CreateParams, owner: Owner | None, key: str | None) -> StoredBatch:
         now = int(self._clock())
@@ -145,6 +198,8 @@ class BatchesService(Batches):
 
     async def _visible(self, batch_id: str, action: Action) -> StoredBatch:
         """The stored batch if the caller may do `action` on it; otherwise as if it did not exist."""
+        if not is_batch_id(batch_id):
+            raise not_found(batch_id)
         stored = await self._store.get(batch_id)
         if stored is None or not may(self._policy, action, batch_id, stored.owner):
             raise BatchNotFoundError(batch_id)
@@ -154,6 +209,8 @@ class BatchesService(Batches):
         """Ask a batch to stop. Finished batches refuse (HTTP 409); cancelling ones are returned as they are."""
         self.start()
         batch_id = request if isinstance(request, str) else request.batch_id
+        if not is_batch_id(batch_id):
+            raise not_found(batch_id)
 
         def to_cancelling(stored: StoredBatch) -> StoredBatch:
             batch = stored.batch
@@ -180,6 +237,7 @@ class BatchesService(Batches):
         if request is not None:
             after, limit = request.after, request.limit
         limit = validate_list_limit(limit)
+        after = validate_list_after(after)
         found = await self._store.page(scope_of(current_owner()), after, limit)
         if found is None:
             raise InvalidParameterError("after", f"No batch with id {after!r} to list after.", "invalid_request")

@@ -174,3 +174,14 @@ class StandInControl:
 
     def configure(self, **behaviour: float) -> None:
         httpx.post(f"{self.url}/admin/config", json=behaviour, timeout=10).raise_for_status()
+
+
+def run_yaml_with_access_policy(directory: Path, auth_endpoint: str, access_policy: str, base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml with authentication as `run_yaml_with_auth` and `access_policy` (YAML list
+    items indented for `server.auth.access_policy`), in a directory of its own so that it never
+    overwrites the file `run_yaml_with_auth` writes for other tests."""
+    own_directory = directory / "access-policy"
+    own_directory.mkdir(exist_ok=True)
+    path = run_yaml_with_auth(own_directory, auth_endpoint, base=base)
+    path.write_text(path.read_text() + "    access_policy:\n" + access_policy)
+    return path

@@ -29,18 +29,21 @@ class FakeFiles:
     def __init__(self) -> None:
         self.contents: dict[str, bytes] = {}
         self.names: dict[str, str] = {}
+        self.purposes: dict[str, str] = {}
         self.readers: list[str | None] = []  # the authenticated principal of each content read
 
-    def add(self, content: bytes, name: str = "input.jsonl") -> str:
+    def add(self, content: bytes, name: str = "input.jsonl", purpose: str = "batch") -> str:
         file_id = f"file-{uuid.uuid4().hex}"
         self.contents[file_id] = content
         self.names[file_id] = name
+        self.purposes[file_id] = purpose
         return file_id
 
     async def openai_retrieve_file(self, request: Any) -> Any:
-        if request.file_id not in self.contents:
-            raise FileNotFoundError(request.file_id)
-        return FakeResponse(id=request.file_id, bytes=len(self.contents[request.file_id]))
+        file_id = request.file_id
+        if file_id not in self.contents:
+            raise FileNotFoundError(file_id)
+        return FakeResponse(id=file_id, bytes=len(self.contents[file_id]), purpose=self.purposes.get(file_id, "batch"))
 
     async def openai_retrieve_file_content(self, request: Any) -> Any:
         user = get_authenticated_user()
@@ -50,7 +53,7 @@ class FakeFiles:
         return FakeResponse(body=self.contents[request.file_id])
 
     async def openai_upload_file(self, request: Any, file: Any) -> Any:
-        file_id = self.add(await file.read(), file.filename)
+        file_id = self.add(await file.read(), file.filename, str(request.purpose))
         return FakeResponse(id=file_id, purpose=request.purpose)
 
 

@@ -8,13 +8,21 @@ from typing import Any
 
 import pytest
 from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.core.access_control.datatypes import Action
+from llama_stack.core.access_control.datatypes import AccessRule, Action, Scope
 from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import RequestProviderDataContext, get_authenticated_user
+from llama_stack.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
 from llama_stack_api import BatchNotFoundError
 
 from llama_stack_provider_batches import BatchesService
-from llama_stack_provider_batches.ownership import Owner, RouteGuard, acting_as, may, scope_of
+from llama_stack_provider_batches.ownership import (
+    Owner,
+    RouteGuard,
+    acting_as,
+    carries_request_credentials,
+    check_may_create,
+    may,
+    scope_of,
+)
 from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import CHAT, chat_line, jsonl
 
@@ -172,3 +180,77 @@ async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
     assert len(errors) == 7 and {line["error"]["code"] for line in errors} == {"credentials_unavailable"}
     assert len(read_lines(files, finished.output_file_id)) == 3
     await second.shutdown()
+
+
+@pytest.mark.parametrize(
+    "provider_data",
+    [
+        {"openai_api_key": "sk-secret"},
+        {"vllm_api_token": "t"},
+        {"aws_secret_access_key": "s", "region": "eu"},
+        {"db_PASSWORD": "p"},
+        {"gcp_credentials": "c"},
+        {"Authorization": "Bearer x"},
+    ],
+)
+def test_real_credentials_in_provider_data_count(provider_data: dict[str, Any]) -> None:
+    with RequestProviderDataContext(provider_data, user=ALICE):
+        assert carries_request_credentials()
+
+
+@pytest.mark.parametrize(
+    "provider_data",
+    [
+        None,
+        {},
+        {"foo": "bar"},
+        {"openai_api_key": ""},
+        {"openai_api_key": "   "},
+        {"openai_api_key": None},
+        {"api_key": 123},
+        {"api_key": {"nested": "x"}},
+        {"model": "m", "temperature": "0.5"},
+    ],
+)
+def test_provider_data_without_a_credential_does_not_count(provider_data: dict[str, Any] | None) -> None:
+    with RequestProviderDataContext(provider_data, user=ALICE):  # the stack's __authenticated_user is no credential
+        assert not carries_request_credentials()
+    with RequestProviderDataContext(provider_data):
+        assert not carries_request_credentials()
+
+
+def test_provider_data_that_is_not_an_object_does_not_count() -> None:
+    token = PROVIDER_DATA_VAR.set(["openai_api_key", "sk"])  # type: ignore[arg-type]  # the header may hold any JSON
+    try:
+        assert not carries_request_credentials()
+    finally:
+        PROVIDER_DATA_VAR.reset(token)
+
+
+async def test_a_batch_created_without_real_credentials_is_not_pinned_to_this_server(
+    provider: BatchesService, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provider._runner, "start", lambda: None)
+    with RequestProviderDataContext({"foo": "bar"}, user=ALICE):
+        plain = await provider.create_batch(
+            input_file_id=files.add(jsonl([chat_line("a")])), endpoint=CHAT, completion_window="24h"
+        )
+    with RequestProviderDataContext({"openai_api_key": "sk-secret"}, user=ALICE):
+        keyed = await provider.create_batch(
+            input_file_id=files.add(jsonl([chat_line("a")])), endpoint=CHAT, completion_window="24h"
+        )
+    assert not (await provider._store.get(plain.id)).request_credentials
+    assert (await provider._store.get(keyed.id)).request_credentials
+
+
+def test_create_is_asked_of_the_policy_for_an_unowned_batch_resource() -> None:
+    policy = [
+        AccessRule(forbid=Scope(actions=[Action.CREATE], resource="batch::*"), when="user with blue in teams"),
+        AccessRule(permit=Scope(actions=list(Action)), when="resource is unowned"),
+    ]
+    with signed_in(ALICE):
+        check_may_create(policy, "batch_1")
+        check_may_create([], "batch_1")  # the default policy lets everyone create
+    with signed_in(BOB), pytest.raises(AccessDeniedError, match="batch::batch_1"):
+        check_may_create(policy, "batch_1")
+    check_may_create(policy, "batch_1")  # authentication off

@@ -4,6 +4,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from llama_stack.core.access_control.access_control import AccessDeniedError
+from llama_stack.core.access_control.datatypes import AccessRule, Action, Scope
+from llama_stack.core.datatypes import User
+from llama_stack.core.request_headers import RequestProviderDataContext
 from llama_stack_api import (
     BatchNotFoundError,
     CancelBatchRequest,
@@ -15,6 +19,8 @@ from llama_stack_api import (
 
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.validation import InvalidParameterError
+from tests.unit.conftest import FakeFiles
+from tests.unit.helpers import chat_line, jsonl
 
 
 @pytest.fixture
@@ -172,3 +178,108 @@ async def test_list_of_nothing_and_bad_arguments(idle_provider: BatchesService) 
         await idle_provider.list_batches(limit=101)
     with pytest.raises(InvalidParameterError, match="after"):
         await idle_provider.list_batches(after="batch_unknown")
+
+
+# --- hostile parameters: 4xx, nothing stored, the store not asked -----------------------------
+
+HUGE = "k" * (20 * 1024 * 1024)  # 20 MB
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"idempotency_key": HUGE}, "idempotency_key"),
+        ({"idempotency_key": "\ud800"}, "idempotency_key"),
+        ({"input_file_id": HUGE}, "input_file_id"),
+        ({"input_file_id": "file-\x00"}, "input_file_id"),
+        ({"metadata": {"k": "\ud800"}}, "metadata"),
+    ],
+)
+async def test_oversized_or_invalid_create_parameters_are_400_and_store_nothing(
+    idle_provider: BatchesService, sample_batch_data: dict[str, Any], change: dict, param: str
+) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        await idle_provider.create_batch(CreateBatchRequest(**{**sample_batch_data, **change}))
+    assert info.value.param == param
+    assert len(str(info.value)) < 400  # the caller's text is not echoed in full
+    assert (await idle_provider.list_batches()).data == []
+
+
+@pytest.fixture
+def store_untouched(idle_provider: BatchesService, monkeypatch: pytest.MonkeyPatch) -> BatchesService:
+    """The idle provider whose store fails the test if a batch is read, changed or paged."""
+
+    async def no_store_call(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the store was asked")
+
+    for method in ("get", "update_record", "page"):
+        monkeypatch.setattr(idle_provider._store, method, no_store_call)
+    return idle_provider
+
+
+@pytest.mark.parametrize("batch_id", ["x" * 10_000, "batch_\x00", "batch_%00", "batch/../x", "\ud800", ""])
+async def test_ids_that_cannot_be_ours_are_404_without_a_store_read(
+    store_untouched: BatchesService, batch_id: str
+) -> None:
+    for call in (store_untouched.retrieve_batch, store_untouched.cancel_batch):
+        with pytest.raises(BatchNotFoundError) as info:
+            await call(batch_id)
+        assert len(str(info.value)) < 200
+        str(info.value).encode("utf-8")  # escaped: safe in the JSON answer
+    with pytest.raises(BatchNotFoundError):
+        await store_untouched.retrieve_batch(RetrieveBatchRequest(batch_id=batch_id))
+
+
+@pytest.mark.parametrize("after", ["x" * 10_000, "batch_\x00", "\ud800"])
+async def test_list_after_a_malformed_cursor_is_400_without_a_store_read(
+    store_untouched: BatchesService, after: str
+) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        await store_untouched.list_batches(ListBatchesRequest(after=after))
+    assert info.value.param == "after"
+
+
+async def test_an_input_file_of_another_purpose_is_400_and_stores_nothing(
+    idle_provider: BatchesService, files: FakeFiles, sample_batch_data: dict[str, Any]
+) -> None:
+    idle_provider._files = files
+    file_id = files.add(jsonl([chat_line("a")]), purpose="assistants")
+    with pytest.raises(InvalidParameterError) as info:
+        await idle_provider.create_batch(**{**sample_batch_data, "input_file_id": file_id})
+    assert (info.value.param, info.value.code) == ("input_file_id", "invalid_request")
+    assert f"The input file {file_id} has purpose 'assistants'; a batch needs a file with purpose 'batch'." in str(
+        info.value
+    )
+    assert (await idle_provider.list_batches()).data == []
+    batch_file = files.add(jsonl([chat_line("a")]))
+    created = await idle_provider.create_batch(**{**sample_batch_data, "input_file_id": batch_file})
+    assert created.status == "validating"
+
+
+async def test_an_input_file_that_cannot_be_looked_up_is_left_to_validation(
+    provider: BatchesService, files: FakeFiles, sample_batch_data: dict[str, Any]
+) -> None:
+    provider._files = files
+    batch = await provider.create_batch(**{**sample_batch_data, "input_file_id": "file-missing"})
+    await provider._runner.wait_idle()
+    failed = await provider.retrieve_batch(batch.id)
+    assert failed.status == "failed"
+    assert [e.param for e in failed.errors.data] == ["input_file_id"]
+
+
+async def test_the_access_policy_may_forbid_creating_batches(
+    idle_provider: BatchesService, sample_batch_data: dict[str, Any]
+) -> None:
+    idle_provider._policy = [
+        AccessRule(forbid=Scope(actions=[Action.CREATE], resource="batch::*"), when="user with blue in teams"),
+        AccessRule(permit=Scope(actions=list(Action)), when="user is owner"),
+        AccessRule(permit=Scope(actions=list(Action)), when="resource is unowned"),
+    ]
+    with RequestProviderDataContext(user=User("bob", {"teams": ["blue"]})):
+        with pytest.raises(AccessDeniedError, match="'create'"):
+            await idle_provider.create_batch(**sample_batch_data, idempotency_key="k")
+        assert (await idle_provider.list_batches()).data == []
+    assert await idle_provider._store.active_ids() == []  # refused before anything was stored
+    with RequestProviderDataContext(user=User("alice", {"teams": ["red"]})):
+        batch = await idle_provider.create_batch(**sample_batch_data, idempotency_key="k")
+        assert await idle_provider.retrieve_batch(batch.id) == batch

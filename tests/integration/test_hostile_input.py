@@ -75,8 +75,11 @@ def test_hostile_files_end_cleanly_and_do_not_hold_up_an_ordinary_batch(openai_c
     took = time.monotonic() - started
     assert done.status == "completed" and done.request_counts.completed == 20, took
 
+    print(f"\nordinary batch of 20 created after {len(created)} hostile ones: completed in {took:.2f} s")
     for name, (_, status, code) in hostile_files().items():
         batch = wait_for_batch(openai_client, created[name], timeout=10)
+        first_error = batch.errors.data[0] if batch.errors and batch.errors.data else None
+        print(f"{name}: {batch.status}", first_error and (first_error.code, first_error.line, first_error.message[:70]))
         assert batch.status == status, (name, batch.status, batch.errors)
         if code is None:
             continue

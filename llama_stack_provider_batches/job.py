@@ -203,7 +203,8 @@ class BatchJob:
         model = next(iter(parsed.first_line_of_model), None)
         try:
             return await self._move("in_progress", request_counts=counts, model=model)
-        except IllegalTransitionError:  # cancelled while it was checked
+        except IllegalTransitionError:  # cancelled while it was checked: no request will run
+            await self.store.request_ids.delete(self.batch_id, len(parsed.custom_ids))
             return await self.store.get_batch(self.batch_id)
 
     async def _open_result_log(self) -> ResultLog:

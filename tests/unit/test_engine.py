@@ -511,3 +511,25 @@ async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
     assert (await provider.retrieve_batch(after.id)).status == "completed"
     assert provider._runner.running() == []
     await provider.shutdown()
+
+
+async def test_creates_racing_the_claim_loop_leave_no_batch_behind(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=4)
+    real_put = provider._store.put
+
+    async def slow_put(stored: Any) -> None:  # widens any window between a batch's writes at create
+        await asyncio.sleep(0.02)
+        await real_put(stored)
+
+    provider._store.put = slow_put  # type: ignore[method-assign]
+    provider.start()
+    file_id = files.add(jsonl([chat_line("a")]))
+    created = await asyncio.gather(
+        *(provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h") for _ in range(100))
+    )
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=60)
+    statuses = [(await provider.retrieve_batch(batch.id)).status for batch in created]
+    assert statuses == ["completed"] * 100
+    await provider.shutdown()

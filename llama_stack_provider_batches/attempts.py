@@ -70,6 +70,8 @@ class JobAttempts:
             except Exception as exc:
                 failures_here += 1
                 failures = await self._count_failure(lease, lost, failures_here)
+                if lost.is_set():  # another server has the batch now: ending it is not ours to do
+                    return Ending.DONE
                 if failures >= self._config.max_job_attempts:
                     logger.exception("Batch processing failed for the last time", batch_id=lease.batch_id)
                     return await self._give_up(lease, lost, failure_cause(failures, exc))

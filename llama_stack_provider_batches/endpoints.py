@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,10 @@ async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any
     return response
 
 
+class DeadlineReached(Exception):
+    """The batch's window closed before this request could be sent."""
+
+
 @dataclass
 class RequestSender:
     """Sends batch requests with retries, a timeout per attempt, a shared traffic budget and a pace.
@@ -72,16 +77,29 @@ class RequestSender:
         self._inference_unstored = without_completion_store(self.inference)
 
     async def send(
-        self, endpoint: str, body: dict[str, Any], window: AdaptiveLimit, stopping: asyncio.Event
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        window: AdaptiveLimit,
+        stopping: asyncio.Event,
+        expired: Callable[[], bool] = lambda: False,
     ) -> BaseModel:
-        """The response to `body`; raises the last failure once it is permanent or attempts run out."""
+        """The response to `body`; raises the last failure once it is permanent or attempts run out.
+
+        Raises DeadlineReached, without sending, when `expired()` holds by the time an attempt would
+        go out: waits for the traffic budget, the pace or a retry's pause may outlast the batch's window.
+        """
         inference = self.inference if body.get("store") is True else self._inference_unstored
         for attempt in range(self.policy.attempts):
             try:
                 if self.pacer is not None:
                     await self.pacer.wait(str(body.get("model")))
                 async with self.budget or contextlib.nullcontext(), asyncio.timeout(self.timeout_seconds):
+                    if expired():
+                        raise DeadlineReached()
                     response = await call_endpoint(inference, endpoint, body)
+            except DeadlineReached:
+                raise
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 == self.policy.attempts or stopping.is_set():
                     raise

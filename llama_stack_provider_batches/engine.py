@@ -23,9 +23,10 @@ deadline, are closed without waiting for a slot.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from llama_stack.log import get_logger
@@ -70,9 +71,10 @@ class ParkedLease:
     """A lease held here with no job running: a batch waiting for a slot in its creating request's
     context, or one set aside after it could not even be marked failed."""
 
-    lease: Lease
+    lease: Lease  # replaced if it ran out and this server claimed the batch again
     created_at: int
     context: contextvars.Context | None  # None: set aside, never to run here
+    expires_at: int | None = None
 
 
 class BatchRunner:
@@ -110,6 +112,7 @@ class BatchRunner:
         self._cancel_requested: dict[str, asyncio.Event] = {}
         self._parked: dict[str, ParkedLease] = {}
         self._parked_renewed_at = time.monotonic()
+        self._parking = 0  # creates of batches with credentials under way
         self._to_close: set[str] = set()  # batches cancelled here while not running here
         self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
@@ -136,15 +139,23 @@ class BatchRunner:
         self._passes_wanted += 1
         self._wake.set()
 
-    def check_room_to_park(self) -> None:
-        """Refuse (HTTP 429) a batch with per-request credentials when too many already wait here."""
-        waiting = sum(1 for parked in self._parked.values() if parked.context is not None)
+    @contextlib.contextmanager
+    def room_to_park(self) -> Iterator[None]:
+        """Hold a place for a batch with per-request credentials while it is created; refuse (HTTP 429)
+        when too many already wait here. Taken before the first await, so concurrent creates count."""
+        waiting = sum(1 for parked in self._parked.values() if parked.context is not None) + self._parking
         if waiting >= self._config.max_waiting_batches_with_credentials:
             raise TooManyWaitingBatchesError(self._config.max_waiting_batches_with_credentials)
+        self._parking += 1
+        try:
+            yield
+        finally:
+            self._parking -= 1
 
-    def adopt(self, lease: Lease, created_at: int) -> None:
+    def adopt(self, lease: Lease, batch: BatchObject) -> None:
         """Run a batch created here already leased, in the current (creating request's) context, when its turn comes."""
-        self._parked[lease.batch_id] = ParkedLease(lease, created_at, contextvars.copy_context())
+        context = contextvars.copy_context()
+        self._parked[lease.batch_id] = ParkedLease(lease, batch.created_at, context, batch.expires_at)
         self.wake()
 
     def request_cancel(self, batch_id: str) -> None:
@@ -214,7 +225,16 @@ class BatchRunner:
         free = self._config.max_concurrent_batches - len(self._tasks)
         if free <= 0:
             return
-        claimed = await self._store.claim(self.holder, free, self.lease_seconds)
+        claimed = []
+        for lease in await self._store.claim(self.holder, free, self.lease_seconds):
+            if lease.batch_id in self._tasks:
+                # Its lease ran out while its job runs here (a stalled renewal): that job stops at its
+                # next renewal, and the batch is claimed again after it.
+                await self._release(lease)
+            elif lease.batch_id in self._parked:  # a parked lease ran out: keep the new one
+                self._parked[lease.batch_id].lease = lease
+            else:
+                claimed.append(lease)
         waiting = [parked for parked in self._parked.values() if parked.context is not None]
         if not waiting:
             for lease in claimed:
@@ -239,6 +259,11 @@ class BatchRunner:
         if self._passes_since_sweep >= SWEEP_PASSES:
             self._passes_since_sweep = 0
             now = self._clock()
+            to_close.update(
+                batch_id
+                for batch_id, parked in self._parked.items()
+                if parked.context is not None and parked.expires_at is not None and parked.expires_at <= now
+            )
             for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):
                 batch = await self._batch_or_none(batch_id)
                 if batch and (batch.status == "cancelling" or (batch.expires_at or now + 1) <= now):
@@ -274,20 +299,32 @@ class BatchRunner:
             return
         self._parked_renewed_at = time.monotonic()
         for batch_id, parked in list(self._parked.items()):
-            if await self._store.renew(parked.lease, self.lease_seconds) is None:
+            try:
+                status = await self._store.renew(parked.lease, self.lease_seconds)
+            except Exception:  # one unreadable record must not stop the claim loop
+                logger.exception("Cannot renew a parked batch's lease", batch_id=batch_id)
+                continue
+            if status is None:
                 logger.warning("A parked batch's lease was lost", batch_id=batch_id)
                 self._parked.pop(batch_id, None)
+            elif status == "cancelling" and parked.context is not None:  # cancelled through another server
+                self._to_close.add(batch_id)
 
     def _launch(self, lease: Lease, context: contextvars.Context | None = None) -> None:
-        if self._stopping.is_set():
-            return
         batch_id = lease.batch_id
+        if self._stopping.is_set() or batch_id in self._tasks:
+            # Not to run now: parked, so that the stop releases its lease with the others.
+            if batch_id not in self._tasks:
+                self._parked[batch_id] = ParkedLease(lease, 0, None)
+            return
         self._cancel_requested[batch_id] = asyncio.Event()
         task = asyncio.create_task(self._run(lease), name=f"batch:{batch_id}", context=context)
         self._tasks[batch_id] = task
-        task.add_done_callback(lambda _: self._forget(batch_id))
+        task.add_done_callback(lambda _: self._forget(batch_id, task))
 
-    def _forget(self, batch_id: str) -> None:
+    def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(batch_id) is not task:
+            return
         self._tasks.pop(batch_id, None)
         self._cancel_requested.pop(batch_id, None)
         self.wake()  # a slot is free

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from llama_stack_api import BatchObject, ConflictError
 
+from .validation import shown
+
 
 @dataclass(frozen=True)
 class CreateParams:
@@ -45,6 +47,6 @@ def conflict(key: str, batch: BatchObject, params: CreateParams) -> ConflictErro
         if getattr(batch, name) != getattr(params, name)
     ]
     return ConflictError(
-        f"Idempotency token '{key}' was previously used with different parameters "
+        f"Idempotency token '{shown(key)}' was previously used with different parameters "
         f"({', '.join(differing)}). Use a new idempotency key, or repeat the original parameters."
     )

@@ -37,8 +37,8 @@ from openai.types.batch_request_counts import BatchRequestCounts
 from pydantic import BaseModel
 
 from . import formats
-from .endpoints import RequestSender, result_for_exception, result_for_response
-from .finalization import Finalizer, UnrunLine
+from .endpoints import DeadlineReached, RequestSender, result_for_exception, result_for_response
+from .finalization import Finalizer, UnrunLine, final_status
 from .input_file import MAX_LISTED_ERRORS, InputIndex, file_error
 from .input_reader import InputFileGone, read_checked_input, read_requests
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
@@ -195,7 +195,9 @@ class BatchJob:
             return None
         if parsed.errors:
             errors = Errors(object="list", data=parsed.errors[: MAX_LISTED_ERRORS + 1])
-            await self._move("failed", errors=errors)
+            now = self._now()
+            refuse = lambda b: transition(b, final_status(b, "failed"), now, errors=errors)  # noqa: E731
+            await self.store.update(self.batch_id, refuse, self.lease)  # cancelled meanwhile: cancelled
             await self.store.retire(self.batch_id)
             return None
         await self.store.request_ids.save(self.batch_id, parsed.custom_ids)
@@ -233,10 +235,15 @@ class BatchJob:
         window = AdaptiveLimit(self.settings.window)
         in_flight: set[asyncio.Task[None]] = set()
 
+        def expired() -> bool:
+            return self._past_deadline(batch)
+
         async def run_one(position: int) -> None:
             request = index.request(position)
             try:
-                response = await self.sender.send(batch.endpoint, request.body, window, self.stopping)
+                response = await self.sender.send(batch.endpoint, request.body, window, self.stopping, expired)
+            except DeadlineReached:
+                return  # it was never sent: it gets its `batch_expired` line at the end
             except Exception as exc:
                 if self.stopping.is_set():
                     return  # perhaps the server going down, not the request: it runs again after the restart
@@ -251,14 +258,17 @@ class BatchJob:
                 if self._done[position]:
                     continue
                 await window.acquire()
-                if self._past_deadline(batch):  # the expiry task may not have run yet: send nothing late
+                if self._stop_asked() or expired():  # their waiters may not have run yet: start nothing more
                     await window.release()
                     break
                 task = asyncio.create_task(run_one(position))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             while in_flight:
-                await asyncio.gather(*in_flight)
+                # Not gather: cancelling this task must leave requests in flight their grace period.
+                finished, _ = await asyncio.wait(set(in_flight))
+                for task in finished:
+                    task.result()  # re-raise what went wrong in one, if anything did
 
         log = self._log
         assert log is not None
@@ -273,12 +283,16 @@ class BatchJob:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if writer.done():
                 writer.result()  # the writer only ends on an error (the store's, or LeaseLostError): raise it
+            if self.lease_lost.is_set():
+                return Stop.LEASE_LOST  # its results would be written for nothing: abandon the requests
             if dispatcher.done():
                 dispatcher.result()  # re-raise what went wrong, if anything did
-                return None if all(self._done) else Stop.EXPIRED  # it stopped early only at the deadline
-            if lost.done():
-                return Stop.LEASE_LOST  # its results would be written for nothing: abandon the requests
-            stop = Stop.SHUTDOWN if stopping.done() else Stop.CANCELLED if cancelled.done() else Stop.EXPIRED
+            if dispatcher.done() and not self._stop_asked() and all(self._done):
+                return None
+            # The events, not their waiter tasks: a waiter may not have run yet when the dispatcher stops.
+            stop = Stop.SHUTDOWN if self.stopping.is_set() else Stop.CANCELLED
+            if not self.stopping.is_set() and not self.cancel_requested.is_set():
+                stop = Stop.EXPIRED  # the only other reason for the dispatcher to stop with requests left
             dispatcher.cancel()
             grace = self.settings.shutdown_grace_seconds if stop is Stop.SHUTDOWN else self.settings.grace_seconds
             await self._let_in_flight_finish(in_flight, grace)
@@ -290,6 +304,9 @@ class BatchJob:
             if not self.lease_lost.is_set():
                 await log.flush()
                 await log.report_progress()
+
+    def _stop_asked(self) -> bool:
+        return self.cancel_requested.is_set() or self.stopping.is_set() or self.lease_lost.is_set()
 
     async def _let_in_flight_finish(self, in_flight: set[asyncio.Task[None]], grace_seconds: float) -> None:
         """Give requests in flight a bounded time to finish, then abandon them."""

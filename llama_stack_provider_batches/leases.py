@@ -68,7 +68,8 @@ async def keep_lease(
     while not await wait_at_most(finished, every):
         sent = time.monotonic()
         try:
-            status = await store.renew(lease, lease_seconds)
+            # Bounded: a renewal that stalls past the lease must not let the job run on without it.
+            status = await asyncio.wait_for(store.renew(lease, lease_seconds), max(0.0, valid_until - sent))
         except Exception:
             logger.exception("Cannot renew a lease", batch_id=lease.batch_id)
             # Past the last renewal's expiry another server may already run the batch.

@@ -9,6 +9,7 @@ cannot be one of ours answers 404 without a store read, so no caller text of any
 is looked up, written or echoed.
 """
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -140,16 +141,14 @@ class BatchesService(Batches):
         candidate = self._new_batch(params, current_owner(), key)
         check_may_create(self._policy, candidate.batch.id)  # the access policy's `create`, before anything is stored
         await self._check_input_file_purpose(params.input_file_id)
-        # Credentials that came with this request are not stored: such a batch can only run here.
-        claim_for = None
-        if candidate.request_credentials:
-            self._runner.check_room_to_park()  # such batches wait here, and only so many may
-            claim_for = self._runner.holder
-        stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
+        # Credentials that came with this request are not stored: such a batch waits here, and only so many may.
+        claim_for = self._runner.holder if candidate.request_credentials else None
+        with self._runner.room_to_park() if claim_for else contextlib.nullcontext():
+            stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
+            if lease is not None:
+                self._runner.adopt(lease, stored.batch)
         if key is not None and not idempotency.same_request(stored.batch, params):  # the key's earlier batch
             raise idempotency.conflict(key, stored.batch, params)
-        if lease is not None:
-            self._runner.adopt(lease, stored.batch.created_at)
         if stored.batch.id == candidate.batch.id:
             logger.info("Created batch", batch_id=stored.batch.id, idempotent=key is not None)
         self._runner.wake()

@@ -533,3 +533,43 @@ async def test_creates_racing_the_claim_loop_leave_no_batch_behind(
     statuses = [(await provider.retrieve_batch(batch.id)).status for batch in created]
     assert statuses == ["completed"] * 100
     await provider.shutdown()
+
+
+async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    from llama_stack.core.request_headers import RequestProviderDataContext
+
+    from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
+
+    provider = await provider_with(
+        config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
+    )
+    _, gate = await occupy_the_only_slot(provider, files, inference)
+
+    async def create() -> Any:
+        with RequestProviderDataContext({"openai_api_key": "sk-user"}):
+            return await start_batch(provider, files, 1)
+
+    results = await asyncio.gather(*(create() for _ in range(20)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, TooManyWaitingBatchesError)]
+    assert len(refused) == 18 and len(results) - len(refused) == 2
+    gate.set()
+    await provider.shutdown()
+
+
+async def test_a_batch_with_credentials_cancelled_through_another_server_is_closed_where_it_waits(
+    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    from llama_stack.core.request_headers import RequestProviderDataContext
+
+    here = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
+    elsewhere = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
+    _, gate = await occupy_the_only_slot(here, files, inference)
+    with RequestProviderDataContext({"openai_api_key": "sk-user"}):
+        parked = await start_batch(here, files, 1)
+    await elsewhere.cancel_batch(parked.id)
+    assert (await wait_for_status(here, parked.id, "cancelled", seconds=4)).status == "cancelled"
+    gate.set()
+    await here.shutdown()
+    await elsewhere.shutdown()

@@ -21,6 +21,7 @@ from tests.unit.helpers import (
     provider_with,
     read_lines,
     run_batch,
+    start_batch,
     wait_until_completed,
 )
 
@@ -416,3 +417,115 @@ async def test_an_answer_that_cannot_be_written_is_that_requests_error(
     assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
     [error] = read_lines(files, batch.error_file_id)
     assert (error["custom_id"], error["error"]["code"]) == ("bad", "invalid_response")
+
+
+# --- stops while the last requests are in flight -------------------------------------------------
+
+
+async def two_slow_requests_in_flight(provider: BatchesService, files: FakeFiles, inference: FakeInference) -> str:
+    """Start a 2-request batch (fewer than the window, so all of it is in flight) of 0.3 s requests."""
+
+    async def slow(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.3)
+
+    inference.behaviour = slow
+    batch = await start_batch(provider, files, 2)
+    while len(inference.calls) < 2:
+        await asyncio.sleep(0.005)
+    return batch.id
+
+
+async def test_requests_in_flight_at_a_cancel_get_their_grace_period(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, cancel_grace_seconds=5)
+    batch_id = await two_slow_requests_in_flight(provider, files, inference)
+    await provider.cancel_batch(batch_id)
+    await asyncio.wait_for(provider._runner.wait_idle(), 5)
+    final = await provider.retrieve_batch(batch_id)
+    assert final.status == "cancelled" and final.request_counts.completed == 2
+    await provider.shutdown()
+
+
+async def test_requests_in_flight_at_a_server_stop_are_stored_not_repeated(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, shutdown_grace_seconds=3)
+    batch_id = await two_slow_requests_in_flight(provider, files, inference)
+    await provider.shutdown()
+    stopped = await provider._store.get(batch_id)
+    assert stopped.batch.status == "in_progress"  # a stop is not an expiry
+    assert stopped.batch.request_counts.completed == 2
+
+
+async def test_a_cancel_before_dispatching_sends_nothing(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models)
+    real = files.openai_retrieve_file_content
+    reads = 0
+    second_read = asyncio.Event()
+
+    async def slow_second_read(request: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the read that runs the requests, after validation
+            second_read.set()
+            await asyncio.sleep(0.2)
+        return await real(request)
+
+    files.openai_retrieve_file_content = slow_second_read  # type: ignore[method-assign]
+    batch = await start_batch(provider, files, 10)
+    await second_read.wait()
+    await provider.cancel_batch(batch.id)
+    await asyncio.wait_for(provider._runner.wait_idle(), 5)
+    assert (await provider.retrieve_batch(batch.id)).status == "cancelled"
+    assert inference.calls == []
+    await provider.shutdown()
+
+
+async def test_a_cancel_while_an_invalid_file_is_checked_is_no_processing_failure(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models)
+    real = files.openai_retrieve_file_content
+    reading = asyncio.Event()
+
+    async def slow_read(request: Any) -> Any:
+        reading.set()
+        await asyncio.sleep(0.2)
+        return await real(request)
+
+    files.openai_retrieve_file_content = slow_read  # type: ignore[method-assign]
+    batch = await provider.create_batch(input_file_id=files.add(b"not json\n"), endpoint=CHAT, completion_window="24h")
+    await reading.wait()
+    await provider.cancel_batch(batch.id)
+    await asyncio.wait_for(provider._runner.wait_idle(), 5)
+    stored = await provider._store.get(batch.id)
+    assert stored.batch.status == "cancelled" and stored.processing_failures == 0
+    await provider.shutdown()
+
+
+async def test_nothing_waiting_for_the_traffic_budget_is_sent_after_the_deadline(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(
+        config, files, inference, models, completion_window_seconds=1, max_in_flight_requests=1
+    )
+    sent_at: list[float] = []
+
+    async def first_one_slow(_: dict[str, Any]) -> None:
+        sent_at.append(time.time())
+        if len(sent_at) == 1:
+            await asyncio.sleep(1.5)  # past the deadline, while the others wait for the budget
+
+    inference.behaviour = first_one_slow
+    batch = await start_batch(provider, files, 4)
+    await asyncio.wait_for(provider._runner.wait_idle(), 10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "expired"
+    assert [t for t in sent_at if t >= final.expires_at] == []
+    errors = read_lines(files, final.error_file_id)
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert final.request_counts.completed + final.request_counts.failed == 4
+    await provider.shutdown()

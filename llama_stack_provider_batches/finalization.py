@@ -10,8 +10,9 @@ Every batch that got past validation ends through `Finalizer.close`, whatever st
                 ran get no line, as OpenAI does
 
 The files hold one line per stored result, in input order; a request stored twice (it ran on two
-servers) keeps its first result. Closing is idempotent: files uploaded by an interrupted close are
-recorded in the batch and not uploaded again.
+servers) keeps its first result. Closing is idempotent: a file is recorded in the batch once uploaded,
+and the start of each upload is recorded before it, so that a close interrupted between the two
+finds the file it uploaded (by name and size) instead of uploading a second one.
 """
 
 import asyncio
@@ -24,7 +25,7 @@ from typing import BinaryIO, Literal
 
 from fastapi import UploadFile
 from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files, OpenAIFilePurpose, UploadFileRequest
+from llama_stack_api import BatchObject, Files, ListFilesRequest, OpenAIFilePurpose, Order, UploadFileRequest
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
@@ -34,6 +35,9 @@ from .results import ResultEntry, ResultSpool, Tally, decode_results
 from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
+
+FILES_PAGE = 100
+MAX_FILES_SCANNED = 10_000
 
 Outcome = Literal["completed", "expired", "failed"]
 # The error line of a request that never ran, from its custom_id (None if it is not known).
@@ -72,6 +76,7 @@ class Finalizer:
             await self._update(lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b)
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
+        uploading = dict(stored.uploading) if stored else {}
         with tempfile.TemporaryFile() as parking, tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as error:
             spool = ResultSpool(total, parking)
             kept_tally = tally or Tally()
@@ -90,11 +95,15 @@ class Finalizer:
             completed, failed = await asyncio.to_thread(spool.write_files, output, error)
             for kind, content in (("output", output), ("error", error)):
                 if kind not in uploaded and content.tell() > 0:
-                    content.seek(0)
-                    uploaded[kind] = await self._upload(kind, content)
-                    await self.store.update_record(
-                        self.batch_id, lambda s: s.model_copy(update={"uploaded_files": dict(uploaded)}), self.lease
-                    )
+                    started = uploading.get(kind)
+                    found = await self._find_upload(kind, started, content.tell()) if started is not None else None
+                    if found is None:
+                        uploading[kind] = int(self.clock())
+                        await self._record(uploading=dict(uploading))
+                        content.seek(0)
+                        found = await self._upload(kind, content)
+                    uploaded[kind] = found
+                    await self._record(uploaded_files=dict(uploaded))
         fields: dict[str, object] = {
             "output_file_id": uploaded.get("output"),
             "error_file_id": uploaded.get("error"),
@@ -112,6 +121,31 @@ class Finalizer:
 
     async def _update(self, change: Callable[[BatchObject], BatchObject]) -> BatchObject:
         return await self.store.update(self.batch_id, change, self.lease)
+
+    async def _record(self, **fields: object) -> None:
+        await self.store.update_record(self.batch_id, lambda s: s.model_copy(update=fields), self.lease)
+
+    async def _find_upload(self, kind: str, since: int, size: int) -> str | None:
+        """The file an interrupted close uploaded (same name and size, created since it began), if any.
+
+        Files newer than `since` are few (those created since a crash, at most MAX_FILES_SCANNED are
+        looked at): finding it keeps a batch at one output and one error file whatever dies when.
+        """
+        name, after, scanned = f"{self.batch_id}_{kind}.jsonl", None, 0
+        while scanned < MAX_FILES_SCANNED:
+            page = await self.files.openai_list_files(
+                ListFilesRequest(purpose=OpenAIFilePurpose.BATCH, order=Order.desc, limit=FILES_PAGE, after=after)
+            )
+            for info in page.data:
+                if info.created_at < since - 1:  # older than the close that was interrupted
+                    return None
+                if info.filename == name and info.bytes == size:
+                    return info.id
+            scanned += len(page.data)
+            if not page.has_more or not page.data:
+                return None
+            after = page.data[-1].id
+        return None
 
     async def _upload(self, kind: str, content: BinaryIO) -> str:
         upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")

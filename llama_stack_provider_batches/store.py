@@ -51,6 +51,8 @@ class StoredBatch(BaseModel):
     index_position: IndexPosition | None = None
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
     uploaded_files: dict[str, str] = {}
+    # When an upload of a result file began ("output"/"error" -> epoch seconds), until it is recorded above.
+    uploading: dict[str, int] = {}
     # How many times processing this batch raised unexpectedly (engine.py ends it at a limit).
     processing_failures: int = 0
 

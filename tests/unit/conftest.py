@@ -2,6 +2,7 @@
 with in-memory stand-ins for the stack's Files, Inference and Models APIs."""
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ class FakeFiles:
         self.contents: dict[str, bytes] = {}
         self.names: dict[str, str] = {}
         self.purposes: dict[str, str] = {}
+        self.created: dict[str, int] = {}
         self.readers: list[str | None] = []  # the authenticated principal of each content read
 
     def add(self, content: bytes, name: str = "input.jsonl", purpose: str = "batch") -> str:
@@ -37,6 +39,7 @@ class FakeFiles:
         self.contents[file_id] = content
         self.names[file_id] = name
         self.purposes[file_id] = purpose
+        self.created[file_id] = int(time.time())
         return file_id
 
     async def openai_retrieve_file(self, request: Any) -> Any:
@@ -51,6 +54,20 @@ class FakeFiles:
         if request.file_id not in self.contents:
             raise FileNotFoundError(request.file_id)
         return FakeResponse(body=self.contents[request.file_id])
+
+    async def openai_list_files(self, request: Any) -> Any:
+        """Newest first, as the stack's default order; `after` is a file id."""
+        ids = list(reversed(self.contents))
+        if request.after is not None:
+            ids = ids[ids.index(request.after) + 1 :]
+        if request.purpose is not None:
+            ids = [i for i in ids if self.purposes.get(i, "batch") == str(request.purpose)]
+        page = ids[: request.limit]
+        data = [
+            FakeResponse(id=i, filename=self.names[i], bytes=len(self.contents[i]), created_at=self.created[i])
+            for i in page
+        ]
+        return FakeResponse(data=data, has_more=len(ids) > len(page))
 
     async def openai_upload_file(self, request: Any, file: Any) -> Any:
         file_id = self.add(await file.read(), file.filename, str(request.purpose))

@@ -1,12 +1,15 @@
 """The end of a batch: its last status, and the lines of the requests that never ran."""
 
 import json
+from typing import Any
 
 import pytest
 
+from llama_stack_provider_batches import BatchesProviderConfig
 from llama_stack_provider_batches.finalization import final_status, unrun_entries
 from llama_stack_provider_batches.formats import expired_line
-from tests.unit.helpers import make_batch
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.helpers import chat_line, make_batch, provider_with, read_lines, run_batch
 
 
 @pytest.mark.parametrize("outcome", ["completed", "expired", "failed"])
@@ -22,3 +25,32 @@ def test_unrun_requests_get_their_custom_id_where_it_is_known() -> None:
     lines = [json.loads(entry.line_json) for entry in entries]
     assert [line["custom_id"] for line in lines] == ["a", "c", None]  # 5: stored by no earlier release
     assert {line["error"]["code"] for line in lines} == {"batch_expired"}
+
+
+async def test_a_close_interrupted_after_an_upload_does_not_upload_a_second_file(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = await provider_with(config, files, inference, models, job_retry_initial_seconds=0.01)
+    store = provider._store
+    real_update = store.update_record
+    interrupted: list[str] = []
+
+    async def die_after_the_upload(batch_id: str, change: Any, lease: Any = None) -> Any:
+        probe = change(await store.get(batch_id))
+        if probe.uploaded_files and not interrupted:  # the file is up, its id not recorded yet
+            interrupted.append(batch_id)
+            raise ConnectionError("the store went away")
+        return await real_update(batch_id, change, lease)
+
+    monkeypatch.setattr(store, "update_record", die_after_the_upload)
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(5)])
+    assert interrupted == [batch.id]
+    assert batch.status == "completed"
+    outputs = [file_id for file_id, name in files.names.items() if name == f"{batch.id}_output.jsonl"]
+    assert outputs == [batch.output_file_id]
+    assert len(read_lines(files, batch.output_file_id)) == 5
+    await provider.shutdown()

@@ -91,6 +91,7 @@ class BatchJob:
     _done: bytearray = field(default_factory=bytearray)
     _total: int = 0
     _log: ResultLog | None = None
+    _validated: InputIndex | None = None  # the requests, when this run validated the file
 
     @property
     def batch_id(self) -> str:
@@ -165,7 +166,9 @@ class BatchJob:
 
     async def _run_requests(self, batch: BatchObject, total: int) -> None:
         try:
-            index = await read_requests(self.files, batch)
+            # Just validated in this run: the checked file is at hand, reading and parsing it again is waste.
+            index = self._validated or await read_requests(self.files, batch)
+            self._validated = None
         except InputFileGone:
             logger.error("Input file gone; the batch ends failed", batch_id=self.batch_id)
             message = f"The input file {batch.input_file_id!r} cannot be read any more; the batch cannot go on."
@@ -201,6 +204,7 @@ class BatchJob:
             await self.store.retire(self.batch_id)
             return None
         await self.store.request_ids.save(self.batch_id, parsed.custom_ids)
+        self._validated = parsed.index
         counts = BatchRequestCounts(total=len(parsed.custom_ids), completed=0, failed=0)
         model = next(iter(parsed.first_line_of_model), None)
         try:

@@ -462,21 +462,20 @@ async def test_a_cancel_before_dispatching_sends_nothing(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     provider = await provider_with(config, files, inference, models)
-    real = files.openai_retrieve_file_content
-    reads = 0
-    second_read = asyncio.Event()
+    results = provider._store.results
+    real_of_epoch = results.of_epoch
+    loading = asyncio.Event()
 
-    async def slow_second_read(request: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        if reads == 2:  # the read that runs the requests, after validation
-            second_read.set()
-            await asyncio.sleep(0.2)
-        return await real(request)
+    async def slow_of_epoch(batch_id: str, epoch: int) -> Any:
+        # Stored results are read after the move to in_progress and before the first request goes out.
+        loading.set()
+        await asyncio.sleep(0.1)
+        async for chunk in real_of_epoch(batch_id, epoch):
+            yield chunk
 
-    files.openai_retrieve_file_content = slow_second_read  # type: ignore[method-assign]
+    results.of_epoch = slow_of_epoch  # type: ignore[method-assign]
     batch = await start_batch(provider, files, 10)
-    await second_read.wait()
+    await loading.wait()
     await provider.cancel_batch(batch.id)
     await asyncio.wait_for(provider._runner.wait_idle(), 5)
     assert (await provider.retrieve_batch(batch.id)).status == "cancelled"

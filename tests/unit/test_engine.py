@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import pytest
+from llama_stack.core.request_headers import RequestProviderDataContext
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
+from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
 from llama_stack_provider_batches.idempotency import CreateParams
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import (
@@ -207,8 +209,6 @@ async def test_a_failing_batch_can_be_cancelled(
 async def test_batches_with_credentials_wait_their_turn_in_creation_order(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    from llama_stack.core.request_headers import RequestProviderDataContext
-
     provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
     start = int(time.time())
     clock = iter(range(start, start + 1_000))
@@ -239,10 +239,6 @@ async def test_batches_with_credentials_wait_their_turn_in_creation_order(
 async def test_batches_with_credentials_waiting_on_one_server_are_bounded(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    from llama_stack.core.request_headers import RequestProviderDataContext
-
-    from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
-
     provider = await provider_with(
         config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
     )
@@ -538,10 +534,6 @@ async def test_creates_racing_the_claim_loop_leave_no_batch_behind(
 async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    from llama_stack.core.request_headers import RequestProviderDataContext
-
-    from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
-
     provider = await provider_with(
         config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
     )
@@ -561,8 +553,6 @@ async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(
 async def test_a_batch_with_credentials_cancelled_through_another_server_is_closed_where_it_waits(
     replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    from llama_stack.core.request_headers import RequestProviderDataContext
-
     here = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
     elsewhere = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
     _, gate = await occupy_the_only_slot(here, files, inference)

@@ -145,6 +145,12 @@ def expired_line(custom_id: str | None) -> str:
     return failure_line(custom_id, "batch_expired", message)
 
 
+def input_unavailable_line(custom_id: str | None) -> str:
+    """An error-file line for a request left unrun because the batch's input file cannot be read any more."""
+    message = "The batch's input file could not be read any more, so this request never ran."
+    return failure_line(custom_id, "input_file_unavailable", message)
+
+
 def credentials_unavailable_line(custom_id: str | None) -> str:
     """An error-file line for a request left unrun by a restart, when the batch needs its creator's credentials."""
     message = (

@@ -22,7 +22,7 @@ The parser is total: whatever the bytes, it returns requests or validation error
 - Objects and arrays nest at most MAX_JSON_DEPTH (64) deep.
 - `custom_id` is a string of 1 to MAX_CUSTOM_ID_CHARS (512) characters.
 
-Error messages quote caller text (custom_id, url) cut to MAX_SHOWN_CHARS.
+Error messages quote caller text (custom_id, url) as validation.quoted does: cut short, escaped.
 """
 
 import json
@@ -35,12 +35,13 @@ from typing import Any
 
 from openai.types.batch_error import BatchError
 
+from .validation import quoted
+
 MAX_REQUESTS = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_LISTED_ERRORS = 100
 MAX_JSON_DEPTH = 64  # far beyond any request body (a tool's JSON schema nests about 10 deep)
 MAX_CUSTOM_ID_CHARS = 512
-MAX_SHOWN_CHARS = 64
 BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
 # The body fields each endpoint needs, with the JSON types they may have.
@@ -59,7 +60,7 @@ def _refuse_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"the number {shown(text)} is out of range")
+        raise ValueError(f"the number {quoted(text)} is out of range")
     return value
 
 
@@ -72,11 +73,6 @@ _BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
 # An escape of a UTF-16 surrogate, \uD800 to \uDFFF: the only way a JSON line can hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
-    """`text` quoted for an error message, cut to `limit` characters: messages never echo unbounded caller text."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def nesting_depth(raw: bytes) -> int:
@@ -215,7 +211,7 @@ def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError
     if data["method"] != "POST":
         return line_error("invalid_request", line, "'method' must be 'POST'.", "method")
     if data["url"] != endpoint:
-        message = f"The url {shown(data['url'])} does not match the batch endpoint {shown(endpoint)}."
+        message = f"The url {quoted(data['url'])} does not match the batch endpoint {quoted(endpoint)}."
         return line_error("invalid_url", line, message, "url")
     body = data["body"]
     if body.get("stream") is True:
@@ -242,7 +238,7 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
     """Check every line of a JSONL input file for a batch on `endpoint`."""
     parsed = ParsedInput(index=InputIndex(content=content))
     if endpoint not in REQUIRED_BODY_FIELDS:
-        parsed.errors.append(file_error(f"The endpoint {shown(endpoint)} is not supported.", param="endpoint"))
+        parsed.errors.append(file_error(f"The endpoint {quoted(endpoint)} is not supported.", param="endpoint"))
         return parsed
     if len(content) > MAX_FILE_BYTES:
         parsed.errors.append(file_error(f"The input file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB."))
@@ -266,7 +262,7 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
             return parsed
         result = checked_line(raw, line, endpoint)
         if isinstance(result, RequestLine) and result.custom_id in seen_ids:
-            message = f"The custom_id {shown(result.custom_id)} appears more than once."
+            message = f"The custom_id {quoted(result.custom_id)} appears more than once."
             result = line_error("duplicate_custom_id", line, message, "custom_id")
         if isinstance(result, BatchError):
             problems += 1

@@ -22,6 +22,7 @@ from llama_stack_api.common.errors import ResourceNotFoundError
 from openai.types.batch_error import BatchError
 
 from .input_file import MAX_FILE_BYTES, MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error, parse_input
+from .validation import quoted
 
 
 class InputFileGone(Exception):
@@ -83,6 +84,6 @@ async def unknown_models(models: Models, first_line_of_model: dict[str, int]) ->
         try:
             await models.get_model(GetModelRequest(model_id=model))
         except Exception:
-            message = f"The model {model[:64]!r} does not exist or is not available."
+            message = f"The model {quoted(model)} does not exist or is not available."
             errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
     return errors

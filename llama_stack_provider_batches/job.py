@@ -60,11 +60,6 @@ class Stop(Enum):
     LEASE_LOST = "lease_lost"  # another server runs the batch now
 
 
-def input_unavailable_line(custom_id: str | None) -> str:
-    message = "The batch's input file could not be read any more, so this request never ran."
-    return formats.failure_line(custom_id, "input_file_unavailable", message)
-
-
 @dataclass
 class JobSettings:
     """The parts of the provider config a job needs."""
@@ -173,7 +168,7 @@ class BatchJob:
             logger.error("Input file gone; the batch ends failed", batch_id=self.batch_id)
             message = f"The input file {batch.input_file_id!r} cannot be read any more; the batch cannot go on."
             errors = [file_error(message, code="input_file_unavailable")]
-            await self._finalizer().close("failed", total, input_unavailable_line, errors=errors)
+            await self._finalizer().close("failed", total, formats.input_unavailable_line, errors=errors)
             return
         self._total = len(index)
         self._done = bytearray(self._total)

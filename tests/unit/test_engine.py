@@ -143,7 +143,7 @@ async def test_the_failure_count_survives_a_restart(
     await asyncio.wait_for(second._runner.wait_idle(), timeout=10)
     assert (await second.retrieve_batch(poison.id)).status == "failed"
     assert len(reads) == 1 + 4  # the purpose check at create, then the attempts, those before the restart too
-    assert reads_before_restart >= 3
+    assert reads_before_restart < 1 + 4  # the first server stopped before it used up the attempts
     await second.shutdown()
 
 

@@ -11,12 +11,10 @@ from llama_stack_api import Api
 
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
-from .kv_store import KVBatchStore
 from .ownership import RouteGuard
 from .service import BatchesService
 from .sql_store import SQLBatchStore
 from .startup import start_on_serving_loop
-from .store import BatchStore
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
 
@@ -28,11 +26,8 @@ async def get_provider_impl(
     missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
     if missing:
         raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
-    kvstore = await kvstore_impl(config.kvstore)
-    namespace = config.kvstore.namespace
-    store: BatchStore = (
-        SQLBatchStore(config.sql_store, kvstore, namespace) if config.sql_store else KVBatchStore(kvstore, namespace)
-    )
+    kvstore = await kvstore_impl(config.kvstore)  # read once, for batches an earlier release stored there
+    store = SQLBatchStore(config.sql_store, kvstore, config.kvstore.namespace)
     runner = BatchRunner(store, config, deps[Api.inference], deps[Api.files], deps[Api.models])
     routes = RouteGuard.from_stack_config()
     service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files])

@@ -15,20 +15,25 @@ from pydantic import BaseModel, Field
 class BatchesProviderConfig(BaseModel):
     """Configuration of the batches provider."""
 
-    kvstore: KVStoreReference = Field(description="Where batches are stored (a `kv_*` backend and a namespace).")
-    sql_store: SqlStoreReference | None = Field(
-        default=None,
+    kvstore: KVStoreReference = Field(
         description=(
-            "For several servers sharing one store: a `sql_*` backend (PostgreSQL, or SQLite on one host) and a"
-            " table that hold batch records and leases; results stay in `kvstore`. Unset: one server only."
+            "The built-in provider's store (a `kv_*` backend and a namespace). Batches an earlier release kept"
+            " there are moved into `sql_store` at start-up; nothing new is written to it."
+        )
+    )
+    sql_store: SqlStoreReference = Field(
+        default_factory=lambda: SqlStoreReference(backend="sql_default", table_name="batches"),
+        description=(
+            "Where batches, their leases and their results live: a `sql_*` backend (SQLite, shared safely by every"
+            " process on one host, or PostgreSQL across hosts) and a table name. The stack's `sql_default` unless set."
         ),
     )
     lease_seconds: float = Field(
         default=15.0,
         ge=1,
         description=(
-            "With `sql_store`: how long a server that stops renewing its lease on a batch (it died) keeps it"
-            " before another server takes the batch over."
+            "How long a process that stops renewing its lease on a batch (it died) keeps it before another"
+            " process takes the batch over."
         ),
     )
     max_concurrent_batches: int = Field(default=1, ge=1, description="Batches processed at the same time.")

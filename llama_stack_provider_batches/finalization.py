@@ -113,7 +113,6 @@ class Finalizer:
         if errors:
             fields["errors"] = Errors(object="list", data=errors)
         final = await self._update(lambda b: transition(b, final_status(b, outcome), int(self.clock()), **fields))
-        await self.store.retire(self.batch_id)
         await self.store.results.delete(self.batch_id, chunks_by_epoch)
         await self.store.request_ids.delete(self.batch_id, total)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)

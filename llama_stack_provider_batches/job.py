@@ -110,9 +110,7 @@ class BatchJob:
     async def run(self) -> None:
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
-            # Finished, or never fully created, before a crash could take it off the work queue.
-            await self.store.retire(self.batch_id)
-            return
+            return  # finished by another server before this claim
         # Files are read and written, and models reached, with the creator's rights.
         with acting_as(stored.owner):
             await self._run(stored)
@@ -125,7 +123,6 @@ class BatchJob:
         """
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
-            await self.store.retire(self.batch_id)
             return
         errors = [BatchError(code="batch_processing_failed", line=None, param=None, message=cause)]
         total = stored.batch.request_counts.total if stored.batch.request_counts else 0
@@ -139,7 +136,6 @@ class BatchJob:
         errors = [errors[0].model_copy(update={"message": f"{cause} {kept}"})]
         closed = "cancelled" if stored.batch.status == "cancelling" else "failed"
         await self._move(closed, errors=Errors(object="list", data=errors))
-        await self.store.retire(self.batch_id)
 
     async def _run(self, stored: StoredBatch) -> None:
         batch = stored.batch
@@ -196,7 +192,6 @@ class BatchJob:
             now = self._now()
             refuse = lambda b: transition(b, final_status(b, "failed"), now, errors=errors)  # noqa: E731
             await self.store.update(self.batch_id, refuse, self.lease)  # cancelled meanwhile: cancelled
-            await self.store.retire(self.batch_id)
             return None
         await self.store.request_ids.save(self.batch_id, parsed.custom_ids)
         self._validated = parsed.index

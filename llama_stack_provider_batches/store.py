@@ -1,10 +1,7 @@
-"""What the provider stores, and the small interface its two storage connectors implement.
+"""What the provider stores, and the small interface its storage connector (sql_store.py) implements.
 
-    KVBatchStore   kv_store.py   the stack's kvstore only: one server process (the default)
-    SQLBatchStore  sql_store.py  a SQL database shared by several replicas (config `sql_store`)
-
-Both keep finished request results in the kvstore (ResultChunks below): they are the bulk of the
-data, written by one job at a time, and need no more than point reads and writes.
+Finished request results are kept in chunks (ResultChunks below): they are the bulk of the data,
+written by one job at a time, and need no more than point reads and writes by key.
 
 Leases. A server runs a batch only while it holds the batch's lease, which it takes with `claim`
 and keeps with `renew` while working. Each claim of a batch starts a new lease epoch; a job writes
@@ -17,27 +14,19 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from llama_stack_api import BatchNotFoundError, BatchObject
-from llama_stack_api.internal.kvstore import KVStore
 from pydantic import BaseModel
 
 from .lifecycle import BatchStatus
 from .ownership import Owner
 from .results import ResultEntry, encode_results
 
-LAYOUT_VERSION = 1
 IDS_PER_CHUNK = 5_000
 
 # Batches in these statuses still have work to do: they are claimed and run until terminal.
 UNFINISHED_STATUSES: tuple[BatchStatus, ...] = ("validating", "in_progress", "finalizing", "cancelling")
-
-
-class IndexPosition(BaseModel):
-    """Where a batch id sits in its scope's list index (KVBatchStore only)."""
-
-    page: int
-    slot: int
 
 
 class StoredBatch(BaseModel):
@@ -48,13 +37,22 @@ class StoredBatch(BaseModel):
     # Whether the creating request carried provider credentials; they are never stored themselves.
     request_credentials: bool = False
     idempotency_key: str | None = None
-    index_position: IndexPosition | None = None
     # Result files already uploaded by an interrupted finalization ("output"/"error" -> file id).
     uploaded_files: dict[str, str] = {}
     # When an upload of a result file began ("output"/"error" -> epoch seconds), until it is recorded above.
     uploading: dict[str, int] = {}
     # How many times processing this batch raised unexpectedly (engine.py ends it at a limit).
     processing_failures: int = 0
+
+
+class Chunks(Protocol):
+    """Point reads and writes of text by key: the chunks table (database.py), or a kvstore."""
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,10 +81,10 @@ class LeaseLostError(Exception):
 
 
 class ResultChunks:
-    """Finished request results of unfinished batches, kept in the kvstore in chunks.
+    """Finished request results of unfinished batches, kept in chunks.
 
-        results/<batch_id>/<n>             chunk n written under lease epoch 0 (KVBatchStore)
-        results/<batch_id>/e<epoch>/<n>    chunk n written under lease epoch >= 1 (SQLBatchStore)
+        results/<batch_id>/<n>             chunk n of epoch 0: written by a single server of an earlier release
+        results/<batch_id>/e<epoch>/<n>    chunk n written under lease epoch >= 1
 
     A job numbers its chunks from the count its epoch already has; readers probe each epoch's keys
     in order until one is missing, so no count is kept in step with them. A job that lost its lease
@@ -94,8 +92,8 @@ class ResultChunks:
     two epochs ran twice; readers keep its first result.
     """
 
-    def __init__(self, kvstore: KVStore, prefix: str) -> None:
-        self._kv = kvstore
+    def __init__(self, chunks: Chunks, prefix: str = "") -> None:
+        self._kv = chunks
         self._prefix = prefix
 
     def _key(self, batch_id: str, epoch: int, chunk: int) -> str:
@@ -128,7 +126,7 @@ class ResultChunks:
 
 
 class RequestIds:
-    """The custom_ids of a running batch's requests, in file order, kept in the kvstore:
+    """The custom_ids of a running batch's requests, in file order, kept in chunks:
 
         ids/<batch_id>/<n>    JSON list of up to IDS_PER_CHUNK custom_ids
 
@@ -137,8 +135,8 @@ class RequestIds:
     expired on resume): no request goes unaccounted for.
     """
 
-    def __init__(self, kvstore: KVStore, prefix: str) -> None:
-        self._kv = kvstore
+    def __init__(self, chunks: Chunks, prefix: str = "") -> None:
+        self._kv = chunks
         self._prefix = prefix
 
     def _key(self, batch_id: str, chunk: int) -> str:
@@ -243,6 +241,3 @@ class BatchStore(ABC):
     async def release(self, lease: Lease) -> None:
         """Give a lease up, so that any server may claim the batch again at once."""
 
-    @abstractmethod
-    async def retire(self, batch_id: str) -> None:
-        """Take a finished batch off the work queue (where its status alone does not)."""

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from llama_stack.core.request_headers import get_authenticated_user
-from llama_stack.core.storage.datatypes import KVStoreReference, SqliteKVStoreConfig
+from llama_stack.core.storage.datatypes import KVStoreReference, SqliteKVStoreConfig, SqlStoreReference
 from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
 from llama_stack_api import Api, ModelNotFoundError
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
-from llama_stack_provider_batches.kv_store import KVBatchStore
+from llama_stack_provider_batches.sql_store import SQLBatchStore
 from tests.unit.backends import sql_reference
 
 
@@ -155,20 +155,32 @@ def kvstore_reference(tmp_path: Path) -> KVStoreReference:
 
 
 @pytest.fixture
-def config(kvstore_reference: KVStoreReference) -> BatchesProviderConfig:
-    return BatchesProviderConfig(kvstore=kvstore_reference, max_concurrent_requests_per_batch=4)
-
-
-@pytest.fixture
-async def replica_config(config: BatchesProviderConfig, tmp_path: Path) -> AsyncIterator[BatchesProviderConfig]:
-    """The config of a server that shares a SQL store (SQLite here) with others: leases of 1 s."""
+async def sql_store_reference(tmp_path: Path) -> AsyncIterator[SqlStoreReference]:
     async with sql_reference("sqlite", tmp_path) as reference:
-        yield config.model_copy(update={"sql_store": reference, "lease_seconds": 1.0})
+        yield reference
 
 
 @pytest.fixture
-async def store(kvstore_reference: KVStoreReference) -> KVBatchStore:
-    return KVBatchStore(await kvstore_impl(kvstore_reference), kvstore_reference.namespace)
+def config(kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreReference) -> BatchesProviderConfig:
+    return BatchesProviderConfig(
+        kvstore=kvstore_reference, sql_store=sql_store_reference, max_concurrent_requests_per_batch=4
+    )
+
+
+@pytest.fixture
+def replica_config(config: BatchesProviderConfig) -> BatchesProviderConfig:
+    """The config of servers that share the store with others, with leases of 1 s."""
+    return config.model_copy(update={"lease_seconds": 1.0})
+
+
+@pytest.fixture
+async def store(
+    kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreReference
+) -> AsyncIterator[SQLBatchStore]:
+    connector = SQLBatchStore(sql_store_reference, await kvstore_impl(kvstore_reference), kvstore_reference.namespace)
+    await connector.initialize()
+    yield connector
+    await connector.close()
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ async def test_a_batch_that_fails_every_attempt_ends_failed_and_frees_its_slot(
     assert "failed 3 times" in error.message and "RecursionError" in error.message
     assert len(reads) == 1 + 3  # the purpose check at create, then the attempts
     assert (await provider.retrieve_batch(after.id)).status == "completed"
-    assert await provider._store.active_ids() == []
+    assert await provider._store.waiting_ids(10) == []
     await provider.shutdown()
 
 
@@ -282,7 +282,7 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
     )
     assert len(inference.calls) == 101  # nothing ran twice
     assert (await second.retrieve_batch(waiting.id)).status == "completed"
-    assert await second._store.active_ids() == []
+    assert await second._store.waiting_ids(10) == []
     assert second._runner.running() == []
     await second.shutdown()
 
@@ -488,6 +488,10 @@ async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
     provider._runner._clock = lambda: time.time() + 2 * 86400
     expired = await wait_for_status(provider, waiting.id, "expired")
     assert expired.status == "expired" and expired.request_counts.total == 0
+    for _ in range(100):  # the job that closed it releases its lease after the status is written
+        if provider._runner.running() == [running.id]:
+            break
+        await asyncio.sleep(0.02)
     assert provider._runner.running() == [running.id]
     assert len(inference.calls) == 1
     await provider.shutdown()
@@ -501,7 +505,8 @@ async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
     )
     params = CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None)
     broken, _ = await provider._store.create(provider._new_batch(params, owner=None, key=None))
-    await provider._store._kv.set(provider._store._batch_key(broken.batch.id), '{"batch": "garbage')
+    table = provider._store._table
+    await provider._store._db.write(table.update().where(table.c.id == broken.batch.id).values(record='{"batch": "g'))
     after = await start_batch(provider, files, 2)
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
     assert (await provider.retrieve_batch(after.id)).status == "completed"
@@ -509,26 +514,34 @@ async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
     await provider.shutdown()
 
 
-async def test_creates_racing_the_claim_loop_leave_no_batch_behind(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+async def test_creates_racing_two_servers_claim_loops_leave_no_batch_behind_and_list_each_once(
+    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=4)
-    real_put = provider._store.put
-
-    async def slow_put(stored: Any) -> None:  # widens any window between a batch's writes at create
-        await asyncio.sleep(0.02)
-        await real_put(stored)
-
-    provider._store.put = slow_put  # type: ignore[method-assign]
-    provider.start()
+    servers = [await provider_with(replica_config, files, inference, models, max_concurrent_batches=4) for _ in "ab"]
+    for server in servers:
+        server.start()
     file_id = files.add(jsonl([chat_line("a")]))
     created = await asyncio.gather(
-        *(provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h") for _ in range(100))
+        *(
+            servers[n % 2].create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+            for n in range(200)
+        )
     )
-    await asyncio.wait_for(provider._runner.wait_idle(), timeout=60)
-    statuses = [(await provider.retrieve_batch(batch.id)).status for batch in created]
-    assert statuses == ["completed"] * 100
-    await provider.shutdown()
+    for server in servers:
+        await asyncio.wait_for(server._runner.wait_idle(), timeout=90)
+    statuses = [(await servers[1].retrieve_batch(batch.id)).status for batch in created]
+    assert statuses == ["completed"] * 200
+    assert len(inference.calls) == 200  # each batch ran once, on one of the two
+    listed, after = [], None
+    while True:
+        page = await servers[0].list_batches(after=after, limit=37)
+        listed.extend(batch.id for batch in page.data)
+        if not page.has_more:
+            break
+        after = page.last_id
+    assert sorted(listed) == sorted(batch.id for batch in created)
+    for server in servers:
+        await server.shutdown()
 
 
 async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(

@@ -204,11 +204,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    chunks = [chunk async for _, chunk in provider._store.results.through(batch.id, 0)]
+    chunks = [chunk async for _, chunk in provider._store.results.through(batch.id, 1)]
     assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert [chunk async for _, chunk in provider._store.results.through(batch.id, 0)] == []
+    assert [chunk async for _, chunk in provider._store.results.through(batch.id, 1)] == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(

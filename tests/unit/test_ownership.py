@@ -112,7 +112,6 @@ async def test_background_work_runs_as_the_creator_also_after_a_restart(
     assert files.readers[-1] == "alice"
     # As after a restart: the batch is picked up outside any request.
     await provider._store.update(batch.id, lambda b: b.model_copy(update={"status": "validating"}))
-    await provider._store.add_active(batch.id)
     provider._runner.wake()  # the claim loop was started by alice's request, yet runs as nobody
     await provider._runner.wait_idle()
     assert files.readers[-1] == "alice"

@@ -7,16 +7,20 @@ from tests.unit.helpers import make_batch
 
 
 async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
-    return [entry async for _, chunk in store.results.through(batch_id, 0) for entry in decode_results(chunk)]
+    return [entry async for _, chunk in store.results.through(batch_id, 1) for entry in decode_results(chunk)]
 
 
-def lease(batch_id: str) -> Lease:
-    return Lease(batch_id, "this-server", epoch=0)
+async def running(store: BatchStore, batch_id: str) -> Lease:
+    """A new in-progress batch, and this server's lease on it."""
+    _, lease = await store.create(
+        StoredBatch(batch=make_batch(batch_id, status="in_progress")), claim_for="this-server", lease_seconds=30
+    )
+    assert lease is not None
+    return lease
 
 
 async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -> None:
-    await store.create(StoredBatch(batch=make_batch("batch_l", status="in_progress")))
-    log = ResultLog(store, lease("batch_l"), total=3)
+    log = ResultLog(store, await running(store, "batch_l"), total=3)
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 3, 4)
     for _ in range(100):
@@ -32,8 +36,7 @@ async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -
 
 
 async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
-    await store.create(StoredBatch(batch=make_batch("batch_c", status="in_progress")))
-    log = ResultLog(store, lease("batch_c"), total=5)
+    log = ResultLog(store, await running(store, "batch_c"), total=5)
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
     assert log.counts().completed == 0
     await log.flush()
@@ -44,17 +47,18 @@ async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
 
 
 async def test_a_resumed_log_numbers_new_chunks_after_the_stored_ones(store: BatchStore) -> None:
-    first = ResultLog(store, lease("batch_r"), total=4)
+    lease = await running(store, "batch_r")
+    first = ResultLog(store, lease, total=4)
     first.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await first.flush()
-    second = ResultLog(store, lease("batch_r"), total=4, stored_chunks=first.chunks)
+    second = ResultLog(store, lease, total=4, stored_chunks=first.chunks)
     second.add_success(ResultEntry(1, True, "{}"), 0, 0)
     await second.flush()
     assert [entry.position for entry in await stored_entries(store, "batch_r")] == [0, 1]
 
 
 async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) -> None:
-    log = ResultLog(store, lease("batch_x"), total=50)
+    log = ResultLog(store, await running(store, "batch_x"), total=50)
     writer = asyncio.create_task(log.write_continuously())
     for position in range(50):
         log.add_success(ResultEntry(position, True, "{}"), 0, 0)
@@ -68,8 +72,7 @@ async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) 
 
 
 async def test_progress_is_reported_within_the_interval_even_when_results_stop_coming(store: BatchStore) -> None:
-    await store.create(StoredBatch(batch=make_batch("batch_p", status="in_progress")))
-    log = ResultLog(store, lease("batch_p"), total=10)
+    log = ResultLog(store, await running(store, "batch_p"), total=10)
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await asyncio.sleep(0.1)

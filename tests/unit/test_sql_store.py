@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from llama_stack_provider_batches.kv_store import KVBatchStore
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.sql_store import SQLBatchStore
 from llama_stack_provider_batches.store import LeaseLostError, StoredBatch
@@ -80,29 +79,3 @@ async def test_a_released_lease_can_be_claimed_at_once_by_another_replica(replic
     await first.release(lease)  # a graceful stop
     [taken] = await second.claim("server-b", 1, lease_seconds=30)
     assert taken.epoch == lease.epoch + 1
-
-
-@pytest.mark.parametrize("backend", SQL_BACKENDS)
-async def test_a_single_servers_unfinished_batches_are_taken_over_and_the_others_still_found(
-    backend: str, tmp_path: Path
-) -> None:
-    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(backend, tmp_path) as ref:
-        single = KVBatchStore(kvstore, namespace)  # the deployment before `sql_store` was set
-        await single.create(StoredBatch(batch=make_batch("batch_done")))
-        await single.update("batch_done", lambda b: transition(b, "failed", now=2))
-        await single.retire("batch_done")
-        await single.create(StoredBatch(batch=make_batch("batch_running"), idempotency_key="k"))
-        await single.update("batch_running", lambda b: transition(b, "in_progress", now=2))
-
-        for _ in range(2):  # two replicas start: one copies, the other finds nothing left to copy
-            replica = SQLBatchStore(ref, kvstore, namespace)
-            await replica.initialize()
-        assert await single.active_ids() == []
-        [lease] = await replica.claim("server-a", 10, lease_seconds=30)
-        assert (lease.batch_id, lease.epoch) == ("batch_running", 1)  # its results so far are epoch 0's
-        assert (await replica.get_batch("batch_done")).status == "failed"  # found by id
-        page = await replica.page("_", None, 10)
-        assert page is not None and [s.batch.id for s in page.batches] == ["batch_running"]
-        replay, _ = await replica.create(StoredBatch(batch=make_batch("batch_new"), idempotency_key="k"))
-        assert replay.batch.id == "batch_running"
-        await replica.close()

@@ -1,6 +1,4 @@
-"""What every storage connector does, run against each connector on each backend that runs here:
-KVBatchStore over the SQLite, PostgreSQL and Redis kvstores; SQLBatchStore over SQLite and
-PostgreSQL (results in a SQLite kvstore)."""
+"""What the store does, on each SQL backend that runs here (SQLite and PostgreSQL)."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -9,28 +7,18 @@ from pathlib import Path
 import pytest
 from llama_stack_api import BatchNotFoundError, BatchObject
 
-from llama_stack_provider_batches.kv_store import KVBatchStore
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.ownership import Owner, scope_of
 from llama_stack_provider_batches.results import ResultEntry, decode_results
 from llama_stack_provider_batches.sql_store import SQLBatchStore
 from llama_stack_provider_batches.store import BatchStore, StoredBatch
-from tests.unit.backends import KV_BACKENDS, SQL_BACKENDS, open_kvstore, sql_reference
+from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch
 
-CONNECTORS = [f"kv-{name}" for name in KV_BACKENDS] + [f"sql-{name}" for name in SQL_BACKENDS]
 
-
-@pytest.fixture(params=CONNECTORS)
+@pytest.fixture(params=SQL_BACKENDS)
 async def store(request, tmp_path: Path) -> AsyncIterator[BatchStore]:
-    kind, backend = request.param.split("-")
-    if kind == "kv":
-        async with open_kvstore(backend, tmp_path) as (kvstore, namespace):
-            connector: BatchStore = KVBatchStore(kvstore, namespace)
-            await connector.initialize()
-            yield connector
-        return
-    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(backend, tmp_path) as ref:
+    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(request.param, tmp_path) as ref:
         connector = SQLBatchStore(ref, kvstore, namespace)
         await connector.initialize()
         yield connector
@@ -115,7 +103,6 @@ async def test_claims_take_unfinished_batches_oldest_first_and_once(store: Batch
     for batch_id in ("batch_1", "batch_2", "batch_3"):
         await create(store, batch_id)
     await store.update("batch_2", lambda b: transition(b, "failed", now=2))
-    await store.retire("batch_2")
     first = await store.claim("server-a", 1, lease_seconds=30)
     assert [lease.batch_id for lease in first] == ["batch_1"]
     rest = await store.claim("server-a", 10, lease_seconds=30)

@@ -1,14 +1,19 @@
 """Starting and stopping the real processes that integration tests and benchmarks talk to: the
 stand-in model server and `llama stack run`."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +124,32 @@ def fresh_replica_set_env(directory: Path, **settings: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def token_endpoint(users: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """An endpoint for the stack's `custom` auth provider, on a free port while in use: it answers
+    each token of `users` with its user ({"principal", "attributes"}), and any other with 401."""
+
+    class TokenToUser(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            user = users.get(body.get("api_key"))
+            self.send_response(200 if user else 401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(user or {"error": "unknown token"}).encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenToUser)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/auth"
+    finally:
+        server.shutdown()
+
+
 def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = "", base: Path = RUN_YAML) -> Path:
     """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`,
     with `route_policy` (YAML list items indented for `server.auth.route_policy`) if given."""
@@ -185,3 +216,96 @@ def run_yaml_with_access_policy(directory: Path, auth_endpoint: str, access_poli
     path = run_yaml_with_auth(own_directory, auth_endpoint, base=base)
     path.write_text(path.read_text() + "    access_policy:\n" + access_policy)
     return path
+
+
+def run_yaml_with_workers(directory: Path, workers: int, base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml whose server runs `workers` uvicorn worker processes (`server.workers`), each
+    building its own providers over the same stores."""
+    path = directory / f"{base.stem}-workers-{workers}.yaml"
+    path.write_text(base.read_text().rstrip("\n") + f"\nserver:\n  workers: {workers}\n")
+    return path
+
+
+def _proc_stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of /proc/<pid>/stat (state, ppid, ...), past the command name in parentheses."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def worker_pids(stack: ServerProcess) -> list[int]:
+    """The uvicorn worker processes of a stack started with `server.workers` above 1, sorted.
+
+    `llama stack run` runs uvicorn's supervisor, which starts each worker with multiprocessing's
+    `spawn` (a child whose command line runs `spawn_main`) and restarts a worker that dies; its other
+    child, multiprocessing's resource tracker, is left out. Read from /proc, so Linux only."""
+    parent = stack.process.pid
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int(_proc_stat_fields(int(entry.name))[1]) != parent:
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"spawn_main" in command:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def wait_for_workers(stack: ServerProcess, count: int, timeout: float = 120) -> list[int]:
+    """The stack's worker pids once `count` of them run and the stack answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(stack)
+        if len(pids) == count:
+            stack.wait_healthy("/v1/health", timeout=max(1.0, deadline - time.monotonic()))
+            return pids
+        if stack.process.poll() is not None:
+            raise RuntimeError(f"{stack.name} exited with {stack.process.returncode}:\n{stack.log_tail()}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{stack.name} has workers {worker_pids(stack)}, not {count}, after {timeout} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = _proc_stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def connections_to_port(pid: int, port: int) -> int:
+    """How many established TCP connections process `pid` holds to a local or remote `port` (such as
+    the stand-in's port, to tell which worker is sending a batch's requests). Read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            columns = row.split()
+            ports = {int(address.rsplit(":", 1)[1], 16) for address in columns[1:3]}
+            if columns[3] == "01" and port in ports and columns[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+def stop_stack_and_workers(stack: ServerProcess, timeout: float = 20) -> None:
+    """Stop a stack started with several workers, and SIGKILL any worker left behind (a worker outlives
+    its supervisor when the supervisor is killed or does not stop in time)."""
+    workers = worker_pids(stack) if stack.process.poll() is None else []
+    stack.stop(timeout=timeout)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # it stopped with its supervisor

@@ -1,13 +1,10 @@
 """Two users on one stack with authentication on (the stack's `custom` provider, pointed at a small
 token-to-user endpoint served here): batches, files and idempotency keys stay each user's own."""
 
-import json
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -15,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
-from tools.harness import ServerProcess, StandInControl, run_yaml_with_auth, start_stack, warm_up
+from tools.harness import ServerProcess, StandInControl, run_yaml_with_auth, start_stack, token_endpoint, warm_up
 
 USERS = {  # disjoint attributes: the stack's default policy then lets each see only their own
     "alice-token": {"principal": "alice", "attributes": {"teams": ["red"]}},
@@ -29,26 +26,10 @@ ROUTE_POLICY = (
 )
 
 
-class TokenToUser(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = USERS.get(body.get("api_key"))
-        self.send_response(200 if user else 401)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(json.dumps(user or {"error": "unknown token"}).encode())
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def auth_endpoint() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenToUser)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/auth"
-    server.shutdown()
+    with token_endpoint(USERS) as url:
+        yield url
 
 
 class AuthStack:

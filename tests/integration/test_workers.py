@@ -1,0 +1,211 @@
+"""The stack's own `server.workers: 2`: uvicorn runs two worker processes behind one port, each
+building its own batches provider over the same SQLite stores of the shipped run.yaml. A batch must
+still be sent to the model once per request and complete with every custom_id once, and a worker
+killed mid-batch must neither lose the batch nor have it sent again beyond what was in flight.
+
+What the stand-in received is counted per prompt (each request's prompt is unique), and the
+figures measured are written to `workers.json` in the test session's directory.
+"""
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+from openai.types import Batch
+
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
+from tools.harness import (
+    ServerProcess,
+    StandInControl,
+    connections_to_port,
+    cpu_seconds,
+    run_yaml_with_workers,
+    start_stack,
+    stop_stack_and_workers,
+    wait_for_workers,
+    warm_up,
+    worker_pids,
+)
+
+WORKERS = 2
+WINDOW = 10  # requests of one batch in flight (max_concurrent_requests_per_batch)
+LEASE_SECONDS = 3  # how soon a batch held by a killed worker may be taken over
+
+
+def with_lease_seconds(path: Path, seconds: float) -> Path:
+    """`path` rewritten with `lease_seconds: <seconds>` in the batches provider's config, replacing the
+    value there if the file sets one, else on the line after the provider's `kvstore:`."""
+    lines = path.read_text().splitlines()
+    existing = [n for n, line in enumerate(lines) if line.strip().startswith("lease_seconds:")]
+    if existing:
+        n = existing[0]
+        lines[n] = re.sub(r"lease_seconds:[^#]*", f"lease_seconds: {seconds:g}   ", lines[n]).rstrip()
+    else:
+        n = next(n for n, line in enumerate(lines) if line.strip().startswith("kvstore:"))
+        indent = lines[n][: len(lines[n]) - len(lines[n].lstrip())]
+        lines.insert(n + 1, f"{indent}lease_seconds: {seconds:g}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_workers_stack(run_dir: Path, model_url: str, lease_seconds: float | None = None) -> ServerProcess:
+    """A stack with WORKERS workers over fresh SQLite state, both workers up, tables created."""
+    tag = uuid.uuid4().hex[:6]
+    directory = run_dir / f"workers-{tag}"
+    directory.mkdir()
+    run_yaml = run_yaml_with_workers(directory, WORKERS)
+    env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW)}
+    if lease_seconds is not None:
+        with_lease_seconds(run_yaml, lease_seconds)
+        env["BATCHES_LEASE_SECONDS"] = f"{lease_seconds:g}"
+    stack = start_stack(run_dir, directory / "state", model_url, env, run_yaml=run_yaml)
+    try:
+        wait_for_workers(stack, WORKERS)
+        warm_up(stack)
+    except BaseException:
+        stop_stack_and_workers(stack)
+        raise
+    return stack
+
+
+@pytest.fixture(scope="module")
+def workers_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
+    """Two workers with the shipped run.yaml (SQLite, no sql_store), for the whole module."""
+    stack = start_workers_stack(run_dir, f"{standin_server.url}/v1")
+    yield stack
+    stop_stack_and_workers(stack)
+
+
+@pytest.fixture
+def short_lease_workers_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
+    """Two workers with the shipped run.yaml and a 3 s lease, for one test that kills a worker."""
+    stack = start_workers_stack(run_dir, f"{standin_server.url}/v1", lease_seconds=LEASE_SECONDS)
+    yield stack
+    stop_stack_and_workers(stack)
+
+
+def client_of(stack: ServerProcess) -> OpenAI:
+    # Retries: a connection kept alive to a worker that was killed fails once.
+    return OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=3, timeout=60)
+
+
+def record(run_dir: Path, case: str, figures: dict[str, Any]) -> None:
+    path = run_dir / "workers.json"
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    measured[case] = figures
+    path.write_text(json.dumps(measured, indent=2))
+    print(f"\n{case}: {figures}")
+
+
+def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> list[int]:
+    """How many times the stand-in received each line's request (its prompt is unique to the line)."""
+    received = standin.stats()["by_prompt"]
+    return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]
+
+
+def outcome(client: OpenAI, final: Batch, lines: list[dict[str, Any]], standin: StandInControl) -> dict[str, Any]:
+    """The figures of a finished batch: its status and counts, its output, what the model received."""
+    time.sleep(1)  # let requests still in flight anywhere reach the stand-in's counters
+    output = read_result_file(client, final.output_file_id) if final.output_file_id else []
+    ids = [line["custom_id"] for line in output]
+    sent = sent_per_request(standin, lines)
+    return {
+        "requests": len(lines),
+        "status": final.status,
+        "completed": final.request_counts.completed,
+        "failed": final.request_counts.failed,
+        "output_lines": len(ids),
+        "distinct_custom_ids_in_output": len(set(ids)),
+        "output_matches_input": sorted(ids) == sorted(line["custom_id"] for line in lines),
+        "model_requests": sum(sent),
+        "never_sent": sent.count(0),
+        "sent_more_than_once": sum(1 for count in sent if count > 1),
+        "most_sends_of_one_request": max(sent),
+    }
+
+
+def wait_for_progress(client: OpenAI, batch_id: str, at_least: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.request_counts.completed >= at_least or batch.status not in ("validating", "in_progress"):
+            return batch.request_counts.completed
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} requests of {batch_id} completed in {timeout} s")
+
+
+def busiest_worker(stack: ServerProcess, model_port: int) -> tuple[int, dict[str, Any]]:
+    """The worker running the batch: the one holding connections to the model, else the one using CPU."""
+    pids = worker_pids(stack)
+    connections = {pid: connections_to_port(pid, model_port) for pid in pids}
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(0.5)
+    cpu = {pid: round(cpu_seconds(pid) - before[pid], 2) for pid in pids}
+    chosen = max(pids, key=lambda pid: (connections[pid], cpu[pid]))
+    return chosen, {"connections_to_model": connections, "cpu_s_in_half_a_second": cpu}
+
+
+def test_a_batch_on_two_workers_is_sent_once_per_request_and_completes(
+    workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
+) -> None:
+    assert len(worker_pids(workers_stack)) == WORKERS
+    standin.configure(latency_mean=0.005, latency_sigma=0)
+    client = client_of(workers_stack)
+    lines = chat_lines(2000)
+    started = time.monotonic()
+    batch = create_chat_batch(client, lines)
+    final = wait_for_batch(client, batch.id, timeout=180)
+    figures = {"seconds": round(time.monotonic() - started, 1), **outcome(client, final, lines, standin)}
+    record(run_dir, "two_workers", figures)
+
+    assert final.status == "completed", figures
+    assert (final.request_counts.completed, final.request_counts.failed) == (2000, 0), figures
+    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == 2000, figures
+    assert figures["output_matches_input"], figures
+    assert figures["model_requests"] == 2000 and figures["most_sends_of_one_request"] == 1, figures
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in_flight(
+    short_lease_workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
+) -> None:
+    stack = short_lease_workers_stack
+    standin.configure(latency_mean=0.1, latency_sigma=0)  # 2,000 requests, 10 at a time: about 20 s
+    client = client_of(stack)
+    lines = chat_lines(2000)
+    batch = create_chat_batch(client, lines)
+    done_at_kill = wait_for_progress(client, batch.id, len(lines) // 3, timeout=60)
+
+    model_port = int(standin.url.rsplit(":", 1)[1])
+    victim, evidence = busiest_worker(stack, model_port)
+    survivors = [pid for pid in worker_pids(stack) if pid != victim]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    final = wait_for_batch(client, batch.id, timeout=120)
+    figures = {
+        "completed_when_killed": done_at_kill,
+        "killed_worker": victim,
+        **evidence,
+        "seconds_after_kill": round(time.monotonic() - killed_at, 1),
+        "workers_after": worker_pids(stack),
+        **outcome(client, final, lines, standin),
+    }
+    record(run_dir, "two_workers_one_killed", figures)
+
+    assert set(survivors) <= set(figures["workers_after"]), "the other worker died too"
+    assert final.status == "completed", figures
+    assert (final.request_counts.completed, final.request_counts.failed) == (2000, 0), figures
+    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == 2000, figures
+    assert figures["output_matches_input"], figures
+    assert figures["never_sent"] == 0, figures
+    # Repeated at most: the requests in flight in the killed worker, and one unwritten group of results.
+    assert figures["model_requests"] <= len(lines) + 2 * WINDOW, figures
+    assert figures["most_sends_of_one_request"] <= 2, figures

@@ -36,7 +36,19 @@ class BatchesProviderConfig(BaseModel):
             " process takes the batch over."
         ),
     )
-    max_concurrent_batches: int = Field(default=1, ge=1, description="Batches processed at the same time.")
+    max_concurrent_batches: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Batches processed at the same time by each process; a slot left free runs a part (shard) of a"
+            " batch another process runs."
+        ),
+    )
+    requests_per_shard: int = Field(
+        default=1000,
+        ge=1,
+        description="Requests per shard: the part of a batch another process may take over to run beside its own.",
+    )
     max_concurrent_requests_per_batch: int = Field(
         default=10, ge=1, description="Requests of one batch in flight at the same time."
     )

@@ -1,8 +1,9 @@
 """The SQL database that holds everything the provider stores: its tables, its connections, its clock.
 
-Two tables, named after `sql_store.table_name` (`batches` unless set):
+Three tables, named after `sql_store.table_name` (`batches` unless set):
 
     <name>          one row per batch: its record, list order, idempotency key, status and lease (sql_store.py)
+    <name>_shards   one row per range of a running batch's requests: its lease and progress (shards.py)
     <name>_chunks   key -> text: result chunks and custom_id lists of unfinished batches (store.py)
 
 The database is the stack's `sql_default` backend unless configured otherwise: SQLite on one host
@@ -22,6 +23,7 @@ from llama_stack.core.storage.datatypes import SqlAlchemySqlStoreConfig, SqlStor
 from llama_stack.core.storage.sqlstore.sqlstore import sqlstore_impl
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     ColumnElement,
     Executable,
@@ -59,8 +61,8 @@ class Written:
     rows: list[Row[Any]]
 
 
-def define_tables(name: str) -> tuple[Table, Table]:
-    """The batches table and the chunks table (created if missing at start-up)."""
+def define_tables(name: str) -> tuple[Table, Table, Table]:
+    """The batches, shards and chunks tables (created if missing at start-up)."""
     metadata = MetaData()
     batches = Table(
         name,
@@ -79,13 +81,33 @@ def define_tables(name: str) -> tuple[Table, Table]:
     )
     Index(f"{name}_by_scope", batches.c.scope, batches.c.created_ns)
     Index(f"{name}_by_status", batches.c.status, batches.c.created_ns)
+    shards = Table(
+        f"{name}_shards",
+        metadata,
+        Column("batch_id", String(64), primary_key=True),
+        Column("shard", Integer, primary_key=True),
+        Column("first", Integer, nullable=False),
+        Column("end", Integer, nullable=False),
+        Column("batch_created_ns", BigInteger, nullable=False),
+        Column("shareable", Boolean, nullable=False),  # False: only the batch's own job may run it
+        Column("done", Boolean, nullable=False, default=False),
+        Column("lease_token", String(64), nullable=True),
+        Column("lease_holder", String(256), nullable=True),
+        Column("lease_epoch", Integer, nullable=False, default=0),
+        Column("lease_expires_at", Float, nullable=True),
+        Column("completed", Integer, nullable=False, default=0),
+        Column("failed", Integer, nullable=False, default=0),
+        Column("input_tokens", BigInteger, nullable=False, default=0),
+        Column("output_tokens", BigInteger, nullable=False, default=0),
+    )
+    Index(f"{name}_shards_open", shards.c.done, shards.c.batch_created_ns)
     chunks = Table(
         f"{name}_chunks",
         metadata,
         Column("key", String(256), primary_key=True),
         Column("value", Text, nullable=False),
     )
-    return batches, chunks
+    return batches, shards, chunks
 
 
 def idempotency_ref(scope: str, key: str) -> str:
@@ -128,7 +150,7 @@ class Database:
         if not isinstance(config, SqlAlchemySqlStoreConfig):
             raise ValueError(f"The batches sql_store backend {reference.backend!r} is not a SQLite or PostgreSQL one.")
         self.url = config.engine_str
-        self.batches, self.chunks = define_tables(reference.table_name)
+        self.batches, self.shards, self.chunks = define_tables(reference.table_name)
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self._statements: set[asyncio.Task[Any]] = set()
@@ -225,3 +247,19 @@ class SqlChunks:
     async def delete(self, key: str) -> None:
         table = self._db.chunks
         await self._db.write(delete(table).where(table.c.key == key))
+
+    async def delete_under(self, prefix: str) -> None:
+        """Delete every key that starts with `prefix`."""
+        table = self._db.chunks
+        await self._db.write(delete(table).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+
+    async def keys_under(self, prefix: str) -> list[str]:
+        """Every key that starts with `prefix`."""
+        table = self._db.chunks
+        rows = await self._db.read(select(table.c.key).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+        return [row.key for row in rows]
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching what starts with `prefix` (batch ids hold `_`, a LIKE wildcard)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -36,9 +36,11 @@ from llama_stack_api.common.errors import LlamaStackError
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
-from .job import BatchJob, JobSettings
+from .job import BatchJob
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
 from .resilience import RateLimiter, RetryPolicy
+from .shard_helpers import ShardHelpers
+from .shard_run import JobSettings
 from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
@@ -105,6 +107,8 @@ class BatchRunner:
             window=config.max_concurrent_requests_per_batch,
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,
+            lease_seconds=config.lease_seconds,
+            requests_per_shard=config.requests_per_shard,
         )
         self.lease_seconds = config.lease_seconds
         self.holder = server_name()
@@ -117,6 +121,9 @@ class BatchRunner:
         self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
         self._attempts = JobAttempts(store, config, self._stopping, self._job)
+        self._helpers = ShardHelpers(
+            store, self._sender, files, self._settings, self.holder, self._stopping, self.wake, clock
+        )
         self._wake = asyncio.Event()
         self._claim_loop: asyncio.Task[None] | None = None
         # Claim passes started and finished: lets `wait_idle` know a wake-up has been acted on.
@@ -173,7 +180,11 @@ class BatchRunner:
 
     async def wait_idle(self) -> None:
         """Wait until every claimable batch has been claimed and every job here has stopped."""
-        while self._tasks or (self._claim_loop is not None and self._passes_done < self._passes_wanted):
+        while (
+            self._tasks
+            or len(self._helpers)
+            or (self._claim_loop is not None and self._passes_done < self._passes_wanted)
+        ):
             if self._tasks:
                 await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             else:
@@ -189,6 +200,7 @@ class BatchRunner:
         self._wake.set()
         if self._claim_loop is not None:
             await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
+        await self._helpers.stop()
         tasks = list(self._tasks.values())
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self._settings.shutdown_grace_seconds + 1)
@@ -221,8 +233,18 @@ class BatchRunner:
             await wait_at_most(self._wake, POLL_SECONDS)
 
     async def _fill_free_slots(self) -> None:
-        """Start the oldest batches, claimable or parked here, while slots are free."""
-        free = self._config.max_concurrent_batches - len(self._tasks)
+        """Start the oldest batches, claimable or parked here, while slots are free; then help other
+        processes' batches with the slots left (shard_helpers.py)."""
+        await self._start_batches()
+        free = self._config.max_concurrent_batches - len(self._tasks) - len(self._helpers)
+        if free > 0 and not self._parked_waiting():
+            await self._helpers.fill(free, busy=set(self._tasks))
+
+    def _parked_waiting(self) -> bool:
+        return any(parked.context is not None for parked in self._parked.values())
+
+    async def _start_batches(self) -> None:
+        free = self._config.max_concurrent_batches - len(self._tasks) - len(self._helpers)
         if free <= 0:
             return
         claimed = []
@@ -334,7 +356,8 @@ class BatchRunner:
     async def _run(self, lease: Lease) -> None:
         lost, finished = asyncio.Event(), asyncio.Event()
         on_cancelling = lambda: self.request_cancel(lease.batch_id)  # noqa: E731
-        keeper = keep_lease(self._store, lease, self.lease_seconds, lost, finished, on_cancelling)
+        renew = lambda: self._store.renew(lease, self.lease_seconds)  # noqa: E731
+        keeper = keep_lease(renew, self.lease_seconds, lost, finished, on_cancelling, lease.batch_id)
         heartbeat = asyncio.create_task(keeper, name=f"lease:{lease.batch_id}")
         try:
             if await self._attempts.run(lease, lost) is Ending.SET_ASIDE:
@@ -364,5 +387,6 @@ class BatchRunner:
             cancel_requested=self._cancel_requested[lease.batch_id],
             stopping=self._stopping,
             lease_lost=lost,
+            holder=self.holder,
             clock=self._clock,
         )

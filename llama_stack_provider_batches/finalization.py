@@ -18,7 +18,6 @@ finds the file it uploaded (by name and size) instead of uploading a second one.
 import asyncio
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
@@ -81,12 +80,10 @@ class Finalizer:
             spool = ResultSpool(total, parking)
             kept_tally = tally or Tally()
             # Oldest first: a request run twice (on two servers) keeps the result counted first.
-            chunks_by_epoch: Counter[int] = Counter()
-            async for epoch, chunk in self.store.results.through(self.batch_id, self.lease.epoch):
+            async for chunk in self.store.results.read(self.batch_id):
                 kept = spool.add(decode_results(chunk))
                 if tally is None and kept:
                     kept_tally.merge(await asyncio.to_thread(Tally.of, kept))
-                chunks_by_epoch[epoch] += 1
             missing = spool.missing() if unrun_line is not None else []
             if unrun_line is not None and missing:
                 custom_ids = await self.store.request_ids.load(self.batch_id)
@@ -113,8 +110,9 @@ class Finalizer:
         if errors:
             fields["errors"] = Errors(object="list", data=errors)
         final = await self._update(lambda b: transition(b, final_status(b, outcome), int(self.clock()), **fields))
-        await self.store.results.delete(self.batch_id, chunks_by_epoch)
-        await self.store.request_ids.delete(self.batch_id, total)
+        await self.store.results.delete(self.batch_id)
+        await self.store.request_ids.delete(self.batch_id)
+        await self.store.shards.delete(self.batch_id)
         logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
         return final
 

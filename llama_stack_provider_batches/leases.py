@@ -12,11 +12,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from llama_stack.log import get_logger
-
-from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -54,24 +52,25 @@ async def finish_or_cancel(task: asyncio.Task[None], seconds: float) -> None:
 
 
 async def keep_lease(
-    store: BatchStore,
-    lease: Lease,
+    renew: Callable[[], Awaitable[str | None]],
     lease_seconds: float,
     lost: asyncio.Event,
     finished: asyncio.Event,
     on_cancelling: Callable[[], None],
+    batch_id: str,
 ) -> None:
-    """Renew `lease` until `finished`; call `on_cancelling` when the batch is being cancelled; set `lost`
-    once the lease may be gone."""
+    """Renew a lease (of a batch or a shard: `renew` returns the batch's status, None once the lease is
+    gone) until `finished`; call `on_cancelling` when the batch is being cancelled; set `lost` once
+    the lease may be gone."""
     every = heartbeat_seconds(lease_seconds)
     valid_until = time.monotonic() + lease_seconds
     while not await wait_at_most(finished, every):
         sent = time.monotonic()
         try:
             # Bounded: a renewal that stalls past the lease must not let the job run on without it.
-            status = await asyncio.wait_for(store.renew(lease, lease_seconds), max(0.0, valid_until - sent))
+            status = await asyncio.wait_for(renew(), max(0.0, valid_until - sent))
         except Exception:
-            logger.exception("Cannot renew a lease", batch_id=lease.batch_id)
+            logger.exception("Cannot renew a lease", batch_id=batch_id)
             # Past the last renewal's expiry another server may already run the batch.
             if time.monotonic() + every >= valid_until:
                 lost.set()

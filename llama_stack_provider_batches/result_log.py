@@ -1,11 +1,13 @@
-"""The durable log of one batch's results: finished results go to the kvstore in chunks as they come.
+"""The durable log of one shard's results: finished results go to the store in chunks as they come.
 
 A result is added the moment its request finishes; a writer task stores everything added so far as
 one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write (group commit).
 Under load a chunk carries the results of one interval; when results trickle in, each is stored
 at once. A request counts as done, in `request_counts`, only once its result is stored: after a
 crash, the requests to repeat are those in flight and those of at most one unwritten interval.
-Chunks are written under the job's lease epoch (store.ResultChunks), numbered on from `stored_chunks`.
+Chunks are written under the shard's lease epoch (store.ResultChunks), numbered on from
+`stored_chunks`; the tally of the stored results goes into the shard's row, whose sums are the
+batch's progress (shards.py).
 """
 
 import asyncio
@@ -13,30 +15,27 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from openai.types.batch_request_counts import BatchRequestCounts
-
 from .results import ResultEntry, Tally
-from .store import BatchStore, Lease
+from .shards import ShardLease
+from .store import BatchStore, LeaseLostError
 
 MIN_FLUSH_INTERVAL_SECONDS = 0.01
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 
 class ResultLog:
-    """Buffers a batch's finished results and stores them; keeps the tally of the stored ones."""
+    """Buffers a shard's finished results and stores them; keeps the tally of the stored ones."""
 
     def __init__(
         self,
         store: BatchStore,
-        lease: Lease,
-        total: int,
+        lease: ShardLease,
         stored_chunks: int = 0,
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._lease = lease
-        self._total = total
         self._clock = clock
         self.chunks = stored_chunks
         self.tally = tally or Tally()  # of stored results only
@@ -81,17 +80,15 @@ class ResultLog:
                 return
             entries, tally = self._pending, self._pending_tally
             self._pending, self._pending_tally = [], Tally()
-            await self._store.results.save(self._lease.batch_id, self._lease.epoch, self.chunks, entries)
+            lease = self._lease
+            await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
             self.chunks += 1
             self.tally.merge(tally)
             self._unreported = True
 
     async def report_progress(self) -> None:
-        """Write the counts and usage of the stored results into the batch."""
+        """Write the counts and usage of the stored results into the shard's row."""
         self._last_progress = self._clock()
         self._unreported = False
-        progress = {"request_counts": self.counts(), "usage": self.tally.usage()}
-        await self._store.update(self._lease.batch_id, lambda batch: batch.model_copy(update=progress), self._lease)
-
-    def counts(self) -> BatchRequestCounts:
-        return self.tally.counts(self._total)
+        if not await self._store.shards.save_progress(self._lease, self.tally):
+            raise LeaseLostError(self._lease.batch_id)

@@ -45,7 +45,9 @@ from sqlalchemy.exc import IntegrityError
 
 from .database import Database, SqlChunks, batch_row, idempotency_ref
 from .ownership import scope_of
+from .shards import ShardStore
 from .store import (
+    RUNNING_STATUSES,
     UNFINISHED_STATUSES,
     BatchPage,
     BatchStore,
@@ -67,6 +69,7 @@ class SQLBatchStore(BatchStore):
         chunks = SqlChunks(self._db)
         self.results = ResultChunks(chunks)
         self.request_ids = RequestIds(chunks)
+        self.shards = ShardStore(self._db)
         self._upgrade = LegacyUpgrade(kvstore, namespace, self._db)
 
     async def initialize(self) -> None:
@@ -81,7 +84,20 @@ class SQLBatchStore(BatchStore):
 
     async def get(self, batch_id: str) -> StoredBatch | None:
         rows = await self._db.read(select(self._table.c.record).where(self._table.c.id == batch_id))
-        return StoredBatch.model_validate_json(rows[0].record) if rows else None
+        if not rows:
+            return None
+        [stored] = await self._with_progress([StoredBatch.model_validate_json(rows[0].record)])
+        return stored
+
+    async def _with_progress(self, batches: list[StoredBatch]) -> list[StoredBatch]:
+        """The batches with the counts and usage of running ones summed from their shards (shards.py)."""
+        running = [stored.batch.id for stored in batches if stored.batch.status in RUNNING_STATUSES]
+        progress = await self.shards.progress(running)
+        for stored in batches:
+            if (tally := progress.get(stored.batch.id)) is not None and stored.batch.request_counts is not None:
+                counts = tally.counts(stored.batch.request_counts.total)
+                stored.batch = stored.batch.model_copy(update={"request_counts": counts, "usage": tally.usage()})
+        return batches
 
     async def create(
         self, stored: StoredBatch, claim_for: str | None = None, lease_seconds: float = 0.0
@@ -140,7 +156,7 @@ class SQLBatchStore(BatchStore):
             older = or_(table.c.created_ns < cursor, and_(table.c.created_ns == cursor, table.c.id < after))
             query = query.where(older)
         rows = await self._db.read(query.order_by(table.c.created_ns.desc(), table.c.id.desc()).limit(limit + 1))
-        batches = [StoredBatch.model_validate_json(row.record) for row in rows[:limit]]
+        batches = await self._with_progress([StoredBatch.model_validate_json(row.record) for row in rows[:limit]])
         return BatchPage(batches, has_more=len(rows) > limit)
 
     # --- leases ---------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ taken over by another replica can neither overwrite results nor change the batch
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llama_stack_api import BatchNotFoundError, BatchObject
 from pydantic import BaseModel
@@ -23,10 +23,15 @@ from .lifecycle import BatchStatus
 from .ownership import Owner
 from .results import ResultEntry, encode_results
 
+if TYPE_CHECKING:
+    from .shards import ShardStore
+
 IDS_PER_CHUNK = 5_000
 
 # Batches in these statuses still have work to do: they are claimed and run until terminal.
 UNFINISHED_STATUSES: tuple[BatchStatus, ...] = ("validating", "in_progress", "finalizing", "cancelling")
+# Batches in these statuses may have shards at work (shards.py): their progress is summed from them.
+RUNNING_STATUSES: tuple[BatchStatus, ...] = ("in_progress", "cancelling", "finalizing")
 
 
 class StoredBatch(BaseModel):
@@ -46,13 +51,15 @@ class StoredBatch(BaseModel):
 
 
 class Chunks(Protocol):
-    """Point reads and writes of text by key: the chunks table (database.py), or a kvstore."""
+    """Point reads and writes of text by key, and keys by prefix: the chunks table (database.py)."""
 
     async def get(self, key: str) -> str | None: ...
 
     async def set(self, key: str, value: str) -> None: ...
 
-    async def delete(self, key: str) -> None: ...
+    async def keys_under(self, prefix: str) -> list[str]: ...
+
+    async def delete_under(self, prefix: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -81,48 +88,49 @@ class LeaseLostError(Exception):
 
 
 class ResultChunks:
-    """Finished request results of unfinished batches, kept in chunks.
+    """Finished request results of unfinished batches, kept in chunks:
 
-        results/<batch_id>/<n>             chunk n of epoch 0: written by a single server of an earlier release
-        results/<batch_id>/e<epoch>/<n>    chunk n written under lease epoch >= 1
+        results/<batch_id>/s<shard>/e<epoch>/<n>   chunk n of a shard, written under its lease epoch
+        results/<batch_id>/<n>                     chunk n of an earlier release's single server (epoch 0)
+        results/<batch_id>/e<epoch>/<n>            chunk n of an earlier release's replica (batch lease epoch)
 
-    A job numbers its chunks from the count its epoch already has; readers probe each epoch's keys
-    in order until one is missing, so no count is kept in step with them. A job that lost its lease
-    can still write late, but only into its own epoch: nothing is overwritten. A request found in
-    two epochs ran twice; readers keep its first result.
+    A shard job numbers its chunks from the count its epoch already has, so no count is kept in step
+    with them. A job that lost its lease can still write late, but only into its own epoch: nothing
+    is overwritten. A request found twice ran twice; readers keep the result read first, and read
+    the chunks of earlier releases first, then each shard's epochs in order.
     """
 
-    def __init__(self, chunks: Chunks, prefix: str = "") -> None:
-        self._kv = chunks
-        self._prefix = prefix
+    def __init__(self, chunks: Chunks) -> None:
+        self._chunks = chunks
 
-    def _key(self, batch_id: str, epoch: int, chunk: int) -> str:
-        if epoch == 0:
-            return f"{self._prefix}results/{batch_id}/{chunk}"
-        return f"{self._prefix}results/{batch_id}/e{epoch}/{chunk}"
+    async def save(self, batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
+        """Store results as chunk number `chunk` of a shard's epoch."""
+        await self._chunks.set(f"results/{batch_id}/s{shard}/e{epoch}/{chunk}", encode_results(entries))
 
-    async def save(self, batch_id: str, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
-        """Store results as chunk number `chunk` of the batch's epoch."""
-        await self._kv.set(self._key(batch_id, epoch, chunk), encode_results(entries))
+    async def count(self, batch_id: str, shard: int, epoch: int) -> int:
+        """How many chunks a shard's epoch has stored (a job retried under the same lease numbers on)."""
+        return len(await self._chunks.keys_under(f"results/{batch_id}/s{shard}/e{epoch}/"))
 
-    async def of_epoch(self, batch_id: str, epoch: int) -> AsyncIterator[str]:
-        """Yield the stored chunks of one epoch, in order, one at a time."""
-        chunk = 0
-        while (text := await self._kv.get(self._key(batch_id, epoch, chunk))) is not None:
-            yield text
-            chunk += 1
+    async def read(self, batch_id: str, shard: int | None = None) -> AsyncIterator[str]:
+        """Yield the stored chunks of a batch, oldest first, one at a time: those of earlier releases,
+        then every shard's, or only shard `shard`'s."""
+        for key in sorted(await self._chunks.keys_under(f"results/{batch_id}/"), key=_chunk_order):
+            wanted = shard is None or _chunk_order(key)[1] in (-1, shard)
+            if wanted and (text := await self._chunks.get(key)) is not None:
+                yield text
 
-    async def through(self, batch_id: str, epoch: int) -> AsyncIterator[tuple[int, str]]:
-        """Yield (its epoch, chunk) for every stored chunk of epochs 0 to `epoch`, oldest first."""
-        for each in range(epoch + 1):
-            async for text in self.of_epoch(batch_id, each):
-                yield each, text
+    async def delete(self, batch_id: str) -> None:
+        """Drop a finished batch's chunks (its files now hold them)."""
+        await self._chunks.delete_under(f"results/{batch_id}/")
 
-    async def delete(self, batch_id: str, chunks_by_epoch: Mapping[int, int]) -> None:
-        """Drop a finished batch's chunks (its files now hold them): so many of each epoch, as read."""
-        for epoch, count in chunks_by_epoch.items():
-            for chunk in range(count):
-                await self._kv.delete(self._key(batch_id, epoch, chunk))
+
+def _chunk_order(key: str) -> tuple[int, int, int, int]:
+    """(0 for an earlier release's chunk else 1, shard or -1, epoch, n) of a result chunk's key."""
+    parts = key.split("/")[2:]
+    number = int(parts[-1])
+    if parts[0].startswith("s"):
+        return (1, int(parts[0][1:]), int(parts[1][1:]), number)
+    return (0, -1, int(parts[0][1:]) if len(parts) == 2 else 0, number)
 
 
 class RequestIds:
@@ -135,12 +143,11 @@ class RequestIds:
     expired on resume): no request goes unaccounted for.
     """
 
-    def __init__(self, chunks: Chunks, prefix: str = "") -> None:
+    def __init__(self, chunks: Chunks) -> None:
         self._kv = chunks
-        self._prefix = prefix
 
     def _key(self, batch_id: str, chunk: int) -> str:
-        return f"{self._prefix}ids/{batch_id}/{chunk}"
+        return f"ids/{batch_id}/{chunk}"
 
     async def save(self, batch_id: str, custom_ids: list[str]) -> None:
         for chunk, start in enumerate(range(0, len(custom_ids), IDS_PER_CHUNK)):
@@ -155,9 +162,8 @@ class RequestIds:
             chunk += 1
         return custom_ids
 
-    async def delete(self, batch_id: str, total: int) -> None:
-        for chunk in range((total + IDS_PER_CHUNK - 1) // IDS_PER_CHUNK):
-            await self._kv.delete(self._key(batch_id, chunk))
+    async def delete(self, batch_id: str) -> None:
+        await self._kv.delete_under(f"ids/{batch_id}/")
 
 
 class BatchStore(ABC):
@@ -165,6 +171,7 @@ class BatchStore(ABC):
 
     results: ResultChunks
     request_ids: RequestIds
+    shards: "ShardStore"
 
     @abstractmethod
     async def initialize(self) -> None:
@@ -240,4 +247,3 @@ class BatchStore(ABC):
     @abstractmethod
     async def release(self, lease: Lease) -> None:
         """Give a lease up, so that any server may claim the batch again at once."""
-

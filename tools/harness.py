@@ -92,22 +92,24 @@ def start_standin(log_dir: Path, **behaviour: Any) -> ServerProcess:
     return server
 
 
-KV_BACKENDS = {
-    "sqlite": None,
-    "postgres": "{type: kv_postgres, host: 127.0.0.1, port: 5432, db: test, user: postgres, table_name: batches_kv}",
-    "redis": "{type: kv_redis, host: 127.0.0.1, port: 6379}",
-}
+POSTGRES_SQL_BACKEND = "{type: sql_postgres, host: 127.0.0.1, port: 5432, db: test, user: postgres}"
 
 
-def run_yaml_with_kvstore(directory: Path, backend: str) -> Path:
-    """A copy of run.yaml whose `kv_default` backend is PostgreSQL or Redis on 127.0.0.1."""
-    if KV_BACKENDS[backend] is None:
+def run_yaml_with_sql_store(directory: Path, backend: str) -> Path:
+    """A copy of run.yaml whose batches live in PostgreSQL on 127.0.0.1 (a table of their own), or
+    run.yaml itself for "sqlite" (the stack's sql_default)."""
+    if backend == "sqlite":
         return RUN_YAML
-    lines = [
-        f"    kv_default: {KV_BACKENDS[backend]}" if line.strip().startswith("kv_default:") else line
-        for line in RUN_YAML.read_text().splitlines()
-    ]
-    path = directory / f"run-{backend}.yaml"
+    table = f"batches_{uuid.uuid4().hex[:10]}"
+    lines: list[str] = []
+    for line in RUN_YAML.read_text().splitlines():
+        lines.append(line)
+        if line.strip().startswith("kvstore:") and "namespace" in line:
+            indent = line[: len(line) - len(line.lstrip())]
+            lines.append(f"{indent}sql_store: {{backend: sql_batches, table_name: {table}}}")
+        if line.strip().startswith("sql_default:"):
+            lines.append(f"    sql_batches: {POSTGRES_SQL_BACKEND}")
+    path = directory / f"run-{table}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 

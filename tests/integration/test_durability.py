@@ -21,7 +21,7 @@ from tests.integration.batching import chat_lines, create_chat_batch, read_resul
 from tools.harness import (
     ServerProcess,
     StandInControl,
-    run_yaml_with_kvstore,
+    run_yaml_with_sql_store,
     server_up,
     start_stack,
     warm_up,
@@ -58,12 +58,10 @@ def restartable(run_dir: Path, standin_server: ServerProcess, request: pytest.Fi
     backend = getattr(request, "param", "sqlite")
     if backend == "postgres" and not server_up(5432):
         pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
-    if backend == "redis" and not server_up(6379):
-        pytest.skip("no Redis server on 127.0.0.1:6379")
     name = f"{request.node.name}-{uuid.uuid4().hex[:6]}".replace("[", "-").replace("]", "")
     env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW), "BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
     stack = Restartable(
-        run_dir, run_dir / name, f"{standin_server.url}/v1", env, run_yaml_with_kvstore(run_dir, backend)
+        run_dir, run_dir / name, f"{standin_server.url}/v1", env, run_yaml_with_sql_store(run_dir, backend)
     )
     yield stack
     if stack.server is not None:
@@ -116,7 +114,7 @@ def stop_a_third_through(restartable: Restartable, standin: StandInControl, sig:
     return batch, lines, done_at_stop
 
 
-@pytest.mark.parametrize("restartable", ["sqlite", "postgres", "redis"], indirect=True)
+@pytest.mark.parametrize("restartable", ["sqlite", "postgres"], indirect=True)
 def test_sigkill_mid_run_repeats_at_most_the_requests_in_flight(
     restartable: Restartable, standin: StandInControl, run_dir: Path
 ) -> None:

@@ -2,10 +2,8 @@
 Unicode, files of the wrong purpose, and an access policy forbidding `create`. Every answer is a
 4xx (never a 5xx), and the server keeps answering everyone else."""
 
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -14,8 +12,8 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl, wait_for_batch
-from tests.integration.test_multi_user import TokenToUser
-from tools.harness import ServerProcess, run_yaml_with_access_policy, start_stack, warm_up
+from tests.integration.test_multi_user import USERS
+from tools.harness import ServerProcess, run_yaml_with_access_policy, start_stack, token_endpoint, warm_up
 
 CHAT = "/v1/chat/completions"
 MEGABYTE = 1024 * 1024
@@ -148,18 +146,16 @@ ACCESS_POLICY = (
 @pytest.fixture(scope="module")
 def policy_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[ServerProcess]:
     """A stack with authentication (tokens of test_multi_user) and ACCESS_POLICY."""
-    auth = ThreadingHTTPServer(("127.0.0.1", 0), TokenToUser)
-    threading.Thread(target=auth.serve_forever, daemon=True).start()
-    run_yaml = run_yaml_with_access_policy(run_dir, f"http://127.0.0.1:{auth.server_address[1]}/auth", ACCESS_POLICY)
-    env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
-    state = run_dir / f"policy-state-{uuid.uuid4().hex[:6]}"
-    server = start_stack(run_dir, state, f"{standin_server.url}/v1", env, run_yaml=run_yaml)
-    try:
-        warm_up(server, headers={"Authorization": "Bearer alice-token"})
-        yield server
-    finally:
-        server.stop()
-        auth.shutdown()
+    with token_endpoint(USERS) as auth_url:
+        run_yaml = run_yaml_with_access_policy(run_dir, auth_url, ACCESS_POLICY)
+        env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
+        state = run_dir / f"policy-state-{uuid.uuid4().hex[:6]}"
+        server = start_stack(run_dir, state, f"{standin_server.url}/v1", env, run_yaml=run_yaml)
+        try:
+            warm_up(server, headers={"Authorization": "Bearer alice-token"})
+            yield server
+        finally:
+            server.stop()
 
 
 def client_of(stack: ServerProcess, token: str) -> OpenAI:

@@ -9,7 +9,6 @@ figures measured are written to `workers.json` in the test session's directory.
 
 import json
 import os
-import re
 import signal
 import time
 import uuid
@@ -40,22 +39,6 @@ WINDOW = 10  # requests of one batch in flight (max_concurrent_requests_per_batc
 LEASE_SECONDS = 3  # how soon a batch held by a killed worker may be taken over
 
 
-def with_lease_seconds(path: Path, seconds: float) -> Path:
-    """`path` rewritten with `lease_seconds: <seconds>` in the batches provider's config, replacing the
-    value there if the file sets one, else on the line after the provider's `kvstore:`."""
-    lines = path.read_text().splitlines()
-    existing = [n for n, line in enumerate(lines) if line.strip().startswith("lease_seconds:")]
-    if existing:
-        n = existing[0]
-        lines[n] = re.sub(r"lease_seconds:[^#]*", f"lease_seconds: {seconds:g}   ", lines[n]).rstrip()
-    else:
-        n = next(n for n, line in enumerate(lines) if line.strip().startswith("kvstore:"))
-        indent = lines[n][: len(lines[n]) - len(lines[n].lstrip())]
-        lines.insert(n + 1, f"{indent}lease_seconds: {seconds:g}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def start_workers_stack(run_dir: Path, model_url: str, lease_seconds: float | None = None) -> ServerProcess:
     """A stack with WORKERS workers over fresh SQLite state, both workers up, tables created."""
     tag = uuid.uuid4().hex[:6]
@@ -64,7 +47,6 @@ def start_workers_stack(run_dir: Path, model_url: str, lease_seconds: float | No
     run_yaml = run_yaml_with_workers(directory, WORKERS)
     env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW)}
     if lease_seconds is not None:
-        with_lease_seconds(run_yaml, lease_seconds)
         env["BATCHES_LEASE_SECONDS"] = f"{lease_seconds:g}"
     stack = start_stack(run_dir, directory / "state", model_url, env, run_yaml=run_yaml)
     try:

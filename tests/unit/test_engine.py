@@ -382,7 +382,9 @@ async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the
         return None
 
     monkeypatch.setattr(first._store, "renew", cut_off)
+    monkeypatch.setattr(first._store.shards, "renew", cut_off)
     monkeypatch.setattr(first._store, "claim", lambda *_: asyncio.sleep(0, result=[]))
+    monkeypatch.setattr(first._store.shards, "claim", lambda *_, **__: asyncio.sleep(0, result=None))
     await asyncio.wait_for(first._runner.wait_idle(), timeout=5)  # stops without writing anything
     assert (await first.retrieve_batch(batch.id)).status == "in_progress"
 
@@ -447,7 +449,9 @@ async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_hav
         raise ConnectionError("database unreachable")
 
     monkeypatch.setattr(provider._store, "renew", unreachable)
+    monkeypatch.setattr(provider._store.shards, "renew", unreachable)
     monkeypatch.setattr(provider._store, "claim", lambda *_: asyncio.sleep(0, result=[]))
+    monkeypatch.setattr(provider._store.shards, "claim", lambda *_, **__: asyncio.sleep(0, result=None))
     cut_off_at = time.monotonic()
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=5)
     assert time.monotonic() - cut_off_at <= 1.5  # within the lease, plus a heartbeat

@@ -204,11 +204,11 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
         await asyncio.sleep(0.05)
-    chunks = [chunk async for _, chunk in provider._store.results.through(batch.id, 1)]
+    chunks = [chunk async for chunk in provider._store.results.read(batch.id)]
     assert sum(len(decode_results(chunk)) for chunk in chunks) == 9  # durable while the batch still runs
     gate.set()
     await provider._runner.wait_idle()
-    assert [chunk async for _, chunk in provider._store.results.through(batch.id, 1)] == []
+    assert [chunk async for chunk in provider._store.results.read(batch.id)] == []
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(
@@ -283,18 +283,19 @@ async def test_a_request_whose_result_is_stored_twice_counts_once(
     models: FakeModels,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # As when a replica that lost its lease stored a result late: the same request in two epochs.
+    # As when a process that lost a shard's lease stored a result late: the same request in two epochs.
     provider = await provider_with(replica_config, files, inference, models)
     monkeypatch.setattr(provider._runner, "start", lambda: None)
     lines = [chat_line(f"r{i}") for i in range(6)]
     batch = await provider.create_batch(input_file_id=files.add(jsonl(lines)), endpoint=CHAT, completion_window="24h")
     store = provider._store
-    for _ in range(2):  # two earlier holders: epochs 1 and 2
-        [lease] = await store.claim("earlier-server", 1, lease_seconds=30)
-        await store.release(lease)
     usage = '{"usage": {"prompt_tokens": 3, "completion_tokens": 2}, "epoch": %d}'
-    await store.results.save(batch.id, 1, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 1)) for p in (0, 1)])
-    await store.results.save(batch.id, 2, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 2)) for p in (1, 2)])
+    await store.results.save(
+        batch.id, 0, 1, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 1)) for p in (0, 1)]
+    )
+    await store.results.save(
+        batch.id, 0, 2, 0, [ResultEntry(p, True, success_line(f"r{p}", usage % 2)) for p in (1, 2)]
+    )
     monkeypatch.undo()
     provider.start()
     await provider._runner.wait_idle()
@@ -304,7 +305,7 @@ async def test_a_request_whose_result_is_stored_twice_counts_once(
     assert output[1]["response"]["body"]["epoch"] == 1  # the first stored result
     assert len(inference.calls) == 3  # r3 to r5
     assert (final.request_counts.completed, final.usage.input_tokens) == (6, 18)
-    assert [chunk async for _, chunk in store.results.through(batch.id, 3)] == []
+    assert [chunk async for chunk in store.results.read(batch.id)] == []
     await provider.shutdown()
 
 
@@ -463,17 +464,17 @@ async def test_a_cancel_before_dispatching_sends_nothing(
 ) -> None:
     provider = await provider_with(config, files, inference, models)
     results = provider._store.results
-    real_of_epoch = results.of_epoch
+    real_read = results.read
     loading = asyncio.Event()
 
-    async def slow_of_epoch(batch_id: str, epoch: int) -> Any:
+    async def slow_read(batch_id: str, shard: int | None = None) -> Any:
         # Stored results are read after the move to in_progress and before the first request goes out.
         loading.set()
         await asyncio.sleep(0.1)
-        async for chunk in real_of_epoch(batch_id, epoch):
+        async for chunk in real_read(batch_id, shard):
             yield chunk
 
-    results.of_epoch = slow_of_epoch  # type: ignore[method-assign]
+    results.read = slow_read  # type: ignore[method-assign]
     batch = await start_batch(provider, files, 10)
     await loading.wait()
     await provider.cancel_batch(batch.id)

@@ -1,26 +1,30 @@
 import asyncio
 
+from openai.types.batch_request_counts import BatchRequestCounts
+
 from llama_stack_provider_batches.result_log import ResultLog
 from llama_stack_provider_batches.results import ResultEntry, decode_results
-from llama_stack_provider_batches.store import BatchStore, Lease, StoredBatch
+from llama_stack_provider_batches.shards import ShardLease
+from llama_stack_provider_batches.store import BatchStore, StoredBatch
 from tests.unit.helpers import make_batch
 
 
 async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
-    return [entry async for _, chunk in store.results.through(batch_id, 1) for entry in decode_results(chunk)]
+    return [entry async for chunk in store.results.read(batch_id) for entry in decode_results(chunk)]
 
 
-async def running(store: BatchStore, batch_id: str) -> Lease:
-    """A new in-progress batch, and this server's lease on it."""
-    _, lease = await store.create(
-        StoredBatch(batch=make_batch(batch_id, status="in_progress")), claim_for="this-server", lease_seconds=30
-    )
+async def running(store: BatchStore, batch_id: str, total: int = 10) -> ShardLease:
+    """A new in-progress batch of one shard, and this server's lease on that shard."""
+    counts = BatchRequestCounts(total=total, completed=0, failed=0)
+    await store.create(StoredBatch(batch=make_batch(batch_id, status="in_progress", request_counts=counts)))
+    await store.shards.create(batch_id, [(0, total)], 1, shareable=True)
+    lease = await store.shards.claim("this-server", 30, batch_id=batch_id)
     assert lease is not None
     return lease
 
 
 async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -> None:
-    log = ResultLog(store, await running(store, "batch_l"), total=3)
+    log = ResultLog(store, await running(store, "batch_l"))
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 3, 4)
     for _ in range(100):
@@ -36,29 +40,29 @@ async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -
 
 
 async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
-    log = ResultLog(store, await running(store, "batch_c"), total=5)
+    log = ResultLog(store, await running(store, "batch_c"))
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
-    assert log.counts().completed == 0
+    assert (await store.get_batch("batch_c")).request_counts.completed == 0
     await log.flush()
     await log.report_progress()
     batch = await store.get_batch("batch_c")
-    assert (batch.request_counts.total, batch.request_counts.completed) == (5, 1)
+    assert (batch.request_counts.total, batch.request_counts.completed) == (10, 1)
     assert batch.usage.total_tokens == 2
 
 
 async def test_a_resumed_log_numbers_new_chunks_after_the_stored_ones(store: BatchStore) -> None:
     lease = await running(store, "batch_r")
-    first = ResultLog(store, lease, total=4)
+    first = ResultLog(store, lease)
     first.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await first.flush()
-    second = ResultLog(store, lease, total=4, stored_chunks=first.chunks)
+    second = ResultLog(store, lease, stored_chunks=first.chunks)
     second.add_success(ResultEntry(1, True, "{}"), 0, 0)
     await second.flush()
     assert [entry.position for entry in await stored_entries(store, "batch_r")] == [0, 1]
 
 
 async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) -> None:
-    log = ResultLog(store, await running(store, "batch_x"), total=50)
+    log = ResultLog(store, await running(store, "batch_x", total=50))
     writer = asyncio.create_task(log.write_continuously())
     for position in range(50):
         log.add_success(ResultEntry(position, True, "{}"), 0, 0)
@@ -72,7 +76,7 @@ async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) 
 
 
 async def test_progress_is_reported_within_the_interval_even_when_results_stop_coming(store: BatchStore) -> None:
-    log = ResultLog(store, await running(store, "batch_p"), total=10)
+    log = ResultLog(store, await running(store, "batch_p"))
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 0, 0)
     await asyncio.sleep(0.1)

@@ -9,7 +9,7 @@ from llama_stack_api import BatchNotFoundError, BatchObject
 
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.ownership import Owner, scope_of
-from llama_stack_provider_batches.results import ResultEntry, decode_results
+from llama_stack_provider_batches.results import ResultEntry, decode_results, encode_results
 from llama_stack_provider_batches.sql_store import SQLBatchStore
 from llama_stack_provider_batches.store import BatchStore, StoredBatch
 from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
@@ -134,18 +134,19 @@ async def test_concurrent_claims_never_share_a_batch(store: BatchStore) -> None:
     assert sorted(claimed) == sorted(f"batch_{n}" for n in range(10))
 
 
-async def test_results_of_each_epoch_come_back_in_order(store: BatchStore) -> None:
-    chunks = store.results
-    first, second, third = (
-        [ResultEntry(0, True, "{}")],
-        [ResultEntry(1, False, '{"e":1}')],
-        [ResultEntry(2, True, "{}")],
-    )
-    await chunks.save("batch_r", 0, 0, first)
-    await chunks.save("batch_r", 0, 1, second)
-    await chunks.save("batch_r", 2, 0, third)  # epoch 1 died before writing anything
-    found = [(epoch, decode_results(c)) async for epoch, c in chunks.through("batch_r", 2)]
-    assert found == [(0, first), (0, second), (2, third)]
-    assert [decode_results(c) async for c in chunks.of_epoch("batch_r", 2)] == [third]
-    await chunks.delete("batch_r", {0: 2, 2: 1})
-    assert [c async for c in chunks.through("batch_r", 2)] == []
+async def test_result_chunks_come_back_earlier_releases_first_then_by_shard_and_epoch(store: BatchStore) -> None:
+    chunks, entry = store.results, lambda n: [ResultEntry(n, True, "{}")]
+    await chunks.save("batch_r", 1, 1, 0, entry(10))
+    await chunks.save("batch_r", 0, 2, 0, entry(3))  # shard 0's epoch 1 died before writing anything
+    await chunks.save("batch_r", 0, 1, 0, entry(1))
+    await chunks.save("batch_r", 0, 1, 10, entry(2))  # numbers sort as numbers, not text
+    await chunks.save("batch_r", 0, 1, 2, entry(1))
+    await store.results._chunks.set("results/batch_r/e1/0", encode_results(entry(0)))  # an earlier release's
+    await chunks.save("batch_other", 0, 1, 0, entry(99))
+    read = [decode_results(c)[0].position async for c in chunks.read("batch_r")]
+    assert read == [0, 1, 1, 2, 3, 10]
+    assert [decode_results(c)[0].position async for c in chunks.read("batch_r", shard=1)] == [0, 10]
+    assert await chunks.count("batch_r", 0, 1) == 3
+    await chunks.delete("batch_r")
+    assert [c async for c in chunks.read("batch_r")] == []
+    assert [decode_results(c)[0].position async for c in chunks.read("batch_other")] == [99]

@@ -69,9 +69,7 @@ async def test_every_batch_of_a_single_server_is_found_listed_and_resumed(
         [lease] = await store.claim("server-a", 10, lease_seconds=30)
         assert (lease.batch_id, lease.epoch) == ("batch_running", 1)
         stored = [
-            entry.position
-            async for _, chunk in store.results.through("batch_running", lease.epoch)
-            for entry in decode_results(chunk)
+            entry.position async for chunk in store.results.read("batch_running") for entry in decode_results(chunk)
         ]
         assert stored == [1]  # resumes from the result the earlier release stored
         assert await store.request_ids.load("batch_running") == ["a", "b", "c"]
@@ -107,6 +105,6 @@ async def test_a_replica_deployment_keeps_its_table_and_its_results_move_in(tmp_
         await upgraded.initialize()
         [lease] = await upgraded.claim("server-b", 1, lease_seconds=30)
         assert lease.epoch == old_lease.epoch + 1
-        chunks = [chunk async for _, chunk in upgraded.results.through("batch_r", lease.epoch)]
+        chunks = [chunk async for chunk in upgraded.results.read("batch_r")]
         assert [entry.position for chunk in chunks for entry in decode_results(chunk)] == [0]
         await upgraded.close()

@@ -1,0 +1,118 @@
+"""Helping other processes' batches: a slot this process has free runs a shard of a batch whose job
+runs elsewhere (shards.py), so that one large batch uses every worker and replica with capacity.
+
+A helper claims the oldest free shard of a running batch it does not run already, reads the batch's
+input as the batch's owner, runs the shard (shard_run.py) and releases it. It never finalizes: the
+batch's own job does that once every shard is done. Shards of batches created with per-request
+credentials are never offered to helpers (the credentials exist only in the creating process).
+"""
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable
+
+from llama_stack.log import get_logger
+from llama_stack_api import Files
+
+from .endpoints import RequestSender
+from .input_reader import read_requests
+from .leases import STORE_CALL_SECONDS
+from .lifecycle import is_terminal
+from .ownership import acting_as
+from .shard_run import JobSettings, ShardRun
+from .shards import ShardLease
+from .store import BatchStore
+
+logger = get_logger(name=__name__, category="providers")
+
+
+class ShardHelpers:
+    """The shard runs this process does for batches it does not run itself."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        sender: RequestSender,
+        files: Files,
+        settings: JobSettings,
+        holder: str,
+        stopping: asyncio.Event,
+        on_done: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._sender = sender
+        self._files = files
+        self._settings = settings
+        self._holder = holder
+        self._stopping = stopping
+        self._on_done = on_done
+        self._clock = clock
+        self._tasks: dict[asyncio.Task[None], str] = {}  # each run and its batch id
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def batch_ids(self) -> set[str]:
+        return set(self._tasks.values())
+
+    async def fill(self, free: int, busy: set[str]) -> None:
+        """Start up to `free` shard runs, for batches not in `busy` (run here already)."""
+        exclude = set(busy) | self.batch_ids()
+        for _ in range(free):
+            if self._stopping.is_set():
+                return
+            lease = await self._store.shards.claim(
+                self._holder, self._settings.lease_seconds, exclude=frozenset(exclude)
+            )
+            if lease is None:
+                return
+            exclude.add(lease.batch_id)  # one shard of a batch at a time here: its window stays as set
+            # An empty context: the run acts as the batch's owner, never as whoever woke the claim loop.
+            name = f"shard:{lease.batch_id}:s{lease.shard}"
+            task = asyncio.create_task(self._help(lease), name=name, context=contextvars.Context())
+            self._tasks[task] = lease.batch_id
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._on_done()
+
+    async def _help(self, lease: ShardLease) -> None:
+        try:
+            stored = await self._store.get(lease.batch_id)
+            if stored is None or is_terminal(stored.batch.status):
+                await self._store.shards.release(lease)
+                return
+            with acting_as(stored.owner):
+                index = await read_requests(self._files, stored.batch)
+                run = ShardRun(
+                    lease,
+                    stored.batch,
+                    index,
+                    self._store,
+                    self._sender,
+                    self._settings,
+                    asyncio.Event(),
+                    self._stopping,
+                    self._clock,
+                )
+                await run.run()
+        except Exception:
+            # The shard stays not done; whoever claims it next (its batch's job at the latest) runs it,
+            # and a batch whose processing keeps failing ends under its job's bounded attempts.
+            logger.exception("A shard run for another process's batch failed", batch_id=lease.batch_id)
+            try:
+                await self._store.shards.release(lease)
+            except Exception:
+                logger.exception("Cannot release a shard's lease; it runs out", batch_id=lease.batch_id)
+
+    async def stop(self) -> None:
+        """Wait for the runs to stop (`stopping` is set): they store their results and release their shards."""
+        tasks = list(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self._settings.shutdown_grace_seconds + STORE_CALL_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

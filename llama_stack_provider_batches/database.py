@@ -90,6 +90,7 @@ def define_tables(name: str) -> tuple[Table, Table, Table]:
         Column("end", Integer, nullable=False),
         Column("batch_created_ns", BigInteger, nullable=False),
         Column("shareable", Boolean, nullable=False),  # False: only the batch's own job may run it
+        Column("expires_at", Float, nullable=True),  # the batch's: no shard is claimed after it
         Column("done", Boolean, nullable=False, default=False),
         Column("lease_token", String(64), nullable=True),
         Column("lease_holder", String(256), nullable=True),

@@ -37,7 +37,7 @@ from openai.types.batch_request_counts import BatchRequestCounts
 
 from . import formats
 from .endpoints import RequestSender
-from .finalization import Finalizer, UnrunLine, final_status
+from .finalization import Finalizer, Outcome, UnrunLine, final_status
 from .input_file import MAX_LISTED_ERRORS, InputIndex, file_error
 from .input_reader import InputFileGone, read_checked_input, read_requests
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
@@ -110,7 +110,7 @@ class BatchJob:
         total = stored.batch.request_counts.total if stored.batch.request_counts else 0
         try:
             with acting_as(stored.owner):
-                await self._finalizer().close("failed", total, errors=errors)
+                await self._close_when_quiet(stored.batch, "failed", total, errors=errors)
             return
         except Exception:
             logger.exception("Cannot write the result files of a failed batch; its results stay stored")
@@ -128,41 +128,46 @@ class BatchJob:
             batch = validated
         total = batch.request_counts.total if batch.request_counts else 0
         if batch.status in ("cancelling", "finalizing"):
-            if await self._shards_quiet(batch) not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
-                await self._finalizer().close("completed", total)
+            await self._close_when_quiet(batch, "completed", total)
         elif self._past_deadline(batch):
-            if await self._shards_quiet(batch) not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
-                await self._finalizer().close("expired", total, formats.expired_line)
+            await self._close_when_quiet(batch, "expired", total, formats.expired_line)
         elif stored.request_credentials and not carries_request_credentials():
             # Running the rest under the server's own credentials would bill or expose the wrong account.
-            await self._finalizer().close("completed", total, formats.credentials_unavailable_line)
+            await self._close_when_quiet(batch, "completed", total, formats.credentials_unavailable_line)
         else:
             await self._run_requests(batch, total)
 
+    async def _close_when_quiet(
+        self, batch: BatchObject, outcome: Outcome, total: int, unrun: UnrunLine | None = None, **fields: Any
+    ) -> None:
+        """Close the batch once no process runs a shard of it: no result may be written after its files."""
+        if await self._shards_quiet(batch) not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
+            await self._finalizer().close(outcome, total, unrun, **fields)
+
     async def _run_requests(self, batch: BatchObject, total: int) -> None:
+        # Just validated in this run: the checked file is at hand, reading and parsing it again is waste.
+        input_index = InputOnDemand(self.files, batch, self._validated)
+        self._validated = None
         try:
-            # Just validated in this run: the checked file is at hand, reading and parsing it again is waste.
-            index = self._validated or await read_requests(self.files, batch)
-            self._validated = None
+            if not await self.store.shards.exist(self.batch_id):  # in progress under an earlier release
+                await self._split(batch, len(await input_index.get()))
+            stop = await self._run_own_shards(batch, input_index)
+            if stop not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
+                quiet = await self._shards_quiet(batch, input_index, until_done=stop is None)
+                stop = quiet if quiet in (Stop.SHUTDOWN, Stop.LEASE_LOST) else stop or quiet
         except InputFileGone:
             logger.error("Input file gone; the batch ends failed", batch_id=self.batch_id)
             message = f"The input file {batch.input_file_id!r} cannot be read any more; the batch cannot go on."
             errors = [file_error(message, code="input_file_unavailable")]
-            if await self._shards_quiet(batch) not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
-                await self._finalizer().close("failed", total, formats.input_unavailable_line, errors=errors)
+            await self._close_when_quiet(batch, "failed", total, formats.input_unavailable_line, errors=errors)
             return
-        if not await self.store.shards.exist(self.batch_id):  # in progress under an earlier release
-            await self._split(batch, len(index))
-        stop = await self._run_own_shards(batch, index)
-        del index  # the input is not needed any more: free it before the result files are built
-        if stop is None:
-            stop = await self._shards_quiet(batch, until_done=True)
+        input_index.forget()  # the input is not needed any more: free it before the result files are built
         if stop in (Stop.SHUTDOWN, Stop.LEASE_LOST):
             return
         unrun: UnrunLine | None = formats.expired_line if stop is Stop.EXPIRED else None
         await self._finalizer().close("expired" if stop is Stop.EXPIRED else "completed", total, unrun)
 
-    async def _run_own_shards(self, batch: BatchObject, index: InputIndex) -> Stop | None:
+    async def _run_own_shards(self, batch: BatchObject, input_index: "InputOnDemand") -> Stop | None:
         """Run free shards of this batch until none is left; return why it stopped early, if it did."""
         while not self._stop_asked():
             shard = await self.store.shards.claim(self.holder, self.settings.lease_seconds, batch_id=self.batch_id)
@@ -171,22 +176,25 @@ class BatchJob:
             run = ShardRun(
                 shard,
                 batch,
-                index,
+                await input_index.get(),
                 self.store,
                 self.sender,
                 self.settings,
                 self.cancel_requested,
                 self.stopping,
                 self.clock,
+                batch_lease_lost=self.lease_lost,
             )
             stop = await run.run()
-            if stop is Stop.LEASE_LOST:
-                continue  # another process runs that shard now; the batch's own lease is kept apart
+            if stop is Stop.LEASE_LOST and not self.lease_lost.is_set():
+                continue  # another process runs that shard now; this job goes on with the others
             if stop is not None:
                 return stop
         return self._why_stopped(batch)
 
-    async def _shards_quiet(self, batch: BatchObject, until_done: bool = False) -> Stop | None:
+    async def _shards_quiet(
+        self, batch: BatchObject, input_index: "InputOnDemand | None" = None, until_done: bool = False
+    ) -> Stop | None:
         """Wait until no process holds a shard of this batch and, with `until_done`, every shard is done
         (running here any that a stopped process left); return why the batch stopped early, if it did.
         Others notice a cancel or the deadline at their next heartbeat and stop within the grace
@@ -199,10 +207,10 @@ class BatchJob:
             state = await self.store.shards.state(self.batch_id)
             if state.held == 0 and (not until_done or state.open == 0):
                 return self._why_stopped(batch)
-            if state.held == 0:  # a shard nobody holds is not done: its process stopped
-                if (stop := await self._run_own_shards(batch, await read_requests(self.files, batch))) is not None:
+            if state.held == 0 and input_index is not None:  # not done, nobody's: its process stopped
+                stop = await self._run_own_shards(batch, input_index)
+                if stop is not None:
                     return stop
-                continue
             await asyncio.sleep(SHARDS_POLL_SECONDS)
 
     def _stop_asked(self) -> bool:
@@ -219,7 +227,7 @@ class BatchJob:
 
     async def _split(self, batch: BatchObject, total: int) -> None:
         ranges = split(total, self.settings.requests_per_shard)
-        await self.store.shards.create(self.batch_id, ranges, batch.created_at * 10**9, self._shareable)
+        await self.store.shards.create(batch, ranges, batch.created_at * 10**9, self._shareable)
 
     # --- validation -----------------------------------------------------------------------------
 
@@ -246,3 +254,21 @@ class BatchJob:
         except IllegalTransitionError:  # cancelled while it was checked: no request will run
             await self.store.request_ids.delete(self.batch_id)
             return await self.store.get_batch(self.batch_id)
+
+
+class InputOnDemand:
+    """A batch's requests, read from its input file the first time they are needed, then kept."""
+
+    def __init__(self, files: Files, batch: BatchObject, index: InputIndex | None = None) -> None:
+        self._files = files
+        self._batch = batch
+        self._index = index
+
+    async def get(self) -> InputIndex:
+        """The requests; InputFileGone if the file cannot be read any more."""
+        if self._index is None:
+            self._index = await read_requests(self._files, self._batch)
+        return self._index
+
+    def forget(self) -> None:
+        self._index = None

@@ -4,7 +4,9 @@ runs elsewhere (shards.py), so that one large batch uses every worker and replic
 A helper claims the oldest free shard of a running batch it does not run already, reads the batch's
 input as the batch's owner, runs the shard (shard_run.py) and releases it. It never finalizes: the
 batch's own job does that once every shard is done. Shards of batches created with per-request
-credentials are never offered to helpers (the credentials exist only in the creating process).
+credentials are never offered to helpers (the credentials exist only in the creating process). A
+batch whose shard run fails here is left alone for a pause that doubles per failure: its own job
+runs its shards meanwhile, and ends it under its bounded attempts if the failure is the batch's.
 """
 
 import asyncio
@@ -25,6 +27,9 @@ from .shards import ShardLease
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")
+
+FAILURE_PAUSE_SECONDS = 1.0  # after a failed shard run, how long before this process helps that batch again
+MAX_FAILURE_PAUSE_SECONDS = 60.0  # the pause doubles per failure up to this
 
 
 class ShardHelpers:
@@ -50,6 +55,8 @@ class ShardHelpers:
         self._on_done = on_done
         self._clock = clock
         self._tasks: dict[asyncio.Task[None], str] = {}  # each run and its batch id
+        # Batches whose shard run failed here, and when this process may try one of them again.
+        self._failing: dict[str, tuple[float, float]] = {}  # batch id -> (retry at, pause)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -59,7 +66,9 @@ class ShardHelpers:
 
     async def fill(self, free: int, busy: set[str]) -> None:
         """Start up to `free` shard runs, for batches not in `busy` (run here already)."""
-        exclude = set(busy) | self.batch_ids()
+        now = time.monotonic()
+        self._failing = {batch_id: retry for batch_id, retry in self._failing.items() if retry[0] > now}
+        exclude = set(busy) | self.batch_ids() | set(self._failing)
         for _ in range(free):
             if self._stopping.is_set():
                 return
@@ -103,6 +112,9 @@ class ShardHelpers:
             # The shard stays not done; whoever claims it next (its batch's job at the latest) runs it,
             # and a batch whose processing keeps failing ends under its job's bounded attempts.
             logger.exception("A shard run for another process's batch failed", batch_id=lease.batch_id)
+            _, pause = self._failing.get(lease.batch_id, (0.0, FAILURE_PAUSE_SECONDS / 2))
+            pause = min(2 * pause, MAX_FAILURE_PAUSE_SECONDS)
+            self._failing[lease.batch_id] = (time.monotonic() + pause, pause)
             try:
                 await self._store.shards.release(lease)
             except Exception:

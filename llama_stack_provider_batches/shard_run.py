@@ -27,7 +27,7 @@ from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, Tally, decode_results
 from .shards import ShardLease
-from .store import BatchStore
+from .store import BatchStore, LeaseLostError
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -89,6 +89,9 @@ class ShardRun:
         try:
             self._log = await self._open_result_log()
             stop = await self._execute()
+        except LeaseLostError:  # the shard's progress could not be written: another process has it
+            self.lease_lost.set()
+            stop = Stop.LEASE_LOST
         finally:
             finished.set()
             watcher.cancel()

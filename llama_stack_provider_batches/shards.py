@@ -2,10 +2,12 @@
 batch uses every process (worker or replica) that has a free slot.
 
 When a batch passes validation its job splits it into shards of `requests_per_shard` requests, one
-row each in the shards table (database.py), and then runs them one after the other; any other
+row each in the shards table (database.py, written once: a row and its lease epoch are never
+replaced), and then runs them one after the other; any other
 process with a free slot may claim a shard of it meanwhile and run it (engine.py). A shard's lease
-works as a batch's does (sql_store.py): claim is one conditional UPDATE, renew extends it only
-while the token matches, and the database's clock judges expiry. Renewing a shard's lease also
+works as a batch's does (sql_store.py): claim is one conditional UPDATE (the shard is not done,
+nobody holds it, its batch is in progress and not past its deadline), renew extends it only while
+the token matches, and the database's clock judges expiry. Renewing a shard's lease also
 reads its batch's status, which is how a cancel reaches every process running a part of it.
 
 A shard is `done` once every one of its requests has a stored result; a job stopped early
@@ -18,7 +20,9 @@ job, in the process holding those credentials, runs them.
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, or_, select, update
+from llama_stack_api import BatchObject
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import Database
 from .results import Tally
@@ -62,20 +66,21 @@ class ShardStore:
         self._table = database.shards
 
     async def create(
-        self, batch_id: str, ranges: list[tuple[int, int]], batch_created_ns: int, shareable: bool
+        self, batch: BatchObject, ranges: list[tuple[int, int]], batch_created_ns: int, shareable: bool
     ) -> None:
-        """Write a batch's shards, replacing any an interrupted validation left (none was run: the
-        batch was not in progress yet, and shards are claimed only then)."""
-        table = self._table
-        await self._db.write(table.delete().where(table.c.batch_id == batch_id))
+        """Write a batch's shards, unless it has some already (an interrupted validation wrote them, or
+        another process's job did): rows are never replaced, so a lease epoch never starts over."""
+        if await self.exist(batch.id):
+            return
         rows = [
             {
-                "batch_id": batch_id,
+                "batch_id": batch.id,
                 "shard": number,
                 "first": first,
                 "end": end,
                 "batch_created_ns": batch_created_ns,
                 "shareable": shareable,
+                "expires_at": batch.expires_at,
                 "done": False,
                 "lease_epoch": 0,
                 "completed": 0,
@@ -85,17 +90,22 @@ class ShardStore:
             }
             for number, (first, end) in enumerate(ranges)
         ]
-        await self._db.write(table.insert().values(rows))
+        dialect = postgresql if self._db.is_postgres else sqlite
+        await self._db.write(dialect.insert(self._table).values(rows).on_conflict_do_nothing())
 
     async def exist(self, batch_id: str) -> bool:
         rows = await self._db.read(select(self._table.c.shard).where(self._table.c.batch_id == batch_id).limit(1))
         return bool(rows)
 
-    def _free(self) -> object:
-        table = self._table
+    def _free(self) -> ColumnElement[bool]:
+        """Not done, nobody holds it, its batch is running and not past its deadline (the database's clock)."""
+        table, batches = self._table, self._db.batches
+        running = select(batches.c.id).where(batches.c.status.in_(CLAIMABLE_STATUSES))
         return and_(
             table.c.done.is_(False),
             or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < self._db.now()),
+            or_(table.c.expires_at.is_(None), table.c.expires_at > self._db.now()),
+            table.c.batch_id.in_(running),
         )
 
     async def claim(
@@ -103,9 +113,8 @@ class ShardStore:
     ) -> ShardLease | None:
         """Take the lease of one free shard: of batch `batch_id` (its own job), or of the oldest running
         batch not in `exclude` whose shards are shareable (a helper); None if there is none."""
-        table, batches = self._table, self._db.batches
-        running = select(batches.c.id).where(batches.c.status.in_(CLAIMABLE_STATUSES))
-        query = select(table.c.batch_id, table.c.shard).where(self._free(), table.c.batch_id.in_(running))
+        table = self._table
+        query = select(table.c.batch_id, table.c.shard).where(self._free())
         if batch_id is not None:
             query = query.where(table.c.batch_id == batch_id)
         else:
@@ -138,7 +147,7 @@ class ShardStore:
         row = taken[0]
         return ShardLease(batch_id, shard, row.first, row.end, token, row.lease_epoch)
 
-    def _held_by(self, lease: ShardLease) -> object:
+    def _held_by(self, lease: ShardLease) -> ColumnElement[bool]:
         table = self._table
         return and_(
             table.c.batch_id == lease.batch_id, table.c.shard == lease.shard, table.c.lease_token == lease.token

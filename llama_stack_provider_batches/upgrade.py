@@ -12,8 +12,8 @@ The upgrade inserts every kvstore record the table lacks (finished batches too, 
 ids, owners, idempotency keys and place in the list), then copies the chunks of every unfinished
 batch into the chunks table, so that they resume from their stored results. Every step is
 idempotent: servers and worker processes that start together, or a start interrupted half-way,
-do the same work again without harm. A marker written last makes later starts skip it all.
-Nothing is deleted from the kvstore.
+do the same work again without harm. A marker written last (the only key this release writes to the
+kvstore) makes later starts skip it all. Nothing is deleted from the kvstore.
 """
 
 import json
@@ -56,9 +56,11 @@ class LegacyUpgrade:
     async def run(self) -> None:
         if await self._kv.get(self._prefix + DONE_MARKER) is not None:
             return
-        if await self._kv.get(self._prefix + "layout") is not None:  # a store an earlier release wrote
-            copied = await self._copy_records()
-            resumed = await self._copy_chunks_of_unfinished()
+        # Only a single server wrote `layout`; replicas of an earlier release kept their records in the
+        # table already, but their results in the kvstore too: those are copied in either case.
+        copied = await self._copy_records() if await self._kv.get(self._prefix + "layout") is not None else 0
+        resumed = await self._copy_chunks_of_unfinished()
+        if copied or resumed:
             logger.info("Moved batches from the kvstore into the SQL store.", records=copied, unfinished=resumed)
         await self._kv.set(self._prefix + DONE_MARKER, "1")
 

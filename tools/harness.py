@@ -65,6 +65,25 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self.name} did not become healthy in {timeout} s:\n{self.log_tail()}")
 
+    def log_records(self, containing: str) -> list[str]:
+        """The log records (one per event, its wrapped lines joined) that contain `containing`."""
+        records: list[str] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line[:1].isalpha() and line.split(" ", 1)[0].isupper():  # "INFO     2026-...": a new record
+                records.append(line.strip())
+            elif records:
+                records[-1] += " " + line.strip()
+        return [record for record in records if containing in record]
+
+    def shard_runs(self, batch_id: str) -> list[dict[str, str]]:
+        """The shard runs of a batch this server logged: their fields (shard, stop, process...)."""
+        runs = []
+        for record in self.log_records("Shard run ended"):
+            fields = dict(pair.split("=", 1) for pair in record.split() if "=" in pair)
+            if fields.get("batch_id") == batch_id:
+                runs.append(fields)
+        return runs
+
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
         if self.process.poll() is not None:
             return

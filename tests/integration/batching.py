@@ -3,10 +3,13 @@
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from openai import OpenAI
 from openai.types import Batch
+
+from tools.harness import StandInControl
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -51,3 +54,18 @@ def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 60, until: se
 def read_result_file(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     assert file_id is not None
     return [json.loads(raw) for raw in client.files.content(file_id).text.splitlines() if raw.strip()]
+
+
+def record(run_dir: Path, measurements: str, case: str, figures: dict[str, Any]) -> None:
+    """Add `figures` as `case` to the JSON file `measurements` (in the test session's directory), and print them."""
+    path = run_dir / measurements
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    measured[case] = figures
+    path.write_text(json.dumps(measured, indent=2))
+    print(f"\n{case}: {figures}")
+
+
+def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> list[int]:
+    """How many times the stand-in received each line's request (its prompt is unique to the line)."""
+    received = standin.stats()["by_prompt"]
+    return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]

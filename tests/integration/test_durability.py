@@ -6,7 +6,6 @@ checks the finished batch and what the stand-in received. The repeat counts meas
 to `durability.json` in the test session's directory.
 """
 
-import json
 import signal
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, record, wait_for_batch
 from tools.harness import (
     ServerProcess,
     StandInControl,
@@ -68,14 +67,6 @@ def restartable(run_dir: Path, standin_server: ServerProcess, request: pytest.Fi
         stack.stop(signal.SIGKILL)
 
 
-def record(run_dir: Path, case: str, figures: dict) -> None:
-    path = run_dir / "durability.json"
-    measured = json.loads(path.read_text()) if path.exists() else {}
-    measured[case] = figures
-    path.write_text(json.dumps(measured, indent=2))
-    print(f"\n{case}: {figures}")
-
-
 def wait_until_completed(client: OpenAI, batch_id: str, at_least: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +115,12 @@ def test_sigkill_mid_run_repeats_at_most_the_requests_in_flight(
     figures = check_results_and_count_repeats(client, batch.id, lines, standin)
     # Repeated: the requests in flight, and those whose results were not yet stored (one write interval).
     assert figures["repeated"] <= 2 * WINDOW
-    record(run_dir, f"sigkill-{restartable.run_yaml.stem}", {**figures, "completed_when_killed": done_at_kill})
+    record(
+        run_dir,
+        "durability.json",
+        f"sigkill-{restartable.run_yaml.stem}",
+        {**figures, "completed_when_killed": done_at_kill},
+    )
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_repeats_nothing(
@@ -138,7 +134,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_repeats_nothing(
     assert stopped.status in ("in_progress", "completed"), "a server stop must not end a batch"
     figures = check_results_and_count_repeats(client, batch.id, lines, standin)
     assert figures["repeated"] == 0
-    record(run_dir, "sigterm", figures)
+    record(run_dir, "durability.json", "sigterm", figures)
 
 
 def test_a_crash_while_finalizing_leaves_one_output_and_one_error_file(
@@ -166,6 +162,7 @@ def test_a_crash_while_finalizing_leaves_one_output_and_one_error_file(
     names = [f.filename for f in client.files.list(purpose="batch", limit=10000)]
     record(
         run_dir,
+        "durability.json",
         "sigkill-while-finalizing",
         {
             **figures,

@@ -7,10 +7,10 @@ Which replica holds a batch is read from the batches table (`lease_holder` names
 process). The figures measured are written to `replicas.json` in the test session's directory.
 """
 
-import json
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +21,15 @@ import psycopg2
 import pytest
 from openai import ConflictError, OpenAI
 
-from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
+from tests.integration.batching import (
+    chat_lines,
+    create_chat_batch,
+    read_result_file,
+    record,
+    sent_per_request,
+    upload_jsonl,
+    wait_for_batch,
+)
 from tools.harness import (
     REPLICAS_RUN_YAML,
     ServerProcess,
@@ -35,6 +43,7 @@ from tools.harness import (
 REPLICAS = 3
 LEASE_SECONDS = 3
 WINDOW = 10
+REQUESTS_PER_SHARD = 250  # a batch of 2,000 requests runs as 8 shards, on every replica
 
 
 @dataclass
@@ -96,6 +105,7 @@ def cluster(run_dir: Path, standin_server: ServerProcess) -> Iterator[Cluster]:
         BATCHES_LEASE_SECONDS=str(LEASE_SECONDS),
         BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
         BATCHES_CANCEL_GRACE_SECONDS="1",
+        BATCHES_REQUESTS_PER_SHARD=str(REQUESTS_PER_SHARD),
     )
     cluster = Cluster(run_dir, f"{standin_server.url}/v1", env)
     try:
@@ -105,19 +115,6 @@ def cluster(run_dir: Path, standin_server: ServerProcess) -> Iterator[Cluster]:
     finally:
         for server in cluster.servers:
             server.stop(signal.SIGKILL)
-
-
-def record(run_dir: Path, case: str, figures: dict[str, Any]) -> None:
-    path = run_dir / "replicas.json"
-    measured = json.loads(path.read_text()) if path.exists() else {}
-    measured[case] = figures
-    path.write_text(json.dumps(measured, indent=2))
-    print(f"\n{case}: {figures}")
-
-
-def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> list[int]:
-    received = standin.stats()["by_prompt"]
-    return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]
 
 
 @dataclass
@@ -142,6 +139,9 @@ def start_batch(cluster: Cluster, requests: int, until_completed: int) -> Runnin
     elsewhere = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not runner)
     while elsewhere.batches.retrieve(batch.id).request_counts.completed < until_completed:
         time.sleep(0.05)
+    holder, epoch = cluster.wait_for_holder(batch.id)  # now: a loaded machine may have moved the lease meanwhile
+    runner = cluster.server_of(holder)
+    elsewhere = next(c for c, s in zip(clients, cluster.servers, strict=True) if s is not runner)
     return RunningBatch(batch.id, lines, holder, epoch, runner, elsewhere)
 
 
@@ -161,7 +161,7 @@ def test_batches_created_through_any_replica_complete_and_spread_over_replicas(
     assert len(ran_on) > 1
     listed = {b.id for b in clients[2].batches.list(limit=100).data}
     assert {b.id for b in batches} <= listed
-    record(run_dir, "spread", {"batches": len(batches), "replicas_that_ran_batches": len(ran_on)})
+    record(run_dir, "replicas.json", "spread", {"batches": len(batches), "replicas_that_ran_batches": len(ran_on)})
 
 
 def test_concurrent_idempotent_creates_over_every_replica_give_one_batch(cluster: Cluster) -> None:
@@ -221,6 +221,7 @@ def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
     assert sum(sent_per_request(standin, lines)) == sent_before
     record(
         run_dir,
+        "replicas.json",
         "cancel_elsewhere",
         {
             "requests_stopped_after_s": round(stopped_at - cancelled_at, 2),
@@ -258,8 +259,15 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
     assert finished.request_counts.completed == len(lines)
     sent = sent_per_request(standin, lines)
     repeated = sum(count - 1 for count in sent)
+    shards_done_by = Counter(
+        server.url
+        for server in [*cluster.servers, running.runner]
+        for run in server.shard_runs(running.batch_id)
+        if run["stop"] == "done"
+    )
     record(
         run_dir,
+        "replicas.json",
         f"takeover_after_{sig.name}",
         {
             "lease_seconds": LEASE_SECONDS,
@@ -267,7 +275,10 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
             "epoch": new_epoch,
             "requests": len(lines),
             "repeated": repeated,
+            "shards_done_per_replica": sorted(shards_done_by.values()),
         },
     )
     assert min(sent) >= 1 and max(sent) <= 2 and repeated <= most_repeats
+    assert sum(shards_done_by.values()) == len(lines) // REQUESTS_PER_SHARD  # each shard done once
+    assert len(shards_done_by) >= 2, shards_done_by  # one batch, on several replicas
     cluster.start_replica()  # back to three for whatever runs next

@@ -7,12 +7,13 @@ What the stand-in received is counted per prompt (each request's prompt is uniqu
 figures measured are written to `workers.json` in the test session's directory.
 """
 
-import json
 import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ import pytest
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
+from tests.integration.batching import (
+    chat_lines,
+    create_chat_batch,
+    read_result_file,
+    record,
+    sent_per_request,
+    upload_jsonl,
+    wait_for_batch,
+)
 from tools.harness import (
     ServerProcess,
     StandInControl,
@@ -79,20 +88,6 @@ def client_of(stack: ServerProcess) -> OpenAI:
     return OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=3, timeout=60)
 
 
-def record(run_dir: Path, case: str, figures: dict[str, Any]) -> None:
-    path = run_dir / "workers.json"
-    measured = json.loads(path.read_text()) if path.exists() else {}
-    measured[case] = figures
-    path.write_text(json.dumps(measured, indent=2))
-    print(f"\n{case}: {figures}")
-
-
-def sent_per_request(standin: StandInControl, lines: list[dict[str, Any]]) -> list[int]:
-    """How many times the stand-in received each line's request (its prompt is unique to the line)."""
-    received = standin.stats()["by_prompt"]
-    return [received.get(line["body"]["messages"][0]["content"], 0) for line in lines]
-
-
 def outcome(client: OpenAI, final: Batch, lines: list[dict[str, Any]], standin: StandInControl) -> dict[str, Any]:
     """The figures of a finished batch: its status and counts, its output, what the model received."""
     time.sleep(1)  # let requests still in flight anywhere reach the stand-in's counters
@@ -139,20 +134,24 @@ def test_a_batch_on_two_workers_is_sent_once_per_request_and_completes(
     workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
 ) -> None:
     assert len(worker_pids(workers_stack)) == WORKERS
-    standin.configure(latency_mean=0.005, latency_sigma=0)
+    standin.configure(latency_mean=0.02, latency_sigma=0)  # 2 shards of 1,000 requests: about 2 s each
     client = client_of(workers_stack)
     lines = chat_lines(2000)
     started = time.monotonic()
     batch = create_chat_batch(client, lines)
     final = wait_for_batch(client, batch.id, timeout=180)
     figures = {"seconds": round(time.monotonic() - started, 1), **outcome(client, final, lines, standin)}
-    record(run_dir, "two_workers", figures)
+    record(run_dir, "workers.json", "two_workers", figures)
 
     assert final.status == "completed", figures
     assert (final.request_counts.completed, final.request_counts.failed) == (2000, 0), figures
     assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == 2000, figures
     assert figures["output_matches_input"], figures
     assert figures["model_requests"] == 2000 and figures["most_sends_of_one_request"] == 1, figures
+    processes = Counter(run["process"] for run in workers_stack.shard_runs(batch.id) if run["stop"] == "done")
+    record(run_dir, "workers.json", "two_workers_shards", dict(processes))
+    assert sum(processes.values()) == 2, processes  # 2 shards of 1,000 requests, each run once
+    assert len(processes) == 2, processes  # one batch, on both workers
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in_flight(
@@ -180,7 +179,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in
         "workers_after": worker_pids(stack),
         **outcome(client, final, lines, standin),
     }
-    record(run_dir, "two_workers_one_killed", figures)
+    record(run_dir, "workers.json", "two_workers_one_killed", figures)
 
     assert set(survivors) <= set(figures["workers_after"]), "the other worker died too"
     assert final.status == "completed", figures
@@ -191,3 +190,42 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in
     # Repeated at most: the requests in flight in the killed worker, and one unwritten group of results.
     assert figures["model_requests"] <= len(lines) + 2 * WINDOW, figures
     assert figures["most_sends_of_one_request"] <= 2, figures
+
+
+def test_hundreds_of_creates_from_many_threads_on_two_workers_all_end_and_list_once(
+    workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
+) -> None:
+    """Creates race the claim loops of both workers (each runs up to one batch and helps with none
+    here, the batches being one shard each): none is left behind, none listed twice."""
+    standin.configure(latency_mean=0.002, latency_sigma=0)
+    client = client_of(workers_stack)
+    file_id = upload_jsonl(client, chat_lines(2))
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        created = list(
+            pool.map(
+                lambda _: (
+                    client.batches.create(
+                        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                    ).id
+                ),
+                range(300),
+            )
+        )
+    finals = [wait_for_batch(client, batch_id, timeout=240) for batch_id in created]
+    listed: list[str] = []
+    page = client.batches.list(limit=100)
+    listed.extend(batch.id for batch in page.data)
+    while page.has_more:
+        page = client.batches.list(limit=100, after=page.data[-1].id)
+        listed.extend(batch.id for batch in page.data)
+    figures = {
+        "batches": len(created),
+        "seconds": round(time.monotonic() - started, 1),
+        "statuses": dict(Counter(batch.status for batch in finals)),
+        "listed": len(listed),
+        "listed_distinct": len(set(listed)),
+    }
+    record(run_dir, "workers.json", "two_workers_300_creates", figures)
+    assert figures["statuses"] == {"completed": 300}, figures
+    assert set(created) <= set(listed) and len(listed) == len(set(listed)), figures

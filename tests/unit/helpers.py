@@ -94,3 +94,13 @@ async def wait_for_status(provider: Any, batch_id: str, status: str, seconds: fl
             return batch
         await asyncio.sleep(0.02)
     return await provider.retrieve_batch(batch_id)
+
+
+async def running_settles_to(provider: Any, batch_ids: list[str], seconds: float = 2) -> list[str]:
+    """The ids of the batches running on the provider once they are `batch_ids`, or after `seconds`
+    (a job that just closed a batch still releases its lease after the status is written)."""
+    for _ in range(int(seconds / 0.02)):
+        if provider._runner.running() == batch_ids:
+            break
+        await asyncio.sleep(0.02)
+    return provider._runner.running()

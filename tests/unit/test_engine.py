@@ -20,6 +20,7 @@ from tests.unit.helpers import (
     provider_with,
     read_lines,
     run_batch,
+    running_settles_to,
     start_batch,
     wait_for_status,
     wait_until_completed,
@@ -470,7 +471,7 @@ async def test_a_waiting_batch_is_cancelled_without_waiting_for_a_slot(
     waiting = await start_batch(provider, files, 3)
     await provider.cancel_batch(waiting.id)
     assert (await wait_for_status(provider, waiting.id, "cancelled")).status == "cancelled"
-    assert provider._runner.running() == [running.id]
+    assert await running_settles_to(provider, [running.id]) == [running.id]
     assert len(inference.calls) == 1
     await provider.shutdown()
 
@@ -492,11 +493,7 @@ async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
     provider._runner._clock = lambda: time.time() + 2 * 86400
     expired = await wait_for_status(provider, waiting.id, "expired")
     assert expired.status == "expired" and expired.request_counts.total == 0
-    for _ in range(100):  # the job that closed it releases its lease after the status is written
-        if provider._runner.running() == [running.id]:
-            break
-        await asyncio.sleep(0.02)
-    assert provider._runner.running() == [running.id]
+    assert await running_settles_to(provider, [running.id]) == [running.id]
     assert len(inference.calls) == 1
     await provider.shutdown()
 

@@ -16,8 +16,9 @@ async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
 async def running(store: BatchStore, batch_id: str, total: int = 10) -> ShardLease:
     """A new in-progress batch of one shard, and this server's lease on that shard."""
     counts = BatchRequestCounts(total=total, completed=0, failed=0)
-    await store.create(StoredBatch(batch=make_batch(batch_id, status="in_progress", request_counts=counts)))
-    await store.shards.create(batch_id, [(0, total)], 1, shareable=True)
+    batch = make_batch(batch_id, status="in_progress", request_counts=counts)
+    await store.create(StoredBatch(batch=batch))
+    await store.shards.create(batch, [(0, total)], 1, shareable=True)
     lease = await store.shards.claim("this-server", 30, batch_id=batch_id)
     assert lease is not None
     return lease

@@ -96,8 +96,7 @@ async def test_a_replica_deployment_keeps_its_table_and_its_results_move_in(tmp_
         await earlier.initialize()
         await earlier.create(StoredBatch(batch=make_batch("batch_r", status="in_progress", request_counts=COUNTS_3)))
         [old_lease] = await earlier.claim("server-a", 1, lease_seconds=0.01)
-        await kv.set(f"{namespace}/v1/layout", json.dumps({"version": 1}))
-        await kv.delete(f"{namespace}/v1/moved-to-sql")
+        await kv.delete(f"{namespace}/v1/moved-to-sql")  # earlier replicas wrote no `layout` record
         await kv.set(f"{namespace}/v1/results/batch_r/e1/0", encode_results([ResultEntry(0, True, "{}")]))
         await earlier.close()
 

@@ -4,6 +4,7 @@ tell who sent what)."""
 
 import asyncio
 import itertools
+import time
 from collections import Counter
 from typing import Any
 
@@ -12,8 +13,9 @@ from hypothesis import strategies as st
 
 from llama_stack_provider_batches import BatchesProviderConfig
 from llama_stack_provider_batches.shards import split
+from llama_stack_provider_batches.store import StoredBatch
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
-from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, read_lines, wait_for_status
+from tests.unit.helpers import CHAT, chat_line, jsonl, make_batch, provider_with, read_lines, wait_for_status
 
 
 @given(total=st.integers(min_value=0, max_value=100_000), size=st.integers(min_value=1, max_value=5_000))
@@ -126,3 +128,38 @@ async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_
     assert 0 < repeated <= replica_config.max_concurrent_requests_per_batch
     for server in servers:
         await server.shutdown()
+
+
+async def test_a_cancelled_batch_closes_only_after_the_other_processes_stored_what_they_had_in_flight(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    servers, inferences = await two_processes(
+        replica_config, files, models, requests_per_shard=10, cancel_grace_seconds=5
+    )
+    inferences[0].behaviour = slow(0.05)
+    inferences[1].behaviour = slow(1.0)  # the helper's requests are still in flight at the cancel
+    batch = await start_distinct(servers[0], files, 200)
+    servers[1].start()
+    await until(lambda: inferences[1].calls)
+    await servers[0].cancel_batch(batch.id)
+    cancelled = await wait_for_status(servers[0], batch.id, "cancelled", seconds=10)
+    assert cancelled.status == "cancelled"
+    answered = sum(len(inference.calls) for inference in inferences)  # every request sent was answered in the grace
+    assert cancelled.request_counts.completed == answered
+    assert len(read_lines(files, cancelled.output_file_id)) == answered
+    assert await servers[0]._store.results._chunks.keys_under(f"results/{batch.id}/") == []  # nothing written late
+    for server in servers:
+        await server.shutdown()
+
+
+async def test_no_shard_is_claimed_once_its_batch_is_past_its_deadline(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    server = await provider_with(replica_config, files, FakeInference(), models)
+    store = server._store
+    batch = make_batch("batch_late", status="in_progress", expires_at=int(time.time()) - 1)
+    await store.create(StoredBatch(batch=batch))
+    await store.shards.create(batch, [(0, 5)], 1, shareable=True)
+    assert await store.shards.claim("a-server", 30) is None
+    assert await store.shards.claim("a-server", 30, batch_id="batch_late") is None
+    await server.shutdown()

@@ -276,6 +276,9 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
             "requests": len(lines),
             "repeated": repeated,
             "shards_done_per_replica": sorted(shards_done_by.values()),
+            "repeats_per_shard": dict(
+                Counter(n // REQUESTS_PER_SHARD for n, count in enumerate(sent) for _ in range(count - 1))
+            ),
         },
     )
     assert min(sent) >= 1 and max(sent) <= 2 and repeated <= most_repeats

@@ -61,6 +61,16 @@ class Written:
     rows: list[Row[Any]]
 
 
+def lease_columns() -> list[Column[Any]]:
+    """A lease (of a batch or a shard): its token (none: nobody holds it), holder, epoch and expiry."""
+    return [
+        Column("lease_token", String(64), nullable=True),
+        Column("lease_holder", String(256), nullable=True),
+        Column("lease_epoch", Integer, nullable=False, default=0),
+        Column("lease_expires_at", Float, nullable=True),
+    ]
+
+
 def define_tables(name: str) -> tuple[Table, Table, Table]:
     """The batches, shards and chunks tables (created if missing at start-up)."""
     metadata = MetaData()
@@ -74,10 +84,7 @@ def define_tables(name: str) -> tuple[Table, Table, Table]:
         Column("status", String(32), nullable=False),
         Column("record", Text, nullable=False),
         Column("version", Integer, nullable=False),
-        Column("lease_token", String(64), nullable=True),
-        Column("lease_holder", String(256), nullable=True),
-        Column("lease_epoch", Integer, nullable=False, default=0),
-        Column("lease_expires_at", Float, nullable=True),
+        *lease_columns(),
     )
     Index(f"{name}_by_scope", batches.c.scope, batches.c.created_ns)
     Index(f"{name}_by_status", batches.c.status, batches.c.created_ns)
@@ -92,10 +99,7 @@ def define_tables(name: str) -> tuple[Table, Table, Table]:
         Column("shareable", Boolean, nullable=False),  # False: only the batch's own job may run it
         Column("expires_at", Float, nullable=True),  # the batch's: no shard is claimed after it
         Column("done", Boolean, nullable=False, default=False),
-        Column("lease_token", String(64), nullable=True),
-        Column("lease_holder", String(256), nullable=True),
-        Column("lease_epoch", Integer, nullable=False, default=0),
-        Column("lease_expires_at", Float, nullable=True),
+        *lease_columns(),
         Column("completed", Integer, nullable=False, default=0),
         Column("failed", Integer, nullable=False, default=0),
         Column("input_tokens", BigInteger, nullable=False, default=0),

@@ -21,8 +21,8 @@ JsonObject = dict[str, Any]
 # The largest response body a success line holds; endpoints.result_for_response turns a larger answer
 # into a `response_too_large` error line. Generous for real answers (2,048 embeddings of 768 dimensions
 # as JSON floats are about 33 MB, of 3,072 dimensions as base64 about 34 MB; 128k tokens of chat text
-# stay under 1 MB) while keeping any one line, and the kvstore chunk it is stored in, far below store
-# limits (Redis values stop at 512 MB, SQLite's at 1 GB).
+# stay under 1 MB) while keeping any one line, and the chunk it is stored in, far below the SQL
+# store's limits (a SQLite value and a PostgreSQL text value stop at 1 GB).
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_MESSAGE_CHARS = 2_000
 MAX_ERROR_FIELD_CHARS = 256  # type, param, code and request_id of a backend error

@@ -177,6 +177,10 @@ class Database:
             self._engine, self._engine_loop = engine, loop
         return self._engine
 
+    def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT of this database's dialect, which has `on_conflict_do_nothing` and `_do_update`."""
+        return (postgresql if self.is_postgres else sqlite).insert(table)
+
     def now(self) -> ColumnElement[Any]:
         """The database's clock, in seconds since the epoch: leases never depend on servers' clocks."""
         if self.is_postgres:
@@ -244,14 +248,9 @@ class SqlChunks:
     async def set(self, key: str, value: str) -> None:
         """Write `value` under `key`, replacing what is there."""
         table = self._db.chunks
-        dialect = postgresql if self._db.is_postgres else sqlite
-        insert = dialect.insert(table).values(key=key, value=value)
+        insert = self._db.insert(table).values(key=key, value=value)
         upsert = insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
         await self._db.write(upsert)
-
-    async def delete(self, key: str) -> None:
-        table = self._db.chunks
-        await self._db.write(delete(table).where(table.c.key == key))
 
     async def delete_under(self, prefix: str) -> None:
         """Delete every key that starts with `prefix`."""

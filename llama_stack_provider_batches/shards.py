@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from llama_stack_api import BatchObject
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import Database
 from .results import Tally
@@ -90,8 +89,7 @@ class ShardStore:
             }
             for number, (first, end) in enumerate(ranges)
         ]
-        dialect = postgresql if self._db.is_postgres else sqlite
-        await self._db.write(dialect.insert(self._table).values(rows).on_conflict_do_nothing())
+        await self._db.write(self._db.insert(self._table).values(rows).on_conflict_do_nothing())
 
     async def exist(self, batch_id: str) -> bool:
         rows = await self._db.read(select(self._table.c.shard).where(self._table.c.batch_id == batch_id).limit(1))

@@ -21,7 +21,6 @@ import json
 from llama_stack.log import get_logger
 from llama_stack_api.internal.kvstore import KVStore
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from .database import Database, SqlChunks, batch_row
 from .store import IDS_PER_CHUNK, UNFINISHED_STATUSES, StoredBatch
@@ -82,8 +81,7 @@ class LegacyUpgrade:
         return copied
 
     async def _insert_if_missing(self, stored: StoredBatch, created_ns: int) -> None:
-        dialect = postgresql if self._db.is_postgres else sqlite
-        insert = dialect.insert(self._db.batches).values(**batch_row(stored, created_ns)).on_conflict_do_nothing()
+        insert = self._db.insert(self._db.batches).values(**batch_row(stored, created_ns)).on_conflict_do_nothing()
         await self._db.write(insert)
 
     async def _copy_chunks_of_unfinished(self) -> int:

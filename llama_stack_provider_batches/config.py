@@ -11,6 +11,10 @@ from typing import Any
 from llama_stack.core.storage.datatypes import KVStoreReference, SqlStoreReference
 from pydantic import BaseModel, Field
 
+# Batches running side by side in one process when `max_concurrent_batches` is unset: each holds its
+# input file in memory while it runs, so even "no limit" needs one.
+BATCHES_SIDE_BY_SIDE = 100
+
 
 class BatchesProviderConfig(BaseModel):
     """Configuration of the batches provider."""
@@ -36,12 +40,48 @@ class BatchesProviderConfig(BaseModel):
             " process takes the batch over."
         ),
     )
-    max_concurrent_batches: int = Field(
-        default=1,
+    max_concurrent_batches: int | None = Field(
+        default=None,
         ge=1,
         description=(
-            "Batches processed at the same time by each process; a slot left free runs a part (shard) of a"
-            " batch another process runs."
+            "At most this many batches run at the same time in each process (a slot left free runs a part, a"
+            f" shard, of a batch another process runs). Unset: batches run side by side, up to {BATCHES_SIDE_BY_SIDE}"
+            " per process, sharing the model capacity (`capacity_per_model`) fairly."
+        ),
+    )
+    capacity_per_model: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Batch requests in flight to one model at the same time, from each process: what the model's backend"
+            " takes from batches, shared fairly between users, then between one user's batches."
+        ),
+    )
+    capacity_by_model: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "`capacity_per_model` for particular models (`provider_id/model_id`), which often sit on other servers."
+        ),
+    )
+    interactive_lag_target_ms: float | None = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Batch requests in flight are cut while the server's event loop lags more than this, so that"
+            " interactive requests on the same server keep their latency; unset to turn this off."
+        ),
+    )
+    max_active_batches_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description="Unfinished batches one user may have; one more is refused with HTTP 429. Unset: no limit.",
+    )
+    max_queued_requests_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests not yet run in one user's unfinished batches, counting those of the batch being created;"
+            " a create beyond it is refused with HTTP 429. Unset: no limit."
         ),
     )
     requests_per_shard: int = Field(
@@ -50,7 +90,7 @@ class BatchesProviderConfig(BaseModel):
         description="Requests per shard: the part of a batch another process may take over to run beside its own.",
     )
     max_concurrent_requests_per_batch: int = Field(
-        default=10, ge=1, description="Requests of one batch in flight at the same time."
+        default=10, ge=1, description="Requests of one batch in flight at the same time, at most (per process)."
     )
     completion_window_seconds: int = Field(
         default=24 * 3600,
@@ -106,11 +146,15 @@ class BatchesProviderConfig(BaseModel):
     max_in_flight_requests: int | None = Field(
         default=None,
         ge=1,
-        description="Batch requests in flight across all batches, to leave the backend room for interactive traffic.",
+        description="Batch requests in flight across all batches and models, from each process.",
     )
     requests_per_second_per_model: float | None = Field(
         default=None, gt=0, description="Optional pace of batch requests per model."
     )
+
+    def batches_here(self) -> int:
+        """How many batches may run at the same time in one process."""
+        return self.max_concurrent_batches or BATCHES_SIDE_BY_SIDE
 
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """Sending one batch request through the stack's inference API, and turning the outcome into a result line."""
 
 import asyncio
-import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 from llama_stack_api import (
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import formats
 from .input_file import RequestLine
-from .resilience import AdaptiveLimit, RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
 
 
 def without_completion_store(inference: Inference) -> Inference:
@@ -55,13 +54,22 @@ async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any
     return response
 
 
+class Outcomes(Protocol):
+    """Who hears how each attempt went: the scheduler's slot (scheduler.py), which adapts its model's capacity."""
+
+    def record_success(self) -> None: ...
+
+    def record_transient_failure(self) -> None: ...
+
+
 class DeadlineReached(Exception):
     """The batch's window closed before this request could be sent."""
 
 
 @dataclass
 class RequestSender:
-    """Sends batch requests with retries, a timeout per attempt, a shared traffic budget and a pace.
+    """Sends batch requests with retries, a timeout per attempt and a pace. How many are in flight is
+    the scheduler's business (scheduler.py): a request is sent once it holds a slot.
 
     Batch chat completions go through `without_completion_store(inference)` unless their body says
     `store: true`.
@@ -70,7 +78,6 @@ class RequestSender:
     inference: Inference
     policy: RetryPolicy
     timeout_seconds: float
-    budget: asyncio.Semaphore | None = None
     pacer: RateLimiter | None = None
 
     def __post_init__(self) -> None:
@@ -80,21 +87,21 @@ class RequestSender:
         self,
         endpoint: str,
         body: dict[str, Any],
-        window: AdaptiveLimit,
+        outcomes: Outcomes,
         stopping: asyncio.Event,
         expired: Callable[[], bool] = lambda: False,
     ) -> BaseModel:
         """The response to `body`; raises the last failure once it is permanent or attempts run out.
 
         Raises DeadlineReached, without sending, when `expired()` holds by the time an attempt would
-        go out: waits for the traffic budget, the pace or a retry's pause may outlast the batch's window.
+        go out: waits for the pace or a retry's pause may outlast the batch's window.
         """
         inference = self.inference if body.get("store") is True else self._inference_unstored
         for attempt in range(self.policy.attempts):
             try:
                 if self.pacer is not None:
                     await self.pacer.wait(str(body.get("model")))
-                async with self.budget or contextlib.nullcontext(), asyncio.timeout(self.timeout_seconds):
+                async with asyncio.timeout(self.timeout_seconds):
                     if expired():
                         raise DeadlineReached()
                     response = await call_endpoint(inference, endpoint, body)
@@ -103,10 +110,10 @@ class RequestSender:
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 == self.policy.attempts or stopping.is_set():
                     raise
-                window.record_transient_failure()
+                outcomes.record_transient_failure()
                 await asyncio.sleep(self.policy.delay(attempt, retry_after_seconds(exc)))
             else:
-                window.record_success()
+                outcomes.record_success()
                 return response
         raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -1,11 +1,14 @@
 """The execution engine: claims batches from the store and runs their jobs (job.py) in the
 background of the server's event loop.
 
-A claim loop starts jobs, oldest batch first, as long as fewer than `max_concurrent_batches` run
-here. It looks at once when this server creates a batch, and every POLL_SECONDS otherwise: that is
-how batches left by an earlier run (a restart) or by a dead replica (once its leases expire) are
-resumed, and how idle replicas pick up waiting batches. Jobs it starts run as their batch's owner
-(job.py), in a context of their own.
+A claim loop starts jobs as long as fewer than `max_concurrent_batches` run here (by default, up to
+config.BATCHES_SIDE_BY_SIDE side by side), taking first the waiting batches of the owners with the least
+running work (sql_store.py). The jobs share the model capacity through the scheduler (scheduler.py),
+whose cap the loop governor (governor.py) tightens while the serving loop lags. The claim loop looks
+at once when this server creates a batch, and every POLL_SECONDS otherwise: that is how batches left
+by an earlier run (a restart) or by a dead replica (once its leases expire) are resumed, and how idle
+replicas pick up waiting batches. Jobs it starts run as their batch's owner (job.py), in a context
+of their own.
 
 Batches created with per-request credentials (never stored) must run here, in their creating
 request's context: they are created already leased to this server and park here (at most
@@ -36,9 +39,11 @@ from llama_stack_api.common.errors import LlamaStackError
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
+from .governor import LoopGovernor
 from .job import BatchJob
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
 from .resilience import RateLimiter, RetryPolicy
+from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
 from .store import BatchStore, Lease
@@ -96,15 +101,27 @@ class BatchRunner:
             inference,
             RetryPolicy(config.max_attempts, config.backoff_initial_seconds, config.backoff_max_seconds),
             config.request_timeout_seconds,
-            budget=asyncio.Semaphore(config.max_in_flight_requests) if config.max_in_flight_requests else None,
             pacer=RateLimiter(config.requests_per_second_per_model) if config.requests_per_second_per_model else None,
         )
         self._files = files
         self._models = models
         self._clock = clock
         self._config = config
+        self.scheduler = Scheduler(
+            config.capacity_per_model,
+            config.capacity_by_model,
+            config.max_in_flight_requests,
+            config.max_concurrent_requests_per_batch,
+        )
+        self._governor: LoopGovernor | None = None
+        self._governing: asyncio.Task[None] | None = None
+        if config.interactive_lag_target_ms is not None:
+            scheduler = self.scheduler
+            self._governor = LoopGovernor(
+                config.interactive_lag_target_ms / 1000, lambda: scheduler.in_flight, scheduler.waiting, scheduler.grant
+            )
+            scheduler.loop_limit = self._governor.cap
         self._settings = JobSettings(
-            window=config.max_concurrent_requests_per_batch,
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,
             lease_seconds=config.lease_seconds,
@@ -122,7 +139,7 @@ class BatchRunner:
         self._stopping = asyncio.Event()
         self._attempts = JobAttempts(store, config, self._stopping, self._job)
         self._helpers = ShardHelpers(
-            store, self._sender, files, self._settings, self.holder, self._stopping, self.wake, clock
+            store, self._sender, files, self._settings, self.scheduler, self.holder, self._stopping, self.wake, clock
         )
         self._wake = asyncio.Event()
         self._claim_loop: asyncio.Task[None] | None = None
@@ -140,6 +157,9 @@ class BatchRunner:
             # request happened to start the loop.
             loop = self._claim_forever()
             self._claim_loop = asyncio.create_task(loop, name="batches:claims", context=contextvars.Context())
+            if self._governor is not None:
+                governing = self._governor.run()
+                self._governing = asyncio.create_task(governing, name="batches:governor", context=contextvars.Context())
 
     def wake(self) -> None:
         """Look for work now (a batch was just created here, or a slot is free)."""
@@ -198,6 +218,8 @@ class BatchRunner:
         """
         self._stopping.set()
         self._wake.set()
+        if self._governing is not None:
+            self._governing.cancel()
         if self._claim_loop is not None:
             await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
         await self._helpers.stop()
@@ -236,7 +258,7 @@ class BatchRunner:
         """Start the oldest batches, claimable or parked here, while slots are free; then help other
         processes' batches with the slots left (shard_helpers.py)."""
         await self._start_batches()
-        free = self._config.max_concurrent_batches - len(self._tasks) - len(self._helpers)
+        free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
         if free > 0 and not self._parked_waiting():
             await self._helpers.fill(free, busy=set(self._tasks))
 
@@ -244,7 +266,7 @@ class BatchRunner:
         return any(parked.context is not None for parked in self._parked.values())
 
     async def _start_batches(self) -> None:
-        free = self._config.max_concurrent_batches - len(self._tasks) - len(self._helpers)
+        free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
         if free <= 0:
             return
         claimed = []
@@ -387,6 +409,7 @@ class BatchRunner:
             cancel_requested=self._cancel_requested[lease.batch_id],
             stopping=self._stopping,
             lease_lost=lost,
+            scheduler=self.scheduler,
             holder=self.holder,
             clock=self._clock,
         )

@@ -41,7 +41,8 @@ from .finalization import Finalizer, Outcome, UnrunLine, final_status
 from .input_file import MAX_LISTED_ERRORS, InputIndex, file_error
 from .input_reader import InputFileGone, read_checked_input, read_requests
 from .lifecycle import BatchStatus, IllegalTransitionError, is_terminal, transition
-from .ownership import acting_as, carries_request_credentials
+from .ownership import UNOWNED_SCOPE, acting_as, carries_request_credentials, scope_of
+from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun, Stop
 from .shards import split
 from .store import BatchStore, Lease, StoredBatch
@@ -64,10 +65,12 @@ class BatchJob:
     cancel_requested: asyncio.Event
     stopping: asyncio.Event
     lease_lost: asyncio.Event
+    scheduler: Scheduler
     holder: str = "this-server"
     clock: Callable[[], float] = time.time
     _validated: InputIndex | None = None  # the requests, when this run validated the file
     _shareable: bool = True
+    _owner_scope: str = UNOWNED_SCOPE
 
     @property
     def batch_id(self) -> str:
@@ -93,6 +96,7 @@ class BatchJob:
         if stored is None or is_terminal(stored.batch.status):
             return  # finished by another server before this claim
         self._shareable = not stored.request_credentials
+        self._owner_scope = scope_of(stored.owner)
         # Files are read and written, and models reached, with the creator's rights.
         with acting_as(stored.owner):
             await self._run(stored)
@@ -182,6 +186,8 @@ class BatchJob:
                 self.settings,
                 self.cancel_requested,
                 self.stopping,
+                self.scheduler,
+                self._owner_scope,
                 self.clock,
                 batch_lease_lost=self.lease_lost,
             )

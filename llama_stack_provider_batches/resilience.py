@@ -5,8 +5,9 @@ traffic to send.
                        inside the stack itself (its SQLite store reporting "database is locked", say);
                        never another 4xx, nor a request the stack refused as invalid
     RetryPolicy        exponential backoff with full jitter, or the backend's Retry-After when it sends one
-    AdaptiveLimit      a batch's in-flight window: halves when most recent requests failed transiently,
-                       grows back by one per window of successes (additive increase, multiplicative decrease)
+    AdaptiveLimit      a model's capacity in use (scheduler.py): halves when most recent requests failed
+                       transiently, grows back by one per limit's worth of successes (additive increase,
+                       multiplicative decrease)
     RateLimiter        an optional requests-per-second pace per model
 
 Note that the stack's OpenAI-compatible providers retry a request twice themselves (the openai
@@ -79,7 +80,10 @@ class RetryPolicy:
 
 
 class AdaptiveLimit:
-    """A limit on requests in flight that shrinks while they fail transiently and grows back as they succeed."""
+    """A limit on requests in flight that shrinks while they fail transiently and grows back as they succeed.
+
+    Only the number: the scheduler (scheduler.py) admits requests against it.
+    """
 
     def __init__(
         self,
@@ -90,22 +94,10 @@ class AdaptiveLimit:
     ) -> None:
         self.maximum = maximum
         self.limit = float(maximum)
-        self.in_flight = 0
         self._recent: deque[bool] = deque(maxlen=recent)  # True for a transient failure
         self._cooldown = cooldown_seconds
         self._clock = clock
         self._last_decrease = -cooldown_seconds
-        self._changed = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
-
-    async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify_all()
 
     def record_success(self) -> None:
         self._recent.append(False)

@@ -21,7 +21,8 @@ from .endpoints import RequestSender
 from .input_reader import read_requests
 from .leases import STORE_CALL_SECONDS
 from .lifecycle import is_terminal
-from .ownership import acting_as
+from .ownership import acting_as, scope_of
+from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun
 from .shards import ShardLease
 from .store import BatchStore
@@ -41,6 +42,7 @@ class ShardHelpers:
         sender: RequestSender,
         files: Files,
         settings: JobSettings,
+        scheduler: Scheduler,
         holder: str,
         stopping: asyncio.Event,
         on_done: Callable[[], None],
@@ -50,6 +52,7 @@ class ShardHelpers:
         self._sender = sender
         self._files = files
         self._settings = settings
+        self._scheduler = scheduler
         self._holder = holder
         self._stopping = stopping
         self._on_done = on_done
@@ -105,6 +108,8 @@ class ShardHelpers:
                     self._settings,
                     asyncio.Event(),
                     self._stopping,
+                    self._scheduler,
+                    scope_of(stored.owner),
                     self._clock,
                 )
                 await run.run()

@@ -1,5 +1,6 @@
-"""Running one shard of a batch (shards.py): its requests that have no stored result yet, at most
-`window` in flight, a new one starting as soon as any finishes.
+"""Running one shard of a batch (shards.py): its requests that have no stored result yet, each sent
+once the scheduler (scheduler.py) grants it a slot, so that the batch gets its fair share of the
+model's capacity and no more.
 
 The same code runs a shard for its batch's own job (job.py) and for a helper in another process
 (engine.py). A shard run keeps its shard's lease with a heartbeat, which also brings the batch's
@@ -12,9 +13,10 @@ result is stored, and a shard whose every request has a stored result is release
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from llama_stack.log import get_logger
 from llama_stack_api import BatchObject
@@ -23,9 +25,9 @@ from pydantic import BaseModel
 from .endpoints import DeadlineReached, RequestSender, result_for_exception, result_for_response
 from .input_file import InputIndex
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease
-from .resilience import AdaptiveLimit
 from .result_log import ResultLog
 from .results import ResultEntry, Tally, decode_results
+from .scheduler import Scheduler, Slot
 from .shards import ShardLease
 from .store import BatchStore, LeaseLostError
 
@@ -45,7 +47,6 @@ class Stop(Enum):
 class JobSettings:
     """The parts of the provider config a job needs."""
 
-    window: int
     grace_seconds: float
     shutdown_grace_seconds: float
     lease_seconds: float = 15.0
@@ -64,6 +65,8 @@ class ShardRun:
     settings: JobSettings
     cancel_requested: asyncio.Event  # set by the batch's job, or by this run's heartbeat
     stopping: asyncio.Event
+    scheduler: Scheduler
+    owner: str  # the batch owner's scope (ownership.scope_of): whose share the requests take
     clock: Callable[[], float] = time.time
     batch_lease_lost: asyncio.Event | None = None  # the batch's job lost its lease: abandon the shard too
     lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,15 +136,14 @@ class ShardRun:
 
     async def _execute(self) -> Stop | None:
         """Run every request without a stored result; return why it stopped early, if it did."""
-        window = AdaptiveLimit(self.settings.window)
         in_flight: set[asyncio.Task[None]] = set()
         first = self.lease.first
 
-        async def run_one(position: int) -> None:
+        async def run_one(position: int, slot: Slot) -> None:
             request = self.index.request(position)
             try:
                 response = await self.sender.send(
-                    self.batch.endpoint, request.body, window, self.stopping, self._past_deadline
+                    self.batch.endpoint, request.body, slot, self.stopping, self._past_deadline
                 )
             except DeadlineReached:
                 return  # it was never sent: it gets its `batch_expired` line at the end
@@ -151,20 +153,20 @@ class ShardRun:
                 self._record_failure(position, result_for_exception(request, exc))
             else:
                 self._record_success(position, request.custom_id, response)
-            finally:
-                await window.release()
 
         async def dispatch() -> None:
             for position in range(first, self.lease.end):
                 if self._done[position - first]:
                     continue
-                await window.acquire()
+                slot = await self.scheduler.acquire(flow, str(self.index.request(position).body.get("model")))
                 if self._stop_asked() or self._past_deadline():  # their waiters may not have run yet
-                    await window.release()
+                    slot.release()
                     break
-                task = asyncio.create_task(run_one(position))
+                task = asyncio.create_task(run_one(position, slot))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
+                # A callback, not a `finally` in run_one: a task cancelled before it starts runs none of its code.
+                task.add_done_callback(lambda _, slot=slot: slot.release())
             while in_flight:
                 # Not gather: cancelling this task must leave requests in flight their grace period.
                 finished, _ = await asyncio.wait(set(in_flight))
@@ -173,6 +175,13 @@ class ShardRun:
 
         log = self._log
         assert log is not None
+        with self.scheduler.flow(self.lease.batch_id, self.owner) as flow:
+            return await self._supervise(dispatch, in_flight, log)
+
+    async def _supervise(
+        self, dispatch: Callable[[], Coroutine[Any, Any, None]], in_flight: set[asyncio.Task[None]], log: ResultLog
+    ) -> Stop | None:
+        """Run the dispatcher until it ends or something stops it; leave requests in flight their grace."""
         dispatcher = asyncio.create_task(dispatch())
         cancelled = asyncio.create_task(self.cancel_requested.wait())
         stopping = asyncio.create_task(self.stopping.wait())

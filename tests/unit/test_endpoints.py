@@ -160,21 +160,6 @@ async def test_no_retry_once_the_server_is_stopping() -> None:
     assert len(inference.calls) == 1
 
 
-async def test_the_traffic_budget_caps_requests_in_flight_across_windows() -> None:
-    inference = FakeInference()
-
-    async def slow(_: dict) -> None:
-        await asyncio.sleep(0.02)
-
-    inference.behaviour = slow
-    sender = RequestSender(inference, RetryPolicy(1), timeout_seconds=5, budget=asyncio.Semaphore(2))
-    windows = [AdaptiveLimit(10), AdaptiveLimit(10)]  # two batches, each allowed 10
-    await asyncio.gather(
-        *(sender.send("/v1/chat/completions", CHAT_BODY, windows[n % 2], asyncio.Event()) for n in range(8))
-    )
-    assert inference.max_in_flight == 2
-
-
 async def test_the_pace_spaces_requests_to_one_model() -> None:
     inference = FakeInference()
     sender = RequestSender(inference, RetryPolicy(1), timeout_seconds=5, pacer=RateLimiter(per_second=50))

@@ -261,7 +261,7 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
         await asyncio.sleep(0.05)
 
     inference.behaviour = slow
-    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=2)
+    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=2, max_concurrent_batches=1)
     running = await start_batch(first, files, 100)
     waiting = await first.create_batch(
         input_file_id=files.add(jsonl([chat_line("w")])), endpoint=CHAT, completion_window="24h"

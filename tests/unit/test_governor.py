@@ -1,0 +1,59 @@
+"""The loop governor: batch requests in flight cut while the event loop lags, grown back while it does not."""
+
+import asyncio
+import time
+
+from llama_stack_provider_batches.governor import COOLDOWN_SECONDS, START_IN_FLIGHT, LoopGovernor
+
+
+class Use:
+    """What the scheduler reports to the governor: requests in flight, requests waiting, raises heard."""
+
+    def __init__(self, in_flight: int = 0, waiting: int = 0) -> None:
+        self.in_flight, self.waiting, self.raises = in_flight, waiting, 0
+
+
+def governor(use: Use, now: list[float], target: float = 0.01) -> LoopGovernor:
+    def heard_raise() -> None:
+        use.raises += 1
+
+    return LoopGovernor(target, lambda: use.in_flight, lambda: use.waiting, heard_raise, clock=lambda: now[0])
+
+
+def test_the_cap_grows_by_one_per_quiet_sample_only_while_batches_use_all_of_it() -> None:
+    use, now = Use(in_flight=START_IN_FLIGHT, waiting=3), [0.0]
+    governed = governor(use, now)
+    governed.observe(0.001)
+    assert (governed.cap(), use.raises) == (START_IN_FLIGHT + 1, 1)
+    use.in_flight = 2  # not using the cap: no reason to raise it
+    governed.observe(0.001)
+    use.in_flight, use.waiting = governed.cap(), 0  # nobody waits for more
+    governed.observe(0.001)
+    governed.observe(0.007)  # under the target, but not under half of it
+    assert governed.cap() == START_IN_FLIGHT + 1
+
+
+def test_lag_cuts_the_cap_from_what_is_in_flight_at_most_once_per_cooldown_never_to_zero() -> None:
+    use, now = Use(in_flight=3, waiting=1), [10.0]
+    governed = governor(use, now)
+    governed.limit = 40.0  # a cap far above use
+    governed.observe(0.05)
+    assert governed.cap() == 2  # 3 in flight x 0.75
+    governed.observe(0.05)
+    assert governed.cap() == 2  # within the cooldown
+    for _ in range(10):
+        now[0] += COOLDOWN_SECONDS
+        governed.observe(0.05)
+    assert governed.cap() == 1
+
+
+async def test_it_measures_the_loops_lag() -> None:
+    use = Use(in_flight=1, waiting=1)
+    governed = LoopGovernor(0.01, lambda: use.in_flight, lambda: use.waiting, lambda: None)
+    task = asyncio.create_task(governed.run())
+    await asyncio.sleep(0.05)
+    time.sleep(0.1)  # the loop is blocked: the sample that ends next is about 0.1 s late
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert governed.cap() < START_IN_FLIGHT

@@ -369,9 +369,11 @@ def probe(stack: ServerProcess, seconds: float) -> tuple[Latency | None, Latency
     chatter = Prober(lambda client: client.post(f"{stack.url}/v1/chat/completions", json=chat), 0.2)
     for prober in (health, chatter):
         prober.start()
-    time.sleep(seconds)
-    for prober in (health, chatter):
-        prober.stop_event.set()
+    try:
+        time.sleep(seconds)
+    finally:
+        for prober in (health, chatter):
+            prober.stop_event.set()
     for prober in (health, chatter):
         prober.join(timeout=60)
     return health.summary(), chatter.summary()

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 from llama_stack.log import get_logger
 from llama_stack_api import BatchObject, Files, Inference, Models
-from llama_stack_api.common.errors import LlamaStackError
 
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
@@ -47,6 +46,7 @@ from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
 from .store import BatchStore, Lease
+from .user_limits import LimitReachedError
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -61,10 +61,8 @@ def retry_delay(attempt: int) -> float:
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
 
 
-class TooManyWaitingBatchesError(LlamaStackError):
+class TooManyWaitingBatchesError(LimitReachedError):
     """Too many batches with per-request credentials wait on this server (HTTP 429)."""
-
-    status_code = 429  # type: ignore[assignment]
 
     def __init__(self, limit: int) -> None:
         super().__init__(

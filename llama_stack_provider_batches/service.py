@@ -49,6 +49,7 @@ from .ownership import (
     scope_of,
 )
 from .store import BatchStore, StoredBatch
+from .user_limits import UserLimits
 from .validation import (
     InvalidParameterError,
     is_batch_id,
@@ -94,6 +95,7 @@ class BatchesService(Batches):
         self._store = store
         self._runner = runner
         self._clock = clock
+        self._limits = UserLimits(config, store, files)
 
     async def initialize(self) -> None:
         """Prepare the store; background work starts later, on the serving loop (startup.py)."""
@@ -138,15 +140,18 @@ class BatchesService(Batches):
             completion_window=completion_window,  # type: ignore[arg-type]
             metadata=None if metadata is None else dict(metadata),
         )
-        candidate = self._new_batch(params, current_owner(), key)
+        owner = current_owner()
+        candidate = self._new_batch(params, owner, key)
         check_may_create(self._policy, candidate.batch.id)  # the access policy's `create`, before anything is stored
         await self._check_input_file_purpose(params.input_file_id)
         # Credentials that came with this request are not stored: such a batch waits here, and only so many may.
         claim_for = self._runner.holder if candidate.request_credentials else None
-        with self._runner.room_to_park() if claim_for else contextlib.nullcontext():
-            stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
-            if lease is not None:
-                self._runner.adopt(lease, stored.batch)
+        async with self._limits.admit(scope_of(owner), params.input_file_id, key) as request_lines:
+            candidate.request_lines = request_lines
+            with self._runner.room_to_park() if claim_for else contextlib.nullcontext():
+                stored, lease = await self._store.create(candidate, claim_for, self._runner.lease_seconds)
+                if lease is not None:
+                    self._runner.adopt(lease, stored.batch)
         if key is not None and not idempotency.same_request(stored.batch, params):  # the key's earlier batch
             raise idempotency.conflict(key, stored.batch, params)
         if stored.batch.id == candidate.batch.id:

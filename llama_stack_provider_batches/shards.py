@@ -106,6 +106,14 @@ class ShardStore:
             table.c.batch_id.in_(running),
         )
 
+    async def requests_left(self, scope: str) -> int:
+        """Requests not yet run in the running batches of an owner's scope (as far as shards reported)."""
+        table, batches = self._table, self._db.batches
+        running = select(batches.c.id).where(batches.c.scope == scope, batches.c.status == "in_progress")
+        left = func.coalesce(func.sum(table.c.end - table.c.first - table.c.completed - table.c.failed), 0)
+        rows = await self._db.read(select(left).where(table.c.done.is_(False), table.c.batch_id.in_(running)))
+        return int(rows[0][0])
+
     async def claim(
         self, holder: str, lease_seconds: float, batch_id: str | None = None, exclude: frozenset[str] = frozenset()
     ) -> ShardLease | None:

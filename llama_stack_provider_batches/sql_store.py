@@ -40,7 +40,7 @@ from collections.abc import Callable
 from llama_stack.core.storage.datatypes import SqlStoreReference
 from llama_stack_api import BatchNotFoundError
 from llama_stack_api.internal.kvstore import KVStore
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .database import Database, SqlChunks, batch_row, idempotency_ref
@@ -159,6 +159,19 @@ class SQLBatchStore(BatchStore):
         batches = await self._with_progress([StoredBatch.model_validate_json(row.record) for row in rows[:limit]])
         return BatchPage(batches, has_more=len(rows) > limit)
 
+    async def find_by_key(self, scope: str, key: str) -> StoredBatch | None:
+        table = self._table
+        rows = await self._db.read(select(table.c.record).where(table.c.idempotency_ref == idempotency_ref(scope, key)))
+        return StoredBatch.model_validate_json(rows[0].record) if rows else None
+
+    async def active_work(self, scope: str) -> tuple[int, int]:
+        table = self._table
+        mine = and_(table.c.scope == scope, table.c.status.in_(UNFINISHED_STATUSES))
+        [(batches,)] = await self._db.read(select(func.count()).select_from(table).where(mine))
+        validating = await self._db.read(select(table.c.record).where(mine, table.c.status == "validating"))
+        counted = sum(StoredBatch.model_validate_json(row.record).request_lines or 0 for row in validating)
+        return batches, counted + await self.shards.requests_left(scope)
+
     # --- leases ---------------------------------------------------------------------------------
 
     def _claimable(self) -> ColumnElement[bool]:
@@ -169,7 +182,7 @@ class SQLBatchStore(BatchStore):
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
         leases: list[Lease] = []
         while len(leases) < count:
-            candidates = await self.waiting_ids(count - len(leases))
+            candidates = await self._claim_order(count - len(leases))
             if not candidates:
                 break
             for batch_id in candidates:
@@ -177,6 +190,28 @@ class SQLBatchStore(BatchStore):
                     leases.append(lease)
             # Candidates other servers took meanwhile are held now: the next query skips them.
         return leases
+
+    async def _claim_order(self, count: int) -> list[str]:
+        """Up to `count` waiting batches in the order claims take them: an owner's n-th oldest waiting
+        batch gets turn n plus the number of batches of that owner someone holds now, lowest turn
+        first (then oldest). So owners take turns, and one with many batches running, here or on any
+        other replica, comes after one with none: nobody's hundred batches fill every replica first."""
+        table, held = self._table, self._table.alias("held")
+        running = (
+            select(func.count())
+            .select_from(held)
+            .where(
+                held.c.scope == table.c.scope,
+                held.c.status.in_(UNFINISHED_STATUSES),
+                held.c.lease_expires_at >= self._db.now(),
+            )
+            .scalar_subquery()
+        )
+        nth = func.row_number().over(partition_by=table.c.scope, order_by=table.c.created_ns)
+        waiting = select(table.c.id, table.c.created_ns, (running + nth).label("turn")).where(self._claimable())
+        turns = waiting.subquery()
+        rows = await self._db.read(select(turns.c.id).order_by(turns.c.turn, turns.c.created_ns).limit(count))
+        return [row.id for row in rows]
 
     async def waiting_ids(self, count: int) -> list[str]:
         table = self._table

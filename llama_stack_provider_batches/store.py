@@ -48,6 +48,8 @@ class StoredBatch(BaseModel):
     uploading: dict[str, int] = {}
     # How many times processing this batch raised unexpectedly (engine.py ends it at a limit).
     processing_failures: int = 0
+    # Requests in its input file, counted at create when a per-user request limit is set (user_limits.py).
+    request_lines: int | None = None
 
 
 class Chunks(Protocol):
@@ -229,8 +231,18 @@ class BatchStore(ABC):
         """
 
     @abstractmethod
+    async def find_by_key(self, scope: str, key: str) -> StoredBatch | None:
+        """The batch created in `scope` with idempotency key `key`, if there is one."""
+
+    @abstractmethod
+    async def active_work(self, scope: str) -> tuple[int, int]:
+        """(unfinished batches, requests not yet run in them) of an owner's scope. A validating batch's
+        requests are its `request_lines` (0 if they were not counted), a running one's its shards' rest."""
+
+    @abstractmethod
     async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
-        """Take the leases of up to `count` unfinished batches nobody holds, oldest first."""
+        """Take the leases of up to `count` unfinished batches nobody holds, fairly: the owners running
+        the fewest batches first, taking turns, each owner's oldest first."""
 
     @abstractmethod
     async def claim_batch(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:

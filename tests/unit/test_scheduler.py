@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from llama_stack_provider_batches.scheduler import Flow, Scheduler, Slot
 
-
 GRANTED: list[tuple["Demand", Slot]] = []  # every slot a Demand holds, oldest first
 
 

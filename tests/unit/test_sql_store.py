@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_stack_provider_batches.lifecycle import transition
+from llama_stack_provider_batches.ownership import Owner
 from llama_stack_provider_batches.sql_store import SQLBatchStore
 from llama_stack_provider_batches.store import LeaseLostError, StoredBatch
 from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
@@ -79,3 +80,26 @@ async def test_a_released_lease_can_be_claimed_at_once_by_another_replica(replic
     await first.release(lease)  # a graceful stop
     [taken] = await second.claim("server-b", 1, lease_seconds=30)
     assert taken.epoch == lease.epoch + 1
+
+
+async def test_claims_take_owners_in_turn_those_running_least_first(replicas: Replicas) -> None:
+    first, second = replicas
+    alice, bob, carol = (Owner(principal=name) for name in ("alice", "bob", "carol"))
+    for n in range(4):
+        await create(first, StoredBatch(batch=make_batch(f"batch_a{n}"), owner=alice))
+    [running] = await first.claim("server-a", 1, lease_seconds=30)
+    assert running.batch_id == "batch_a0"  # alone: the oldest
+    await create(first, StoredBatch(batch=make_batch("batch_b0"), owner=bob))
+    await create(first, StoredBatch(batch=make_batch("batch_b1"), owner=bob))
+    await create(first, StoredBatch(batch=make_batch("batch_c0"), owner=carol))
+    # Alice runs one batch already (on the other replica): bob's and carol's first batches go first,
+    # then owners take turns, the oldest batch first among equal turns.
+    claimed = await second.claim("server-b", 6, lease_seconds=30)
+    assert [lease.batch_id for lease in claimed] == [
+        "batch_b0",
+        "batch_c0",
+        "batch_a1",
+        "batch_b1",
+        "batch_a2",
+        "batch_a3",
+    ]

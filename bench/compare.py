@@ -77,8 +77,9 @@ class Result:
 
 
 def builtin_run_yaml(directory: Path, base: Path = RUN_YAML) -> Path:
-    """A run.yaml without the `module:` line and the settings only this provider knows."""
-    upstream_settings = ("kvstore:", "max_concurrent_batches:", "max_concurrent_requests_per_batch:")
+    """A run.yaml without the `module:` line and the settings only this provider knows (the built-in
+    one runs one batch at a time, its default: run.yaml leaves `max_concurrent_batches` unset)."""
+    upstream_settings = ("kvstore:", "max_concurrent_requests_per_batch:")
     kept = [
         line
         for line in base.read_text().splitlines()

@@ -26,8 +26,9 @@ Scenarios (requests go to the stand-in model server, started here; sizes in brac
 Each run (provider, scenario, and each of fair's two steps) gets a fresh stack and state directory,
 all under one temporary directory whose path is printed at the end with the servers' logs. The
 built-in provider keeps its defaults (one batch at a time) apart from the request window; this
-provider runs with run.yaml as shipped, changed by OURS_CONFIG below. Every wait has a timeout:
-a batch that overruns it is recorded in the run's notes, not waited for.
+provider runs with run.yaml as shipped, changed by OURS_CONFIG below (batches side by side). Every
+wait has a timeout: a batch that overruns it, or a stack that stops answering, is recorded in the
+run's notes rather than waited for.
 """
 
 import argparse
@@ -62,11 +63,15 @@ from tools.harness import (
     warm_up,
 )
 
-# This provider's batches config: run.yaml as shipped with these changes. None removes the setting,
-# so that the provider's own default applies.
+# Changes to each provider's batches config (this provider: run.yaml as shipped; the built-in:
+# bench.compare.builtin_run_yaml), made before each scenario's request window. None removes the
+# setting, so that the provider's own default applies.
 OURS_CONFIG: dict[str, Any] = {
     "max_concurrent_batches": None,  # unset: batches run side by side
     "capacity_per_model": None,  # requests in flight per model: the provider's default
+}
+BUILTIN_CONFIG: dict[str, Any] = {
+    "max_concurrent_batches": None,  # the built-in's default: one batch at a time
 }
 USERS = {  # disjoint attributes: under the stack's default policy neither sees the other's batches
     "alice-token": {"principal": "alice", "attributes": {"teams": ["red"]}},
@@ -174,7 +179,7 @@ class InteractiveResult:
 def provider_run_yaml(provider: str, directory: Path, settings: dict[str, Any]) -> Path:
     """A run.yaml for `provider` whose batches config also has `settings` (None: the line removed)."""
     base = RUN_YAML if provider == "ours" else builtin_run_yaml(directory)
-    changes = {**OURS_CONFIG, **settings} if provider == "ours" else settings
+    changes = {**(OURS_CONFIG if provider == "ours" else BUILTIN_CONFIG), **settings}
     config = yaml.safe_load(base.read_text())
     batches_config = config["providers"]["batches"][0]["config"]
     for name, value in changes.items():
@@ -379,9 +384,14 @@ def probe(stack: ServerProcess, seconds: float) -> tuple[Latency | None, Latency
     return health.summary(), chatter.summary()
 
 
-def completed_now(client: OpenAI, batch_id: str) -> tuple[int, str, float]:
-    """The batch's completed count and status, and when they were read (perf_counter)."""
-    batch = client.batches.retrieve(batch_id)
+def completed_now(client: OpenAI, batch_id: str, notes: list[str]) -> tuple[int | None, str, float]:
+    """The batch's completed count and status (None and "" if it cannot be read: noted), and when
+    they were read (perf_counter)."""
+    try:
+        batch = client.batches.retrieve(batch_id)
+    except openai.APIError as exc:
+        notes.append(f"batch progress unreadable: {type(exc).__name__}")
+        return None, "", time.perf_counter()
     return (batch.request_counts.completed if batch.request_counts else 0), batch.status, time.perf_counter()
 
 
@@ -390,7 +400,7 @@ def cancel(result: InteractiveResult, client: OpenAI, batch_id: str, timeout: fl
     try:
         client.batches.cancel(batch_id)
     except openai.APIError as exc:
-        result.notes.append(f"cancel refused: {type(exc).__name__}: {exc}"[:200])
+        result.notes.append(f"cancel call failed: {type(exc).__name__}: {exc}"[:200])
     result.cancel = follow(client, batch_id, started, timeout)
     note_unfinished(result.notes, "cancelled batch", result.cancel, timeout)
 
@@ -413,10 +423,11 @@ def run_interactive(result: InteractiveResult, sizes: Sizes, work_dir: Path) -> 
             result.notes.append("batch not running: no probes during it")
             return
         print(f"  {result.provider}: probes during the batch", flush=True)
-        before, _, read_before = completed_now(client, batch_id)
+        before, _, read_before = completed_now(client, batch_id, result.notes)
         result.health_busy, result.chat_busy = probe(stack, sizes.busy_seconds)
-        after, status, read_after = completed_now(client, batch_id)
-        result.batch_requests_per_second = round((after - before) / (read_after - read_before), 1)
+        after, status, read_after = completed_now(client, batch_id, result.notes)
+        if before is not None and after is not None:
+            result.batch_requests_per_second = round((after - before) / (read_after - read_before), 1)
         if status in TERMINAL:
             result.notes.append(f"batch ended ({status}) during the probes: req/s understated")
         else:
@@ -460,7 +471,7 @@ def print_table(title: str, rows: list[tuple[str, Callable[[Any], Any]]], result
     print(f"\n{title}")
     print(f"  {'':<22}" + "".join(f"{result.provider:>20}" for result in results))
     for label, value in rows:
-        cells = ("-" if value(result) is None else str(value(result)) for result in results)
+        cells = (str(value(result)) if value(result) not in (None, "") else "-" for result in results)
         print(f"  {label:<22}" + "".join(f"{cell:>20}" for cell in cells))
     for result in results:
         for note in result.notes:

@@ -11,9 +11,8 @@ replicas pick up waiting batches. Jobs it starts run as their batch's owner (job
 of their own.
 
 Batches created with per-request credentials (never stored) must run here, in their creating
-request's context: they are created already leased to this server and park here (at most
-`max_waiting_batches_with_credentials` of them) until the claim loop gives them a slot, in creation
-order with every other batch. Parked leases are renewed together every few seconds.
+request's context: they are created already leased to this server and park here (parking.py) until
+the claim loop gives them a slot, in creation order with every other batch.
 
 While a job runs, its lease is kept by a heartbeat (leases.py); losing it ends the job at once,
 without writing anything. A server stop ends every job, leaves each batch in a status it resumes
@@ -30,7 +29,6 @@ import contextlib
 import contextvars
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from llama_stack.log import get_logger
 from llama_stack_api import BatchObject, Files, Inference, Models
@@ -41,12 +39,12 @@ from .endpoints import RequestSender
 from .governor import LoopGovernor
 from .job import BatchJob
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
+from .parking import ParkedLeases
 from .resilience import RateLimiter, RetryPolicy
 from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
 from .store import BatchStore, Lease
-from .user_limits import LimitReachedError
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -59,27 +57,6 @@ SWEEP_BATCHES = 100  # the oldest waiting batches looked at by a sweep (they exp
 def retry_delay(attempt: int) -> float:
     """The pause before the claim loop's retry number `attempt` (0-based) after a store error."""
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS) - 1)]
-
-
-class TooManyWaitingBatchesError(LimitReachedError):
-    """Too many batches with per-request credentials wait on this server (HTTP 429)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"{limit} batches created with per-request credentials already wait on this server; "
-            "retry once some have finished."
-        )
-
-
-@dataclass
-class ParkedLease:
-    """A lease held here with no job running: a batch waiting for a slot in its creating request's
-    context, or one set aside after it could not even be marked failed."""
-
-    lease: Lease  # replaced if it ran out and this server claimed the batch again
-    created_at: int
-    context: contextvars.Context | None  # None: set aside, never to run here
-    expires_at: int | None = None
 
 
 class BatchRunner:
@@ -129,9 +106,7 @@ class BatchRunner:
         self.holder = server_name()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: dict[str, asyncio.Event] = {}
-        self._parked: dict[str, ParkedLease] = {}
-        self._parked_renewed_at = time.monotonic()
-        self._parking = 0  # creates of batches with credentials under way
+        self._parked = ParkedLeases(store, config.lease_seconds, config.max_waiting_batches_with_credentials)
         self._to_close: set[str] = set()  # batches cancelled here while not running here
         self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
@@ -168,19 +143,12 @@ class BatchRunner:
     def room_to_park(self) -> Iterator[None]:
         """Hold a place for a batch with per-request credentials while it is created; refuse (HTTP 429)
         when too many already wait here. Taken before the first await, so concurrent creates count."""
-        waiting = sum(1 for parked in self._parked.values() if parked.context is not None) + self._parking
-        if waiting >= self._config.max_waiting_batches_with_credentials:
-            raise TooManyWaitingBatchesError(self._config.max_waiting_batches_with_credentials)
-        self._parking += 1
-        try:
+        with self._parked.room():
             yield
-        finally:
-            self._parking -= 1
 
     def adopt(self, lease: Lease, batch: BatchObject) -> None:
         """Run a batch created here already leased, in the current (creating request's) context, when its turn comes."""
-        context = contextvars.copy_context()
-        self._parked[lease.batch_id] = ParkedLease(lease, batch.created_at, context, batch.expires_at)
+        self._parked.wait_here(lease, batch, contextvars.copy_context())
         self.wake()
 
     def request_cancel(self, batch_id: str) -> None:
@@ -227,9 +195,7 @@ class BatchRunner:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for parked in list(self._parked.values()):
-            await self._release(parked.lease)
-        self._parked.clear()
+        await self._parked.release_all(self._release)
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -239,7 +205,7 @@ class BatchRunner:
             wanted = self._passes_wanted
             self._wake.clear()
             try:
-                await self._renew_parked()
+                self._to_close |= await self._parked.renew()
                 await self._close_without_slots()
                 await self._fill_free_slots()
             except Exception:
@@ -257,11 +223,8 @@ class BatchRunner:
         processes' batches with the slots left (shard_helpers.py)."""
         await self._start_batches()
         free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
-        if free > 0 and not self._parked_waiting():
+        if free > 0 and not self._parked.waiting():
             await self._helpers.fill(free, busy=set(self._tasks))
-
-    def _parked_waiting(self) -> bool:
-        return any(parked.context is not None for parked in self._parked.values())
 
     async def _start_batches(self) -> None:
         free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
@@ -273,11 +236,11 @@ class BatchRunner:
                 # Its lease ran out while its job runs here (a stalled renewal): that job stops at its
                 # next renewal, and the batch is claimed again after it.
                 await self._release(lease)
-            elif lease.batch_id in self._parked:  # a parked lease ran out: keep the new one
-                self._parked[lease.batch_id].lease = lease
+            elif parked := self._parked.get(lease.batch_id):  # a parked lease ran out: keep the new one
+                parked.lease = lease
             else:
                 claimed.append(lease)
-        waiting = [parked for parked in self._parked.values() if parked.context is not None]
+        waiting = self._parked.waiting()
         if not waiting:
             for lease in claimed:
                 self._launch(lease)
@@ -287,7 +250,7 @@ class BatchRunner:
         candidates += [(parked.created_at, parked.lease, parked.context) for parked in waiting]
         candidates.sort(key=lambda candidate: candidate[0])
         for _, lease, context in candidates[:free]:
-            self._parked.pop(lease.batch_id, None)
+            self._parked.pop(lease.batch_id)
             self._launch(lease, context)
         for _, lease, context in candidates[free:]:
             if context is None:  # claimed but not started: let it be claimed again
@@ -301,11 +264,7 @@ class BatchRunner:
         if self._passes_since_sweep >= SWEEP_PASSES:
             self._passes_since_sweep = 0
             now = self._clock()
-            to_close.update(
-                batch_id
-                for batch_id, parked in self._parked.items()
-                if parked.context is not None and parked.expires_at is not None and parked.expires_at <= now
-            )
+            to_close.update(self._parked.past_deadline(now))
             for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):
                 batch = await self._batch_or_none(batch_id)
                 if batch and (batch.status == "cancelling" or (batch.expires_at or now + 1) <= now):
@@ -313,13 +272,13 @@ class BatchRunner:
         for batch_id in to_close:
             if batch_id in self._tasks:
                 continue
-            parked = self._parked.pop(batch_id, None)
+            parked = self._parked.pop(batch_id)
             if parked is not None and parked.context is not None:
                 self._launch(parked.lease, parked.context)
             elif parked is None and (lease := await self._store.claim_batch(batch_id, self.holder, self.lease_seconds)):
                 self._launch(lease)
             elif parked is not None:  # set aside: it stays so
-                self._parked[batch_id] = parked
+                self._parked.put_back(parked)
 
     async def _created_at(self, lease: Lease) -> int:
         batch = await self._batch_or_none(lease.batch_id)
@@ -335,29 +294,12 @@ class BatchRunner:
             return None
         return stored.batch if stored else None
 
-    async def _renew_parked(self) -> None:
-        """Keep the leases of parked batches, a few times per lease length."""
-        if not self._parked or time.monotonic() - self._parked_renewed_at < self.lease_seconds / 3:
-            return
-        self._parked_renewed_at = time.monotonic()
-        for batch_id, parked in list(self._parked.items()):
-            try:
-                status = await self._store.renew(parked.lease, self.lease_seconds)
-            except Exception:  # one unreadable record must not stop the claim loop
-                logger.exception("Cannot renew a parked batch's lease", batch_id=batch_id)
-                continue
-            if status is None:
-                logger.warning("A parked batch's lease was lost", batch_id=batch_id)
-                self._parked.pop(batch_id, None)
-            elif status == "cancelling" and parked.context is not None:  # cancelled through another server
-                self._to_close.add(batch_id)
-
     def _launch(self, lease: Lease, context: contextvars.Context | None = None) -> None:
         batch_id = lease.batch_id
         if self._stopping.is_set() or batch_id in self._tasks:
             # Not to run now: parked, so that the stop releases its lease with the others.
             if batch_id not in self._tasks:
-                self._parked[batch_id] = ParkedLease(lease, 0, None)
+                self._parked.set_aside(lease)
             return
         self._cancel_requested[batch_id] = asyncio.Event()
         task = asyncio.create_task(self._run(lease), name=f"batch:{batch_id}", context=context)
@@ -381,7 +323,7 @@ class BatchRunner:
         heartbeat = asyncio.create_task(keeper, name=f"lease:{lease.batch_id}")
         try:
             if await self._attempts.run(lease, lost) is Ending.SET_ASIDE:
-                self._parked[lease.batch_id] = ParkedLease(lease, 0, None)
+                self._parked.set_aside(lease)
         finally:
             finished.set()
             await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)

@@ -9,8 +9,8 @@ import pytest
 from llama_stack.core.request_headers import RequestProviderDataContext
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
-from llama_stack_provider_batches.engine import TooManyWaitingBatchesError
 from llama_stack_provider_batches.idempotency import CreateParams
+from llama_stack_provider_batches.parking import TooManyWaitingBatchesError
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import (
     CHAT,

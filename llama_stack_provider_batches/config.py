@@ -64,7 +64,7 @@ class BatchesProviderConfig(BaseModel):
         ),
     )
     interactive_lag_target_ms: float | None = Field(
-        default=10.0,
+        default=2.0,
         gt=0,
         description=(
             "Batch requests in flight are cut while the server's event loop lags more than this, so that"

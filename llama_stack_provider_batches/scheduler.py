@@ -146,8 +146,9 @@ class Scheduler:
 
     def total_limit(self) -> int | None:
         """The cap on requests in flight to all models together, now; None if there is none."""
-        limits = [limit for limit in (self._total_capacity, self.loop_limit and self.loop_limit()) if limit]
-        return min(limits) if limits else None
+        limits = [self._total_capacity, self.loop_limit() if self.loop_limit is not None else None]
+        present = [limit for limit in limits if limit is not None]
+        return min(present) if present else None
 
     def grant(self) -> None:
         """Give free slots to waiting batches, fairest first, until no slot or no waiter is left."""

@@ -3,28 +3,37 @@
 import asyncio
 import time
 
-from llama_stack_provider_batches.governor import COOLDOWN_SECONDS, START_IN_FLIGHT, LoopGovernor
+from llama_stack_provider_batches.governor import (
+    COOLDOWN_SECONDS,
+    MAX_PAUSE_SECONDS,
+    START_IN_FLIGHT,
+    LoopGovernor,
+    http_requests_in_progress,
+)
 
 
 class Use:
     """What the scheduler reports to the governor: requests in flight, requests waiting, raises heard."""
 
     def __init__(self, in_flight: int = 0, waiting: int = 0) -> None:
-        self.in_flight, self.waiting, self.raises = in_flight, waiting, 0
+        self.in_flight, self.waiting, self.raises, self.serving = in_flight, waiting, 0, 0
 
 
 def governor(use: Use, now: list[float], target: float = 0.01) -> LoopGovernor:
     def heard_raise() -> None:
         use.raises += 1
 
-    return LoopGovernor(target, lambda: use.in_flight, lambda: use.waiting, heard_raise, clock=lambda: now[0])
+    return LoopGovernor(
+        target, lambda: use.in_flight, lambda: use.waiting, heard_raise, lambda: now[0], lambda: use.serving
+    )
 
 
 def test_the_cap_grows_by_one_per_quiet_sample_only_while_batches_use_all_of_it() -> None:
     use, now = Use(in_flight=START_IN_FLIGHT, waiting=3), [0.0]
     governed = governor(use, now)
     governed.observe(0.001)
-    assert (governed.cap(), use.raises) == (START_IN_FLIGHT + 1, 1)
+    governed.observe(0.001)
+    assert (governed.cap(), use.raises) == (START_IN_FLIGHT + 1, 2)
     use.in_flight = 2  # not using the cap: no reason to raise it
     governed.observe(0.001)
     use.in_flight, use.waiting = governed.cap(), 0  # nobody waits for more
@@ -45,6 +54,32 @@ def test_lag_cuts_the_cap_from_what_is_in_flight_at_most_once_per_cooldown_never
         now[0] += COOLDOWN_SECONDS
         governed.observe(0.05)
     assert governed.cap() == 1
+
+
+def test_no_batch_request_starts_while_http_requests_are_served_for_a_bounded_pause() -> None:
+    use, now = Use(in_flight=8, waiting=3), [0.0]
+    governed = governor(use, now)
+    governed.limit = 8.0
+    use.serving = 2
+    assert governed.cap() == 0  # seen at the grant itself, before any sample
+    governed.observe(0.05, interactive=True)  # their own work makes the loop lag: not held against batches
+    now[0] += MAX_PAUSE_SECONDS
+    assert governed.cap() == 1  # a long request (a stream) does not stop batches for its whole length
+    use.serving, use.in_flight, use.raises = 0, 1, 0
+    governed.observe(0.001, interactive=False)
+    assert (governed.cap(), use.raises) == (8, 1)  # the cap it had, and the scheduler heard it may grant
+
+
+async def test_uvicorn_request_tasks_are_counted_as_http_requests_in_progress() -> None:
+    async def run_asgi() -> None:  # the name of uvicorn's coroutine serving one request
+        await asyncio.sleep(1)
+
+    assert http_requests_in_progress() == 0
+    serving = asyncio.create_task(run_asgi())
+    await asyncio.sleep(0)
+    assert http_requests_in_progress() == 1
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
 
 
 async def test_it_measures_the_loops_lag() -> None:

@@ -236,3 +236,16 @@ async def test_requests_finish_and_free_everything(owners: int) -> None:
     await asyncio.gather(*(batch(f"b{n}", f"u{n % owners}", 20) for n in range(4)))
     assert done == {f"b{n}": 20 for n in range(4)}
     assert scheduler.in_flight == 0 and scheduler.waiting() == 0
+
+
+async def test_nothing_is_granted_while_the_governor_allows_nothing() -> None:
+    allowed = [0]
+    scheduler = Scheduler(capacity_per_model=8, loop_limit=lambda: allowed[0])
+    with scheduler.flow("b", "alice") as flow:
+        waiting = asyncio.create_task(scheduler.acquire(flow, "m"))
+        await settle()
+        assert not waiting.done()  # interactive requests are being served
+        allowed[0] = 2
+        scheduler.grant()  # what the governor does once they are answered
+        slot = await asyncio.wait_for(waiting, 1)
+        slot.release()

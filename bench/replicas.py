@@ -50,7 +50,11 @@ def input_file(client: OpenAI, batch: int) -> str:
 
 
 def run(provider: str, replicas: int, standin: ServerProcess, work_dir: Path) -> dict[str, object]:
-    env = fresh_replica_set_env(work_dir, BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW))
+    # One batch at a time per replica, as the built-in provider runs them: what is measured is how
+    # waiting batches spread over replicas.
+    env = fresh_replica_set_env(
+        work_dir, BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW), BATCHES_MAX_CONCURRENT_BATCHES="1"
+    )
     tag = env["BATCHES_SQL_TABLE"]
     run_yaml = REPLICAS_RUN_YAML if provider == "ours" else builtin_run_yaml(work_dir, REPLICAS_RUN_YAML)
     servers = [

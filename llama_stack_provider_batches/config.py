@@ -1,9 +1,10 @@
 """Operator settings, as written under the batches provider entry of run.yaml.
 
 `kvstore`, `max_concurrent_batches` and `max_concurrent_requests_per_batch` are the fields of
-llama-stack's built-in `inline::reference` provider, with the same names and defaults, so an
-existing run.yaml needs only the `module:` line. Every setting added here has a default that is
-safe for production.
+llama-stack's built-in `inline::reference` provider, with the same names, so an existing run.yaml
+needs only the `module:` line. One default differs on purpose: the built-in provider runs one batch
+at a time, this one runs them side by side unless `max_concurrent_batches` is set (an explicit
+value is honoured). Every setting added here has a default that is safe for production.
 """
 
 from typing import Any
@@ -13,7 +14,9 @@ from pydantic import BaseModel, Field
 
 # Batches running side by side in one process when `max_concurrent_batches` is unset: each holds its
 # input file in memory while it runs, so even "no limit" needs one.
-BATCHES_SIDE_BY_SIDE = 100
+BATCHES_SIDE_BY_SIDE = 32
+# One slot in this many is kept for owners with no batch running in the process (engine.py).
+NEW_OWNER_SHARE = 4
 
 
 class BatchesProviderConfig(BaseModel):
@@ -45,8 +48,9 @@ class BatchesProviderConfig(BaseModel):
         ge=1,
         description=(
             "At most this many batches run at the same time in each process (a slot left free runs a part, a"
-            f" shard, of a batch another process runs). Unset: batches run side by side, up to {BATCHES_SIDE_BY_SIDE}"
-            " per process, sharing the model capacity (`capacity_per_model`) fairly."
+            f" shard, of a batch another process runs); one in {NEW_OWNER_SHARE} is kept for users with none"
+            f" running there. Unset: batches run side by side, up to {BATCHES_SIDE_BY_SIDE} per process, sharing"
+            " the model capacity (`capacity_per_model`) fairly."
         ),
     )
     capacity_per_model: int = Field(
@@ -67,8 +71,9 @@ class BatchesProviderConfig(BaseModel):
         default=2.0,
         gt=0,
         description=(
-            "Batch requests in flight are cut while the server's event loop lags more than this, so that"
-            " interactive requests on the same server keep their latency; unset to turn this off."
+            "Batch requests in flight are cut while the server's event loop lags more than this, and none"
+            " starts for a moment after an HTTP request does, so that interactive requests on the same server"
+            " keep their latency; unset to turn both off."
         ),
     )
     max_active_batches_per_user: int | None = Field(
@@ -155,6 +160,10 @@ class BatchesProviderConfig(BaseModel):
     def batches_here(self) -> int:
         """How many batches may run at the same time in one process."""
         return self.max_concurrent_batches or BATCHES_SIDE_BY_SIDE
+
+    def slots_for_new_owners(self) -> int:
+        """Of those, how many only owners with no batch running in the process may take."""
+        return self.batches_here() // NEW_OWNER_SHARE
 
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "", **_: Any) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 background of the server's event loop.
 
 A claim loop starts jobs as long as fewer than `max_concurrent_batches` run here (by default, up to
-config.BATCHES_SIDE_BY_SIDE side by side), taking first the waiting batches of the owners with the least
-running work (sql_store.py). The jobs share the model capacity through the scheduler (scheduler.py),
-whose cap the loop governor (governor.py) tightens while the serving loop lags. The claim loop looks
+config.BATCHES_SIDE_BY_SIDE side by side), taking first the waiting batches of the owners with the
+least running work (sql_store.py); a quarter of the slots is kept for owners with no batch running
+here, so that one user's many batches cannot keep another's first one waiting. The jobs share the
+model capacity through the scheduler (scheduler.py), whose cap the loop governor (governor.py)
+tightens while the serving loop lags or serves HTTP requests. The claim loop looks
 at once when this server creates a batch, and every POLL_SECONDS otherwise: that is how batches left
 by an earlier run (a restart) or by a dead replica (once its leases expire) are resumed, and how idle
 replicas pick up waiting batches. Jobs it starts run as their batch's owner (job.py), in a context
@@ -186,6 +188,7 @@ class BatchRunner:
         self._wake.set()
         if self._governing is not None:
             self._governing.cancel()
+            await asyncio.gather(self._governing, return_exceptions=True)
         if self._claim_loop is not None:
             await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
         await self._helpers.stop()
@@ -222,16 +225,27 @@ class BatchRunner:
         """Start the oldest batches, claimable or parked here, while slots are free; then help other
         processes' batches with the slots left (shard_helpers.py)."""
         await self._start_batches()
-        free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
+        free = self._free_slots() - self._config.slots_for_new_owners()  # those stay free for the next owner
         if free > 0 and not self._parked.waiting():
             await self._helpers.fill(free, busy=set(self._tasks))
 
+    def _free_slots(self) -> int:
+        return self._config.batches_here() - len(self._tasks) - len(self._helpers)
+
+    async def _claim(self, free: int) -> list[Lease]:
+        """Up to `free` waiting batches; the slots kept for new owners only for owners with none running here."""
+        for_anyone = max(0, free - self._config.slots_for_new_owners())
+        leases = await self._store.claim(self.holder, for_anyone, self.lease_seconds) if for_anyone else []
+        if len(leases) < free:
+            leases += await self._store.claim(self.holder, free - len(leases), self.lease_seconds, newcomers_only=True)
+        return leases
+
     async def _start_batches(self) -> None:
-        free = self._config.batches_here() - len(self._tasks) - len(self._helpers)
+        free = self._free_slots()
         if free <= 0:
             return
         claimed = []
-        for lease in await self._store.claim(self.holder, free, self.lease_seconds):
+        for lease in await self._claim(free):
             if lease.batch_id in self._tasks:
                 # Its lease ran out while its job runs here (a stalled renewal): that job stops at its
                 # next renewal, and the batch is claimed again after it.

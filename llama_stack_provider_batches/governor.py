@@ -9,23 +9,30 @@ about 10 ms to 200 ms). The governor measures the loop's lag, how late a short s
 is how late any request's next step runs, and counts the HTTP requests the server is serving, every
 SAMPLE_SECONDS, and adjusts the scheduler's cap:
 
-    HTTP requests being served      no new batch request until they are answered, for at most
-                                    MAX_PAUSE_SECONDS in a row (then MIN_IN_FLIGHT): each step of
-                                    theirs waits behind the batch work on the loop, so an idle loop
-                                    is what keeps a chat completion near its idle latency
+    an HTTP request started         no new batch request for MAX_PAUSE_SECONDS after it started, or
+    under MAX_PAUSE_SECONDS ago     until it is answered if that comes first: each step of it waits
+                                    behind the batch work on the loop, so a quiet loop is what keeps
+                                    a chat completion near its idle latency; a longer request (a
+                                    stream) pauses nothing after that
     lag above the target            the cap shrinks by a quarter (at most once per COOLDOWN_SECONDS)
     lag under half the target,      the cap grows by half a request per sample
     while batches use all of it
 
-HTTP requests are looked for at every grant, so a batch request that would start beside one does
-not; they are recognised as uvicorn serves them, each in a task running its `run_asgi` coroutine (a
-server naming them otherwise leaves the lag as the only signal). Apart from those pauses the cap
-never goes under MIN_IN_FLIGHT: batches always progress, taking what interactive traffic leaves.
+HTTP requests are looked for at grants too (at most every SCAN_SECONDS), so a batch request that
+would start beside a new one does not; they are recognised as uvicorn serves them, each in a task
+running its `run_asgi` coroutine (a server naming them otherwise leaves the lag as the only signal).
+Apart from those pauses the cap never goes under MIN_IN_FLIGHT: batches always progress, taking
+what interactive traffic leaves.
 """
 
 import asyncio
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
+
+from llama_stack.log import get_logger
+
+logger = get_logger(name=__name__, category="providers")
 
 SAMPLE_SECONDS = 0.01
 COOLDOWN_SECONDS = 0.1
@@ -34,11 +41,38 @@ START_IN_FLIGHT = 4
 DECREASE_FACTOR = 0.75
 INCREASE_PER_SAMPLE = 0.5
 MAX_PAUSE_SECONDS = 0.25  # a long request (a stream) must not stop batches for its whole length
+SCAN_SECONDS = 0.002  # how stale the look at the server's requests may be: a look walks every task
 
 
-def http_requests_in_progress() -> int:
+def serving_tasks() -> list[asyncio.Task[object]]:
     """The HTTP requests this process's server is serving now: uvicorn runs each in a task of its own."""
-    return sum(1 for task in asyncio.all_tasks() if getattr(task.get_coro(), "__name__", "") == "run_asgi")
+    return [task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__name__", "") == "run_asgi"]
+
+
+class NewRequests:
+    """Whether the server started answering an HTTP request less than MAX_PAUSE_SECONDS ago."""
+
+    def __init__(
+        self,
+        tasks: Callable[[], Iterable[asyncio.Task[object]]] = serving_tasks,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tasks = tasks
+        self._clock = clock
+        self._first_seen: weakref.WeakKeyDictionary[asyncio.Task[object], float] = weakref.WeakKeyDictionary()
+        self._looked_at = -SCAN_SECONDS
+        self._any = False
+
+    def __call__(self) -> bool:
+        now = self._clock()
+        if now - self._looked_at >= SCAN_SECONDS:
+            self._looked_at = now
+            for task in self._tasks():
+                self._first_seen.setdefault(task, now)
+            self._any = any(
+                now - seen < MAX_PAUSE_SECONDS for task, seen in self._first_seen.items() if not task.done()
+            )
+        return self._any
 
 
 class LoopGovernor:
@@ -51,15 +85,14 @@ class LoopGovernor:
         waiting: Callable[[], int],
         on_raise: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
-        serving: Callable[[], int] = http_requests_in_progress,
+        new_requests: Callable[[], bool] | None = None,
     ) -> None:
         """`in_flight` and `waiting` read the scheduler; `on_raise` lets it grant what the new cap allows;
-        `serving` counts the interactive requests under way."""
+        `new_requests` tells whether HTTP requests have just started (NewRequests)."""
         self.target_seconds = target_seconds
         self.limit = float(START_IN_FLIGHT)
-        self.interactive = False  # HTTP requests were being served at the last look
-        self._interactive_since: float | None = None
-        self._serving = serving
+        self.interactive = False  # batches paused for new HTTP requests at the last look
+        self._new_requests = new_requests or NewRequests(clock=clock)
         self._in_flight = in_flight
         self._waiting = waiting
         self._on_raise = on_raise
@@ -69,29 +102,17 @@ class LoopGovernor:
 
     def cap(self) -> int:
         """Batch requests that may be in flight now (the scheduler asks at every grant)."""
-        self._note_interactive(self._serving() > 0)
-        if self._interactive_since is not None:
-            return 0 if self._clock() - self._interactive_since < MAX_PAUSE_SECONDS else MIN_IN_FLIGHT
-        return int(self.limit)
+        self.interactive = self._new_requests()
+        return 0 if self.interactive else int(self.limit)
 
-    def _note_interactive(self, interactive: bool) -> bool:
-        """Record whether HTTP requests are being served; True if they have just all been answered."""
-        answered = self.interactive and not interactive
-        self.interactive = interactive
-        if not interactive:
-            self._interactive_since = None
-        elif self._interactive_since is None:
-            self._interactive_since = self._clock()
-        return answered
-
-    def observe(self, lag: float, interactive: bool = False) -> None:
-        """Adjust the cap to one sample: the loop's lag, and whether HTTP requests are being served."""
+    def observe(self, lag: float) -> None:
+        """Adjust the cap to one sample of the loop's lag."""
         self.last_lag = lag
-        if self._note_interactive(interactive) or interactive:
-            # Answered: back to the cap it had. Still serving: a pause may have run its length.
-            # Either way the scheduler may grant again. Their own work made the lag: not held against batches.
-            self._on_raise()
-            return
+        paused, self.interactive = self.interactive, self._new_requests()
+        if paused and not self.interactive:
+            self._on_raise()  # the pause is over: back to the cap it had
+        if paused or self.interactive:
+            return  # the new requests' own work made the lag: not held against batches
         now = self._clock()
         if lag > self.target_seconds:
             if now - self._last_decrease >= COOLDOWN_SECONDS:
@@ -108,4 +129,9 @@ class LoopGovernor:
         while True:
             started = time.perf_counter()
             await asyncio.sleep(SAMPLE_SECONDS)
-            self.observe(max(0.0, time.perf_counter() - started - SAMPLE_SECONDS), self._serving() > 0)
+            try:
+                self.observe(max(0.0, time.perf_counter() - started - SAMPLE_SECONDS))
+            except Exception:  # batches must not wait for a pause nobody ends
+                logger.exception("The loop governor failed a sample; batches go at their last cap")
+                self.interactive = False
+                self._on_raise()

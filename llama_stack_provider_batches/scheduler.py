@@ -8,15 +8,16 @@ a failing backend gets less traffic, shared the same way. The loop governor (gov
 total further while the serving event loop lags, so that interactive requests come first.
 
 Shares. Every shard run asks for a slot before it sends a request. When a slot is free it goes to
-the waiting batch whose owner has the fewest requests in flight on that model, then to the one of
-that owner's batches with the fewest in flight, then to the one that asked first; a batch never has
-more than its cap (`max_concurrent_requests_per_batch`) in flight. Granting one slot at a time this
+the waiting batch whose owner has the fewest requests in flight on that model (then on all models),
+then to the one of that owner's batches with the fewest in flight, then to the one that asked first;
+a batch never has more than its cap (`max_concurrent_requests_per_batch`) in flight. Granting one slot at a time this
 way divides a model's capacity equally between the owners that have work, an owner's share equally
 between their batches, and gives a share nobody uses to whoever waits (max-min fairness): one batch
 alone gets everything its cap allows, a small batch created behind a large one starts at the next
 free slot, and a batch that ends frees its share at once.
 
-Everything here runs on the event loop and does no I/O: a grant is a few dictionary operations.
+Everything here runs on the event loop and does no I/O: a grant looks at every waiting request
+(one per shard run here) and asks the governor for its cap.
 """
 
 import asyncio
@@ -103,6 +104,7 @@ class Scheduler:
         self._flows: dict[str, Flow] = {}
         self._waiting: list[Waiter] = []
         self._order = itertools.count()
+        self._by_owner: Counter[str] = Counter()  # requests in flight on all models, by owner
         self.in_flight = 0
 
     # --- what shard runs call -------------------------------------------------------------------
@@ -125,10 +127,10 @@ class Scheduler:
         """Wait for a slot to send one request of `flow` to `model`. Cancelling the wait gives nothing up."""
         waiter = Waiter(flow, model, next(self._order), asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
-        self.grant()
         try:
+            self.grant()
             return await waiter.future
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the grant failed: the waiter must not stay behind
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
             elif waiter.future.done() and not waiter.future.cancelled():
@@ -161,19 +163,23 @@ class Scheduler:
             pool = self.pool(chosen.model)
             pool.in_flight += 1
             pool.by_owner[chosen.flow.owner] += 1
+            self._by_owner[chosen.flow.owner] += 1
             chosen.flow.in_flight += 1
             self.in_flight += 1
             chosen.future.set_result(Slot(self, chosen.flow, chosen.model))
 
     def _fairest(self) -> Waiter | None:
-        """The waiter to serve next: fewest in flight for its owner on its model, then for its batch, then oldest."""
+        """The waiter to serve next: fewest in flight for its owner on its model, then on all models (when
+        the total cap binds, one owner's batches on two models must not take twice the share), then for
+        its batch, then the oldest."""
         best: Waiter | None = None
-        best_key: tuple[int, int, int] | None = None
+        best_key: tuple[int, int, int, int] | None = None
         for waiter in self._waiting:
             pool = self.pool(waiter.model)
             if waiter.future.done() or not pool.free or waiter.flow.in_flight >= waiter.flow.cap:
                 continue
-            key = (pool.by_owner[waiter.flow.owner], waiter.flow.in_flight, waiter.order)
+            owner = waiter.flow.owner
+            key = (pool.by_owner[owner], self._by_owner[owner], waiter.flow.in_flight, waiter.order)
             if best_key is None or key < best_key:
                 best, best_key = waiter, key
         return best
@@ -184,6 +190,9 @@ class Scheduler:
         pool.by_owner[flow.owner] -= 1
         if pool.by_owner[flow.owner] == 0:
             del pool.by_owner[flow.owner]
+        self._by_owner[flow.owner] -= 1
+        if self._by_owner[flow.owner] == 0:
+            del self._by_owner[flow.owner]
         flow.in_flight -= 1
         self.in_flight -= 1
         if flow.runs == 0 and flow.in_flight == 0:

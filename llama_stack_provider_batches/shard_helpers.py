@@ -80,7 +80,7 @@ class ShardHelpers:
             )
             if lease is None:
                 return
-            exclude.add(lease.batch_id)  # one shard of a batch at a time here: its window stays as set
+            exclude.add(lease.batch_id)  # one shard of a batch at a time here: its cap holds per process
             # An empty context: the run acts as the batch's owner, never as whoever woke the claim loop.
             name = f"shard:{lease.batch_id}:s{lease.shard}"
             task = asyncio.create_task(self._help(lease), name=name, context=contextvars.Context())

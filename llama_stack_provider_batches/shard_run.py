@@ -23,7 +23,7 @@ from llama_stack_api import BatchObject
 from pydantic import BaseModel
 
 from .endpoints import DeadlineReached, RequestSender, result_for_exception, result_for_response
-from .input_file import InputIndex
+from .input_file import InputIndex, RequestLine
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease
 from .result_log import ResultLog
 from .results import ResultEntry, Tally, decode_results
@@ -139,8 +139,7 @@ class ShardRun:
         in_flight: set[asyncio.Task[None]] = set()
         first = self.lease.first
 
-        async def run_one(position: int, slot: Slot) -> None:
-            request = self.index.request(position)
+        async def run_one(position: int, request: RequestLine, slot: Slot) -> None:
             try:
                 response = await self.sender.send(
                     self.batch.endpoint, request.body, slot, self.stopping, self._past_deadline
@@ -158,11 +157,12 @@ class ShardRun:
             for position in range(first, self.lease.end):
                 if self._done[position - first]:
                     continue
-                slot = await self.scheduler.acquire(flow, str(self.index.request(position).body.get("model")))
+                request = self.index.request(position)
+                slot = await self.scheduler.acquire(flow, str(request.body.get("model")))
                 if self._stop_asked() or self._past_deadline():  # their waiters may not have run yet
                     slot.release()
                     break
-                task = asyncio.create_task(run_one(position, slot))
+                task = asyncio.create_task(run_one(position, request, slot))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 # A callback, not a `finally` in run_one: a task cancelled before it starts runs none of its code.

@@ -179,10 +179,10 @@ class SQLBatchStore(BatchStore):
         nobody_holds = or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < self._db.now())
         return and_(table.c.status.in_(UNFINISHED_STATUSES), nobody_holds)
 
-    async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
+    async def claim(self, holder: str, count: int, lease_seconds: float, newcomers_only: bool = False) -> list[Lease]:
         leases: list[Lease] = []
         while len(leases) < count:
-            candidates = await self._claim_order(count - len(leases))
+            candidates = await self._claim_order(count - len(leases), holder if newcomers_only else None)
             if not candidates:
                 break
             for batch_id in candidates:
@@ -191,24 +191,26 @@ class SQLBatchStore(BatchStore):
             # Candidates other servers took meanwhile are held now: the next query skips them.
         return leases
 
-    async def _claim_order(self, count: int) -> list[str]:
+    async def _claim_order(self, count: int, not_running_on: str | None = None) -> list[str]:
         """Up to `count` waiting batches in the order claims take them: an owner's n-th oldest waiting
         batch gets turn n plus the number of batches of that owner someone holds now, lowest turn
         first (then oldest). So owners take turns, and one with many batches running, here or on any
-        other replica, comes after one with none: nobody's hundred batches fill every replica first."""
-        table, held = self._table, self._table.alias("held")
-        running = (
-            select(func.count())
-            .select_from(held)
-            .where(
-                held.c.scope == table.c.scope,
-                held.c.status.in_(UNFINISHED_STATUSES),
-                held.c.lease_expires_at >= self._db.now(),
-            )
-            .scalar_subquery()
-        )
+        other replica, comes after one with none: nobody's hundred batches fill every replica first.
+        With `not_running_on`, only owners none of whose batches that server holds."""
+        table = self._table
+        now = self._db.now()
+        held_now = and_(table.c.status.in_(UNFINISHED_STATUSES), table.c.lease_expires_at >= now)
+        held = select(table.c.scope, func.count().label("batches")).where(held_now).group_by(table.c.scope).subquery()
         nth = func.row_number().over(partition_by=table.c.scope, order_by=table.c.created_ns)
-        waiting = select(table.c.id, table.c.created_ns, (running + nth).label("turn")).where(self._claimable())
+        turn = (func.coalesce(held.c.batches, 0) + nth).label("turn")
+        waiting = (
+            select(table.c.id, table.c.created_ns, turn)
+            .select_from(table.outerjoin(held, held.c.scope == table.c.scope))
+            .where(self._claimable())
+        )
+        if not_running_on is not None:
+            running_there = select(table.c.scope).where(held_now, table.c.lease_holder == not_running_on)
+            waiting = waiting.where(table.c.scope.not_in(running_there))
         turns = waiting.subquery()
         rows = await self._db.read(select(turns.c.id).order_by(turns.c.turn, turns.c.created_ns).limit(count))
         return [row.id for row in rows]

@@ -240,9 +240,10 @@ class BatchStore(ABC):
         requests are its `request_lines` (0 if they were not counted), a running one's its shards' rest."""
 
     @abstractmethod
-    async def claim(self, holder: str, count: int, lease_seconds: float) -> list[Lease]:
+    async def claim(self, holder: str, count: int, lease_seconds: float, newcomers_only: bool = False) -> list[Lease]:
         """Take the leases of up to `count` unfinished batches nobody holds, fairly: the owners running
-        the fewest batches first, taking turns, each owner's oldest first."""
+        the fewest batches first, taking turns, each owner's oldest first. With `newcomers_only`, only
+        batches of owners none of whose batches `holder` holds."""
 
     @abstractmethod
     async def claim_batch(self, batch_id: str, holder: str, lease_seconds: float) -> Lease | None:

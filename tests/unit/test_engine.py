@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+from llama_stack.core.datatypes import User
 from llama_stack.core.request_headers import RequestProviderDataContext
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
@@ -577,3 +578,29 @@ async def test_a_batch_with_credentials_cancelled_through_another_server_is_clos
     gate.set()
     await here.shutdown()
     await elsewhere.shutdown()
+
+
+async def test_a_quarter_of_the_slots_is_kept_for_users_with_nothing_running(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await provider_with(config, files, inference, models, max_concurrent_batches=4)
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold
+    alice, bob = User("alice", {"teams": ["red"]}), User("bob", {"teams": ["blue"]})
+    with RequestProviderDataContext(user=alice):
+        alices = [await start_batch(provider, files, 1) for _ in range(5)]
+    await asyncio.sleep(0.5)
+    assert len(provider._runner.running()) == 3  # the fourth slot waits for another user
+    with RequestProviderDataContext(user=bob):
+        bobs = await start_batch(provider, files, 1)
+        assert (await wait_for_status(provider, bobs.id, "in_progress")).status == "in_progress"
+    assert sorted(provider._runner.running()) == sorted([*(b.id for b in alices[:3]), bobs.id])
+    gate.set()
+    await provider._runner.wait_idle()
+    with RequestProviderDataContext(user=alice):
+        assert [(await provider.retrieve_batch(b.id)).status for b in alices] == ["completed"] * 5
+    await provider.shutdown()

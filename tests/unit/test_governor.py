@@ -6,9 +6,11 @@ import time
 from llama_stack_provider_batches.governor import (
     COOLDOWN_SECONDS,
     MAX_PAUSE_SECONDS,
+    SCAN_SECONDS,
     START_IN_FLIGHT,
     LoopGovernor,
-    http_requests_in_progress,
+    NewRequests,
+    serving_tasks,
 )
 
 
@@ -16,7 +18,7 @@ class Use:
     """What the scheduler reports to the governor: requests in flight, requests waiting, raises heard."""
 
     def __init__(self, in_flight: int = 0, waiting: int = 0) -> None:
-        self.in_flight, self.waiting, self.raises, self.serving = in_flight, waiting, 0, 0
+        self.in_flight, self.waiting, self.raises, self.new_requests = in_flight, waiting, 0, False
 
 
 def governor(use: Use, now: list[float], target: float = 0.01) -> LoopGovernor:
@@ -24,7 +26,7 @@ def governor(use: Use, now: list[float], target: float = 0.01) -> LoopGovernor:
         use.raises += 1
 
     return LoopGovernor(
-        target, lambda: use.in_flight, lambda: use.waiting, heard_raise, lambda: now[0], lambda: use.serving
+        target, lambda: use.in_flight, lambda: use.waiting, heard_raise, lambda: now[0], lambda: use.new_requests
     )
 
 
@@ -56,35 +58,61 @@ def test_lag_cuts_the_cap_from_what_is_in_flight_at_most_once_per_cooldown_never
     assert governed.cap() == 1
 
 
-def test_no_batch_request_starts_while_http_requests_are_served_for_a_bounded_pause() -> None:
+def test_no_batch_request_starts_just_after_an_http_request_did() -> None:
     use, now = Use(in_flight=8, waiting=3), [0.0]
     governed = governor(use, now)
     governed.limit = 8.0
-    use.serving = 2
+    use.new_requests = True
     assert governed.cap() == 0  # seen at the grant itself, before any sample
-    governed.observe(0.05, interactive=True)  # their own work makes the loop lag: not held against batches
-    now[0] += MAX_PAUSE_SECONDS
-    assert governed.cap() == 1  # a long request (a stream) does not stop batches for its whole length
-    use.serving, use.in_flight, use.raises = 0, 1, 0
-    governed.observe(0.001, interactive=False)
+    governed.observe(0.05)  # the new request's own work makes the loop lag: not held against batches
+    assert governed.limit == 8.0
+    use.new_requests, use.in_flight = False, 1
+    governed.observe(0.001)
     assert (governed.cap(), use.raises) == (8, 1)  # the cap it had, and the scheduler heard it may grant
 
 
-async def test_uvicorn_request_tasks_are_counted_as_http_requests_in_progress() -> None:
+class FakeTask:
+    def __init__(self) -> None:
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+
+def test_a_request_pauses_batches_from_its_start_for_a_bounded_time_or_until_answered() -> None:
+    now, tasks = [0.0], []
+    new_requests = NewRequests(lambda: tasks, clock=lambda: now[0])
+    assert not new_requests()
+    stream, short = FakeTask(), FakeTask()
+    tasks.append(stream)
+    now[0] += SCAN_SECONDS
+    assert new_requests()
+    now[0] += MAX_PAUSE_SECONDS
+    assert not new_requests()  # a long request (a stream) pauses batches for a while only
+    tasks.append(short)
+    now[0] += SCAN_SECONDS
+    assert new_requests()  # a new one pauses them again
+    short.finished = True
+    tasks.remove(short)
+    now[0] += SCAN_SECONDS
+    assert not new_requests()  # answered: the pause ends with it
+
+
+async def test_uvicorn_request_tasks_are_the_servers_requests() -> None:
     async def run_asgi() -> None:  # the name of uvicorn's coroutine serving one request
         await asyncio.sleep(1)
 
-    assert http_requests_in_progress() == 0
+    assert serving_tasks() == []
     serving = asyncio.create_task(run_asgi())
     await asyncio.sleep(0)
-    assert http_requests_in_progress() == 1
+    assert serving_tasks() == [serving]
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
 
 
 async def test_it_measures_the_loops_lag() -> None:
     use = Use(in_flight=1, waiting=1)
-    governed = LoopGovernor(0.01, lambda: use.in_flight, lambda: use.waiting, lambda: None)
+    governed = LoopGovernor(0.01, lambda: use.in_flight, lambda: use.waiting, lambda: None, new_requests=lambda: False)
     task = asyncio.create_task(governed.run())
     await asyncio.sleep(0.05)
     time.sleep(0.1)  # the loop is blocked: the sample that ends next is about 0.1 s late

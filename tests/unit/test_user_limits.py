@@ -16,7 +16,9 @@ ALICE = User("alice", {"teams": ["red"]})
 BOB = User("bob", {"teams": ["blue"]})
 
 
-@given(st.lists(st.sampled_from(["x", "", "  ", "\t", '{"a": 1}']), max_size=30), st.sampled_from(["\n", "\r\n"]))
+@given(
+    st.lists(st.sampled_from(["x", "", "  ", "\t", "\r", '{"a":\r1}']), max_size=30), st.sampled_from(["\n", "\r\n"])
+)
 def test_requests_are_the_lines_that_are_not_blank(lines: list[str], end: str) -> None:
     content = end.join(lines).encode()
     assert count_requests(content) == sum(1 for line in lines if line.strip())

@@ -236,7 +236,7 @@ class BatchRunner:
         """Up to `free` waiting batches; the slots kept for new owners only for owners with none running here."""
         for_anyone = max(0, free - self._config.slots_for_new_owners())
         leases = await self._store.claim(self.holder, for_anyone, self.lease_seconds) if for_anyone else []
-        if len(leases) < free:
+        if len(leases) == for_anyone < free:  # fewer than asked for: nothing else waits, not even a new owner's
             leases += await self._store.claim(self.holder, free - len(leases), self.lease_seconds, newcomers_only=True)
         return leases
 

@@ -300,11 +300,11 @@ async def test_claims_are_retried_while_the_store_fails(
     real_claim = provider._store.claim
     failures: list[int] = []
 
-    async def flaky_claim(*args: Any) -> list[Any]:
+    async def flaky_claim(*args: Any, **kwargs: Any) -> list[Any]:
         if len(failures) < 2:
             failures.append(1)
             raise ConnectionError("store not reachable yet")
-        return await real_claim(*args)
+        return await real_claim(*args, **kwargs)
 
     monkeypatch.setattr(provider._store, "claim", flaky_claim)
     provider.start()

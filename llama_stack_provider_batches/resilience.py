@@ -82,7 +82,9 @@ class RetryPolicy:
 class AdaptiveLimit:
     """A limit on requests in flight that shrinks while they fail transiently and grows back as they succeed.
 
-    Only the number: the scheduler (scheduler.py) admits requests against it.
+    Only the number: the scheduler (scheduler.py) admits requests against it. Halvings in a row
+    (a long outage) leave it far below what the backend took before; it grows back by one per
+    success up to half that level (doubling per round of requests), then by one per limit's worth.
     """
 
     def __init__(
@@ -98,16 +100,21 @@ class AdaptiveLimit:
         self._cooldown = cooldown_seconds
         self._clock = clock
         self._last_decrease = -cooldown_seconds
+        self._fast_until = 0.0  # below this, recovering from halvings in a row: +1 per success
 
     def record_success(self) -> None:
         self._recent.append(False)
-        self.limit = min(self.maximum, self.limit + 1 / self.limit)
+        step = 1.0 if self.limit < self._fast_until else 1 / self.limit
+        self.limit = min(self.maximum, self.limit + step)
+        if self.limit >= self._fast_until:
+            self._fast_until = 0.0  # recovered
 
     def record_transient_failure(self) -> None:
         self._recent.append(True)
         now = self._clock()
         mostly_failing = sum(self._recent) * 2 > len(self._recent)
         if mostly_failing and now - self._last_decrease >= self._cooldown:
+            self._fast_until = max(self._fast_until, self.limit / 2)
             self.limit = max(1.0, self.limit / 2)
             self._last_decrease = now
 

@@ -82,6 +82,22 @@ async def test_adaptive_limit_halves_when_mostly_failing_and_grows_back() -> Non
     assert limit.limit == 8
 
 
+def test_adaptive_limit_recovers_fast_from_halvings_in_a_row() -> None:
+    now = [0.0]
+    limit = AdaptiveLimit(64, recent=4, cooldown_seconds=1.0, clock=lambda: now[0])
+    for _ in range(6):  # a long outage: 64 -> 1
+        now[0] += 1
+        limit.record_transient_failure()
+    assert limit.limit == 1
+    successes = 0
+    while limit.limit < 32:
+        limit.record_success()
+        successes += 1
+    assert successes == 31  # one per success up to half the level before the outage
+    limit.record_success()
+    assert limit.limit == pytest.approx(32 + 1 / 32)  # then one per limit's worth
+
+
 async def test_rate_limiter_spaces_requests_per_key() -> None:
     limiter = RateLimiter(per_second=20)
     started = asyncio.get_running_loop().time()

@@ -69,6 +69,17 @@ async def wait_until_completed(provider: Any, batch_id: str, requests: int) -> N
         await asyncio.sleep(0.02)
 
 
+def hold_requests(inference: Any) -> asyncio.Event:
+    """Make every request wait until the returned event is set, so that batches stay unfinished."""
+    gate = asyncio.Event()
+
+    async def wait(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = wait
+    return gate
+
+
 async def occupy_the_only_slot(provider: Any, files: Any, inference: Any) -> tuple[BatchObject, asyncio.Event]:
     """Start a one-request batch whose request waits until the returned event is set; return once it waits.
 

@@ -16,6 +16,7 @@ from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import (
     CHAT,
     chat_line,
+    hold_requests,
     jsonl,
     occupy_the_only_slot,
     provider_with,
@@ -584,12 +585,7 @@ async def test_a_quarter_of_the_slots_is_kept_for_users_with_nothing_running(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     provider = await provider_with(config, files, inference, models, max_concurrent_batches=4)
-    gate = asyncio.Event()
-
-    async def hold(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = hold
+    gate = hold_requests(inference)
     alice, bob = User("alice", {"teams": ["red"]}), User("bob", {"teams": ["blue"]})
     with RequestProviderDataContext(user=alice):
         alices = [await start_batch(provider, files, 1) for _ in range(5)]

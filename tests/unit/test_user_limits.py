@@ -10,7 +10,7 @@ from llama_stack.core.datatypes import User
 from llama_stack.core.request_headers import RequestProviderDataContext
 
 from llama_stack_provider_batches.user_limits import LimitReachedError, count_requests
-from tests.unit.helpers import CHAT, chat_line, jsonl, provider_with, wait_for_status
+from tests.unit.helpers import CHAT, chat_line, hold_requests, jsonl, provider_with, wait_for_status
 
 ALICE = User("alice", {"teams": ["red"]})
 BOB = User("bob", {"teams": ["blue"]})
@@ -32,17 +32,6 @@ async def create_as(
         return await provider.create_batch(
             input_file_id=file_id, endpoint=CHAT, completion_window="24h", idempotency_key=key
         )
-
-
-def hold_requests(inference: Any) -> asyncio.Event:
-    """Make every request wait until the returned event is set, so that batches stay unfinished."""
-    gate = asyncio.Event()
-
-    async def wait(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = wait
-    return gate
 
 
 async def test_a_user_beyond_the_unfinished_batch_limit_is_refused_with_429(

@@ -520,6 +520,9 @@ async def test_nothing_waiting_for_the_traffic_budget_is_sent_after_the_deadline
             await asyncio.sleep(1.5)  # past the deadline, while the others wait for the budget
 
     inference.behaviour = first_one_slow
+    # Batch times are whole seconds: created just after one begins, the batch has almost all of its
+    # second to pass validation and send the first request (created late in one, it may expire unrun).
+    await asyncio.sleep(1.02 - time.time() % 1)
     batch = await start_batch(provider, files, 4)
     await asyncio.wait_for(provider._runner.wait_idle(), 10)
     final = await provider.retrieve_batch(batch.id)

@@ -138,7 +138,9 @@ def result_for_response(custom_id: str, response: BaseModel) -> tuple[bool, str,
     """
     try:
         try:
-            body_json = response.model_dump_json(exclude_none=True)
+            # Every field, null ones included, as OpenAI writes them: client code reads
+            # `choice["logprobs"]` or `message["tool_calls"]` and must not meet a KeyError.
+            body_json = response.model_dump_json()
             size = formats.utf8_size(body_json)
         except Exception:
             message = "The model's response cannot be written as JSON: it is not serializable or not valid Unicode."

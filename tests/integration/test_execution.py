@@ -32,6 +32,10 @@ def test_every_endpoint_runs(openai_client: OpenAI, endpoint: str, body: dict) -
     response_body = results[0]["response"]["body"]
     expected_object = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion"}
     assert response_body["object"] == expected_object.get(endpoint, "list")
+    if endpoint == "/v1/chat/completions":  # null fields stay, as OpenAI writes them
+        choice = response_body["choices"][0]
+        assert choice["logprobs"] is None
+        assert {"refusal", "tool_calls"} <= set(choice["message"])
     if endpoint == "/v1/embeddings":
         assert len(response_body["data"]) == 2
         assert len(response_body["data"][0]["embedding"]) == 8

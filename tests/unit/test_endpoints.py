@@ -8,6 +8,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llama_stack_api import OpenAIChatCompletion
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import formats
@@ -180,7 +181,7 @@ class Answer(BaseModel):
 def expected_body(response: BaseModel) -> tuple[str, Any]:
     """("ok", body) when a response can be a success line under the size limit, else the error code."""
     try:
-        body_json = response.model_dump_json(exclude_none=True)
+        body_json = response.model_dump_json()
         size = len(body_json.encode("utf-8"))
     except Exception:
         return "invalid_response", None
@@ -236,6 +237,22 @@ def test_a_response_that_cannot_be_dumped_or_counted_still_gives_a_line() -> Non
     ok, text, *tokens = result_for_response("c", OddUsage())
     assert ok and tokens == [0, 0]
     assert assert_result_line(text)["response"]["body"] == {}
+
+
+def test_null_fields_of_a_response_stay_in_its_body() -> None:
+    completion = OpenAIChatCompletion.model_validate(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        }
+    )
+    ok, text, *_ = result_for_response("c", completion)
+    choice = assert_result_line(text)["response"]["body"]["choices"][0]
+    assert ok and choice["logprobs"] is None
+    assert choice["message"]["refusal"] is None and choice["message"]["tool_calls"] is None
 
 
 def test_a_success_counts_the_tokens_it_reports() -> None:

@@ -178,9 +178,9 @@ def result_for_exception(request: RequestLine, exc: BaseException) -> str:
 def _line_for_exception(custom_id: str, exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
         return formats.http_error_line(custom_id, exc.status_code, _backend_error(exc), exc.request_id)
-    if isinstance(exc, ValidationError):
-        error = {"message": str(exc), "type": "invalid_request_error", "code": "invalid_request"}
-        return formats.http_error_line(custom_id, 400, error)
+    if isinstance(exc, ValidationError):  # pydantic's own text quotes the input and links its docs
+        problems = [(tuple(e["loc"]), e["msg"]) for e in exc.errors(include_url=False, include_input=False)]
+        return formats.http_error_line(custom_id, 400, formats.invalid_body_error(problems))
     status_code = getattr(exc, "status_code", None)
     if type(status_code) is int and 400 <= status_code < 600:
         error = {"message": str(exc), "type": "invalid_request_error" if status_code < 500 else "server_error"}

@@ -115,6 +115,27 @@ def success_line(custom_id: str, body_json: str, request_id: str | None = None) 
     return f'{head},"response":{{"status_code":200,"request_id":{request_id},"body":{body_json}}},"error":null}}'
 
 
+MAX_LISTED_PROBLEMS = 5  # of an invalid request body, in its error message
+
+
+def field_path(location: tuple[int | str, ...]) -> str:
+    """A pydantic error location as OpenAI names parameters: `messages[0].role`."""
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def invalid_body_error(problems: list[tuple[tuple[int | str, ...], str]]) -> JsonObject:
+    """The OpenAI error object of a request body the stack refused: where and what is wrong, from
+    (location, message) pairs, never the caller's input nor a documentation link."""
+    shown = [f"{field_path(location) or 'body'}: {message}" for location, message in problems[:MAX_LISTED_PROBLEMS]]
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    text = "Invalid request body: " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "") + "."
+    param = field_path(problems[0][0]) if problems else None
+    return {"message": text, "type": "invalid_request_error", "param": param or None, "code": "invalid_request"}
+
+
 def http_error_line(custom_id: str, status_code: int, error: JsonObject, request_id: str | None = None) -> str:
     """An error-file line for a request the backend refused with an HTTP status."""
     detail = {

@@ -169,6 +169,7 @@ def _json_problem(exc: ValueError) -> str:
     return str(exc)[:200]
 
 
+NOT_JSON_MESSAGE = "This line is not parseable as valid JSON."
 TOO_DEEP_MESSAGE = f"This line nests objects and arrays more than {MAX_JSON_DEPTH} deep."
 
 
@@ -185,7 +186,8 @@ def read_line(raw: bytes, line: int) -> Any:
     except RecursionError:  # not expected after the depth check, but it must never escape
         return line_error("invalid_json_line", line, TOO_DEEP_MESSAGE)
     except ValueError as exc:
-        return line_error("invalid_json_line", line, f"This line is not valid JSON: {_json_problem(exc)}.")
+        # OpenAI's sentence first, for clients that match on it; then where the parser stopped.
+        return line_error("invalid_json_line", line, f"{NOT_JSON_MESSAGE} {_json_problem(exc)}.")
     # Strict UTF-8 decoding refuses encoded surrogates, so only lines with a surrogate escape need the full check.
     if _SURROGATE_ESCAPE.search(raw) and not is_valid_unicode(data):
         message = "This line holds a \\ud800-\\udfff escape without its pair, which is not valid Unicode."

@@ -45,7 +45,8 @@ async def read_checked_input(files: Files, models: Models, batch: BatchObject) -
     except Exception as exc:
         if not is_missing_file(exc):
             raise
-        return ParsedInput(errors=[file_error(f"Cannot find the input file {batch.input_file_id!r}.")])
+        message = f"Cannot find file {quoted(batch.input_file_id)}, or you do not have access to it."  # OpenAI's words
+        return ParsedInput(errors=[file_error(message)])
     if info.bytes > MAX_FILE_BYTES:
         return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
     response = await files.openai_retrieve_file_content(RetrieveFileContentRequest(file_id=batch.input_file_id))
@@ -84,6 +85,6 @@ async def unknown_models(models: Models, first_line_of_model: dict[str, int]) ->
         try:
             await models.get_model(GetModelRequest(model_id=model))
         except Exception:
-            message = f"The model {quoted(model)} does not exist or is not available."
+            message = f"The provided model {quoted(model)} is not supported by the Batch API."  # OpenAI's words
             errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
     return errors

@@ -8,8 +8,8 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llama_stack_api import OpenAIChatCompletion
-from pydantic import BaseModel
+from llama_stack_api import OpenAIChatCompletion, OpenAIChatCompletionRequestWithExtraBody
+from pydantic import BaseModel, ValidationError
 
 from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.endpoints import (
@@ -300,3 +300,15 @@ def test_huge_backend_errors_are_cut_short() -> None:
     detail = line["response"]["body"]["error"]
     assert len(detail["message"]) <= formats.MAX_MESSAGE_CHARS and "\ufffd" in detail["message"]
     assert all(len(detail[name]) <= formats.MAX_ERROR_FIELD_CHARS for name in ("code", "type", "param"))
+
+
+def test_a_body_the_stack_refuses_gets_a_short_error_without_the_input_or_a_link() -> None:
+    body = {"model": "m", "messages": [{"role": "wizard", "content": "SECRET-INPUT"}]}
+    with pytest.raises(ValidationError) as refused:
+        OpenAIChatCompletionRequestWithExtraBody.model_validate(body)
+    line = assert_result_line(result_for_exception(RequestLine(line=1, custom_id="c", body=body), refused.value))
+    error = line["response"]["body"]["error"]
+    assert line["response"]["status_code"] == 400
+    assert error["message"].startswith("Invalid request body: messages[0]")
+    assert "SECRET-INPUT" not in error["message"] and "http" not in error["message"]
+    assert error["param"].startswith("messages[0]") and error["code"] == "invalid_request"

@@ -124,3 +124,24 @@ def test_success_lines_escape_the_line_breaks_json_leaves_raw() -> None:
     body = {"text": "a\x85b\u2028c\u2029d\ne"}
     text = formats.success_line("c", json.dumps(body, ensure_ascii=False))
     assert assert_result_line(text)["response"]["body"] == body
+
+
+def test_field_paths_are_written_as_openai_names_parameters() -> None:
+    assert formats.field_path(("messages", 0, "role")) == "messages[0].role"
+    assert formats.field_path(("body", "tools", 2)) == "body.tools[2]"
+    assert formats.field_path(()) == ""
+
+
+locations = st.lists(st.one_of(st.integers(0, 99), st.text("abc_", min_size=1, max_size=8)), max_size=4)
+
+
+@given(st.lists(st.tuples(locations.map(tuple), st.text(max_size=40)), max_size=12))
+def test_an_invalid_body_error_names_where_and_what_and_lists_at_most_a_few(problems: list) -> None:
+    error = formats.invalid_body_error(problems)
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
+    assert error["message"].startswith("Invalid request body: ")
+    for location, message in problems[: formats.MAX_LISTED_PROBLEMS]:
+        assert f"{formats.field_path(location) or 'body'}: {message}" in error["message"]
+    if len(problems) > formats.MAX_LISTED_PROBLEMS:
+        assert f"and {len(problems) - formats.MAX_LISTED_PROBLEMS} more" in error["message"]
+    assert error["param"] == ((formats.field_path(problems[0][0]) or None) if problems else None)

@@ -60,6 +60,8 @@ def test_blank_lines_are_skipped_but_counted_for_line_numbers() -> None:
     content = json.dumps(chat_line("a")).encode() + b"\n\n" + b"not json"
     parsed = parse_input(content, CHAT)
     assert [(e.code, e.line) for e in parsed.errors] == [("invalid_json_line", 3)]
+    # OpenAI's sentence, then where the parser stopped
+    assert parsed.errors[0].message == "This line is not parseable as valid JSON. Expecting value at column 1."
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ async def test_missing_input_file_fails_validation(provider: BatchesService) -> 
     assert batch.failed_at is not None
     [error] = batch.errors.data
     assert (error.code, error.param) == ("invalid_request", "input_file_id")
+    assert error.message == "Cannot find file 'file-missing', or you do not have access to it."  # OpenAI's words
 
 
 async def test_invalid_lines_fail_the_batch_and_run_nothing(
@@ -98,6 +99,7 @@ async def test_unknown_models_are_looked_up_once_each(
     batch = await run_batch(provider, files, lines)
     assert batch.status == "failed"
     assert [(e.code, e.line, e.param) for e in batch.errors.data] == [("model_not_found", 2, "body.model")]
+    assert batch.errors.data[0].message == "The provided model 'local/ghost' is not supported by the Batch API."
     assert sorted(models.lookups) == ["local/ghost", "local/m-chat"]
 
 

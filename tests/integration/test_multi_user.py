@@ -89,6 +89,7 @@ def test_a_batch_over_another_users_file_fails_as_missing(auth_stack: AuthStack)
     failed = wait_for_batch(alice, batch.id)
     assert failed.status == "failed"
     assert [(e.code, e.param) for e in failed.errors.data] == [("invalid_request", "input_file_id")]
+    assert failed.errors.data[0].message.startswith(f"Cannot find file '{bobs_file}'")  # OpenAI's words
 
 
 def test_the_same_idempotency_key_gives_each_user_their_own_batch(auth_stack: AuthStack) -> None:

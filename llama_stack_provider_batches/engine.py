@@ -6,9 +6,9 @@ config.BATCHES_SIDE_BY_SIDE side by side), taking first the waiting batches of t
 least running work (sql_store.py); a quarter of the slots is kept for owners with no batch running
 here, so that one user's many batches cannot keep another's first one waiting. The jobs share the
 model capacity through the scheduler (scheduler.py), whose cap the loop governor (governor.py)
-tightens while the serving loop lags or serves HTTP requests. The claim loop looks
-at once when this server creates a batch, and every POLL_SECONDS otherwise: that is how batches left
-by an earlier run (a restart) or by a dead replica (once its leases expire) are resumed, and how idle
+tightens while the serving loop lags or serves HTTP requests. The claim loop looks at once when
+this server creates a batch, and every POLL_SECONDS otherwise: that is how batches left by an
+earlier run (a restart) or by a dead replica (once its leases expire) are resumed, and how idle
 replicas pick up waiting batches. Jobs it starts run as their batch's owner (job.py), in a context
 of their own.
 
@@ -38,7 +38,7 @@ from llama_stack_api import BatchObject, Files, Inference, Models
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
-from .governor import LoopGovernor
+from .governor import LoopGovernor, govern
 from .job import BatchJob
 from .leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, server_name, wait_at_most
 from .parking import ParkedLeases
@@ -90,14 +90,9 @@ class BatchRunner:
             config.max_in_flight_requests,
             config.max_concurrent_requests_per_batch,
         )
-        self._governor: LoopGovernor | None = None
+        target_ms = config.interactive_lag_target_ms
+        self._governor: LoopGovernor | None = govern(self.scheduler, target_ms) if target_ms is not None else None
         self._governing: asyncio.Task[None] | None = None
-        if config.interactive_lag_target_ms is not None:
-            scheduler = self.scheduler
-            self._governor = LoopGovernor(
-                config.interactive_lag_target_ms / 1000, lambda: scheduler.in_flight, scheduler.waiting, scheduler.grant
-            )
-            scheduler.loop_limit = self._governor.cap
         self._settings = JobSettings(
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,

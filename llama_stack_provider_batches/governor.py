@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 
 from llama_stack.log import get_logger
 
+from .scheduler import Scheduler
+
 logger = get_logger(name=__name__, category="providers")
 
 SAMPLE_SECONDS = 0.01
@@ -42,6 +44,7 @@ DECREASE_FACTOR = 0.75
 INCREASE_PER_SAMPLE = 0.5
 MAX_PAUSE_SECONDS = 0.25  # a long request (a stream) must not stop batches for its whole length
 SCAN_SECONDS = 0.002  # how stale the look at the server's requests may be: a look walks every task
+FAILURE_LOG_SECONDS = 60.0  # a sample failing every 10 ms is logged once a minute, not 100 times a second
 
 
 def serving_tasks() -> list[asyncio.Task[object]]:
@@ -75,6 +78,13 @@ class NewRequests:
         return self._any
 
 
+def govern(scheduler: Scheduler, target_ms: float) -> "LoopGovernor":
+    """A governor for `scheduler`, set as its cap; its `run()` must then be started on the serving loop."""
+    governor = LoopGovernor(target_ms / 1000, lambda: scheduler.in_flight, scheduler.waiting, scheduler.grant)
+    scheduler.loop_limit = governor.cap
+    return governor
+
+
 class LoopGovernor:
     """Keeps the event loop's lag near `target_seconds` by capping batch requests in flight."""
 
@@ -98,6 +108,7 @@ class LoopGovernor:
         self._on_raise = on_raise
         self._clock = clock
         self._last_decrease = -COOLDOWN_SECONDS
+        self._failure_logged_at = -FAILURE_LOG_SECONDS
         self.last_lag = 0.0
 
     def cap(self) -> int:
@@ -132,6 +143,8 @@ class LoopGovernor:
             try:
                 self.observe(max(0.0, time.perf_counter() - started - SAMPLE_SECONDS))
             except Exception:  # batches must not wait for a pause nobody ends
-                logger.exception("The loop governor failed a sample; batches go at their last cap")
+                if self._clock() - self._failure_logged_at >= FAILURE_LOG_SECONDS:
+                    self._failure_logged_at = self._clock()
+                    logger.exception("The loop governor failed a sample; batches go at their last cap")
                 self.interactive = False
                 self._on_raise()

@@ -38,20 +38,29 @@ def is_missing_file(exc: BaseException) -> bool:
     return isinstance(status, int) and 400 <= status < 500
 
 
+async def input_content(files: Files, file_id: str) -> bytes | None:
+    """A batch input file's bytes; None if it is larger than MAX_FILE_BYTES (nothing more is read).
+    Raises what the Files API raises (is_missing_file tells the caller's problem from an outage)."""
+    info = await files.openai_retrieve_file(RetrieveFileRequest(file_id=file_id))
+    if info.bytes > MAX_FILE_BYTES:
+        return None
+    response = await files.openai_retrieve_file_content(RetrieveFileContentRequest(file_id=file_id))
+    return bytes(response.body)
+
+
 async def read_checked_input(files: Files, models: Models, batch: BatchObject) -> ParsedInput:
     """The checked input file of `batch`, or the validation errors that refuse it."""
     try:
-        info = await files.openai_retrieve_file(RetrieveFileRequest(file_id=batch.input_file_id))
+        content = await input_content(files, batch.input_file_id)
     except Exception as exc:
         if not is_missing_file(exc):
             raise
         message = f"Cannot find file {quoted(batch.input_file_id)}, or you do not have access to it."  # OpenAI's words
         return ParsedInput(errors=[file_error(message)])
-    if info.bytes > MAX_FILE_BYTES:
+    if content is None:
         return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
-    response = await files.openai_retrieve_file_content(RetrieveFileContentRequest(file_id=batch.input_file_id))
     # Checking 50,000 lines takes a while: a thread keeps the event loop answering meanwhile.
-    parsed = await asyncio.to_thread(parse_input, bytes(response.body), batch.endpoint)
+    parsed = await asyncio.to_thread(parse_input, content, batch.endpoint)
     if not parsed.errors:
         parsed.errors.extend(await unknown_models(models, parsed.first_line_of_model))
     return parsed

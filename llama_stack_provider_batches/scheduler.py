@@ -10,8 +10,8 @@ total further while the serving event loop lags, so that interactive requests co
 Shares. Every shard run asks for a slot before it sends a request. When a slot is free it goes to
 the waiting batch whose owner has the fewest requests in flight on that model (then on all models),
 then to the one of that owner's batches with the fewest in flight, then to the one that asked first;
-a batch never has more than its cap (`max_concurrent_requests_per_batch`) in flight. Granting one slot at a time this
-way divides a model's capacity equally between the owners that have work, an owner's share equally
+a batch never has more than its cap (`max_concurrent_requests_per_batch`) in flight. Granting one
+slot at a time this way divides a model's capacity equally between the owners that have work, an owner's share equally
 between their batches, and gives a share nobody uses to whoever waits (max-min fairness): one batch
 alone gets everything its cap allows, a small batch created behind a large one starts at the next
 free slot, and a batch that ends frees its share at once.
@@ -120,8 +120,7 @@ class Scheduler:
             yield flow
         finally:
             flow.runs -= 1
-            if flow.runs == 0 and flow.in_flight == 0:
-                self._flows.pop(batch_id, None)
+            self._forget_if_idle(flow)
 
     async def acquire(self, flow: Flow, model: str) -> Slot:
         """Wait for a slot to send one request of `flow` to `model`. Cancelling the wait gives nothing up."""
@@ -187,17 +186,19 @@ class Scheduler:
     def _give_back(self, flow: Flow, model: str) -> None:
         pool = self.pool(model)
         pool.in_flight -= 1
-        pool.by_owner[flow.owner] -= 1
-        if pool.by_owner[flow.owner] == 0:
-            del pool.by_owner[flow.owner]
-        self._by_owner[flow.owner] -= 1
-        if self._by_owner[flow.owner] == 0:
-            del self._by_owner[flow.owner]
+        for by_owner in (pool.by_owner, self._by_owner):
+            by_owner[flow.owner] -= 1
+            if by_owner[flow.owner] == 0:
+                del by_owner[flow.owner]  # owners come and go: keep only those with requests in flight
         flow.in_flight -= 1
         self.in_flight -= 1
+        self._forget_if_idle(flow)
+        self.grant()
+
+    def _forget_if_idle(self, flow: Flow) -> None:
+        """Drop a flow no shard run uses and no request holds (the batch ended here, or paused)."""
         if flow.runs == 0 and flow.in_flight == 0:
             self._flows.pop(flow.batch_id, None)
-        self.grant()
 
     # --- what the governor and tests read -------------------------------------------------------
 

@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from llama_stack_api import ConflictError, Files, RetrieveFileContentRequest, RetrieveFileRequest
+from llama_stack_api import ConflictError, Files
 
 from .config import BatchesProviderConfig
-from .input_file import MAX_FILE_BYTES
+from .input_reader import input_content
 from .store import BatchStore
 
 RATE_LIMIT_CODE = "rate_limit_exceeded"
@@ -101,10 +101,7 @@ class UserLimits:
         if self._files is None:
             return 0
         try:
-            info = await self._files.openai_retrieve_file(RetrieveFileRequest(file_id=input_file_id))
-            if info.bytes > MAX_FILE_BYTES:
-                return 0
-            response = await self._files.openai_retrieve_file_content(RetrieveFileContentRequest(file_id=input_file_id))
+            content = await input_content(self._files, input_file_id)
         except Exception:
             return 0
-        return await asyncio.to_thread(count_requests, bytes(response.body))
+        return 0 if content is None else await asyncio.to_thread(count_requests, content)

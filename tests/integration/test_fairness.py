@@ -39,6 +39,10 @@ def shared_stack(run_dir: Path, standin_server: ServerProcess) -> Iterator[Serve
         server.stop()
 
 
+def error_message(error: openai.APIStatusError) -> str:
+    return error.body["message"] if isinstance(error.body, dict) else str(error)
+
+
 def client(stack: ServerProcess, token: str) -> OpenAI:
     return OpenAI(base_url=f"{stack.url}/v1", api_key=token, max_retries=0, timeout=60)
 
@@ -79,7 +83,7 @@ def test_a_user_beyond_the_unfinished_batch_limit_gets_429(
     with pytest.raises(openai.RateLimitError) as refused:
         create_chat_batch(alice, chat_lines(1))
     assert refused.value.status_code == 429
-    message = refused.value.body["message"] if isinstance(refused.value.body, dict) else str(refused.value)
+    message = error_message(refused.value)
     assert "max_active_batches_per_user" in message and "rate_limit_exceeded" in message
     create_chat_batch(bob, chat_lines(1))  # another user is not limited by alice's batches
     for batch in running:
@@ -93,6 +97,6 @@ def test_a_batch_beyond_the_queued_request_limit_gets_429(shared_stack: ServerPr
     bob = client(shared_stack, "bob-token")
     with pytest.raises(openai.RateLimitError) as refused:
         create_chat_batch(bob, chat_lines(MAX_QUEUED_REQUESTS + 1))
-    message = refused.value.body["message"] if isinstance(refused.value.body, dict) else str(refused.value)
+    message = error_message(refused.value)
     assert f"max_queued_requests_per_user: {MAX_QUEUED_REQUESTS}" in message
     assert wait_for_batch(bob, create_chat_batch(bob, chat_lines(5)).id).status == "completed"

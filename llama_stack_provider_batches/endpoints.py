@@ -1,54 +1,53 @@
-"""Sending one batch request through the stack's inference API, and turning the outcome into a result line."""
+"""Sending one batch request through the stack API serving its endpoint, and turning the outcome into a result line."""
 
 import asyncio
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import openai
 from llama_stack_api import (
-    Inference,
+    CreateResponseRequest,
     OpenAIChatCompletionRequestWithExtraBody,
     OpenAICompletionRequestWithExtraBody,
     OpenAIEmbeddingsRequestWithExtraBody,
+    RunModerationRequest,
 )
 from pydantic import BaseModel, ValidationError
 
 from . import formats
 from .input_file import RequestLine
 from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .stack_apis import EndpointUnavailableError, StackAPIs, without_completion_store
 
 
-def without_completion_store(inference: Inference) -> Inference:
-    """The stack's inference router, minus the store it records every chat completion in.
+async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) -> BaseModel:
+    """Run one request body against `endpoint` through the stack API serving it; return the response model.
 
-    Batch requests use this view unless their body says `store: true`, for two reasons. OpenAI
-    stores a chat completion only when asked to. And the stack's SQLite store writes each completion
-    in its own task with no queue: at batch rates (hundreds a second) its writes fail ("database is
-    locked", pool exhausted), and logging those failures stalled the whole server in our runs. The
-    view is a shallow copy sharing everything else (routing, access checks, metrics).
+    A Responses request runs as a client's non-streaming request does: the body is refused at
+    validation if it asks for streaming or background mode (input_file.py).
     """
-    if getattr(inference, "store", None) is None:
-        return inference
-    view = copy.copy(inference)
-    view.store = None  # type: ignore[attr-defined]
-    return view
-
-
-async def call_endpoint(inference: Inference, endpoint: str, body: dict[str, Any]) -> BaseModel:
-    """Run one request body against `endpoint`; return the response model."""
     response: BaseModel
     if endpoint == "/v1/chat/completions":
-        response = await inference.openai_chat_completion(  # type: ignore[assignment]
+        response = await apis.inference.openai_chat_completion(  # type: ignore[assignment]
             OpenAIChatCompletionRequestWithExtraBody.model_validate(body)
         )
     elif endpoint == "/v1/completions":
-        response = await inference.openai_completion(  # type: ignore[assignment]
+        response = await apis.inference.openai_completion(  # type: ignore[assignment]
             OpenAICompletionRequestWithExtraBody.model_validate(body)
         )
     elif endpoint == "/v1/embeddings":
-        response = await inference.openai_embeddings(OpenAIEmbeddingsRequestWithExtraBody.model_validate(body))
+        response = await apis.inference.openai_embeddings(OpenAIEmbeddingsRequestWithExtraBody.model_validate(body))
+    elif endpoint == "/v1/responses":
+        if apis.responses is None:
+            raise EndpointUnavailableError(endpoint)
+        response = await apis.responses.create_openai_response(  # type: ignore[assignment]
+            CreateResponseRequest.model_validate(body)
+        )
+    elif endpoint == "/v1/moderations":
+        if apis.safety is None:
+            raise EndpointUnavailableError(endpoint)
+        response = await apis.safety.run_moderation(RunModerationRequest.model_validate(body))
     else:
         raise ValueError(f"Unsupported endpoint {endpoint!r}")
     return response
@@ -75,13 +74,13 @@ class RequestSender:
     `store: true`.
     """
 
-    inference: Inference
+    apis: StackAPIs
     policy: RetryPolicy
     timeout_seconds: float
     pacer: RateLimiter | None = None
 
     def __post_init__(self) -> None:
-        self._inference_unstored = without_completion_store(self.inference)
+        self._apis_unstored = replace(self.apis, inference=without_completion_store(self.apis.inference))
 
     async def send(
         self,
@@ -96,7 +95,7 @@ class RequestSender:
         Raises DeadlineReached, without sending, when `expired()` holds by the time an attempt would
         go out: waits for the pace or a retry's pause may outlast the batch's window.
         """
-        inference = self.inference if body.get("store") is True else self._inference_unstored
+        apis = self.apis if body.get("store") is True else self._apis_unstored
         for attempt in range(self.policy.attempts):
             try:
                 if self.pacer is not None:
@@ -104,7 +103,7 @@ class RequestSender:
                 async with asyncio.timeout(self.timeout_seconds):
                     if expired():
                         raise DeadlineReached()
-                    response = await call_endpoint(inference, endpoint, body)
+                    response = await call_endpoint(apis, endpoint, body)
             except DeadlineReached:
                 raise
             except Exception as exc:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files, Inference, Models
+from llama_stack_api import BatchObject, Files
 
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
@@ -46,6 +46,7 @@ from .resilience import RateLimiter, RetryPolicy
 from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
+from .stack_apis import StackAPIs
 from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
@@ -68,20 +69,19 @@ class BatchRunner:
         self,
         store: BatchStore,
         config: BatchesProviderConfig,
-        inference: Inference,
+        apis: StackAPIs,
         files: Files,
-        models: Models,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._sender = RequestSender(
-            inference,
+            apis,
             RetryPolicy(config.max_attempts, config.backoff_initial_seconds, config.backoff_max_seconds),
             config.request_timeout_seconds,
             pacer=RateLimiter(config.requests_per_second_per_model) if config.requests_per_second_per_model else None,
         )
         self._files = files
-        self._models = models
+        self._apis = apis
         self._clock = clock
         self._config = config
         self.scheduler = Scheduler(
@@ -353,7 +353,7 @@ class BatchRunner:
             store=self._store,
             sender=self._sender,
             files=self._files,
-            models=self._models,
+            apis=self._apis,
             settings=self._settings,
             cancel_requested=self._cancel_requested[lease.batch_id],
             stopping=self._stopping,

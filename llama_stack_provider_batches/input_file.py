@@ -38,6 +38,7 @@ from openai.types.batch_error import BatchError
 from .validation import quoted
 
 MAX_REQUESTS = 50_000
+MAX_EMBEDDING_INPUTS = 50_000  # OpenAI's bound on the inputs of one embeddings batch, over all its lines
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_LISTED_ERRORS = 100
 MAX_JSON_DEPTH = 64  # far beyond any request body (a tool's JSON schema nests about 10 deep)
@@ -49,6 +50,13 @@ REQUIRED_BODY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "/v1/chat/completions": {"model": (str,), "messages": (list,)},
     "/v1/completions": {"model": (str,), "prompt": (str, list)},
     "/v1/embeddings": {"model": (str,), "input": (str, list)},
+    "/v1/responses": {"model": (str,), "input": (str, list)},
+    "/v1/moderations": {"input": (str, list)},
+}
+# Fields an endpoint does not need, with the types they must have when given. A moderation without a
+# model uses the stack's default moderation model, as OpenAI's moderations API uses its own.
+OPTIONAL_BODY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "/v1/moderations": {"model": (str,)},
 }
 TOP_LEVEL_FIELDS: dict[str, type] = {"custom_id": str, "method": str, "url": str, "body": dict}
 
@@ -116,8 +124,9 @@ class RequestLine:
     body: dict[str, Any]
 
     @property
-    def model(self) -> str:
-        return self.body["model"]
+    def model(self) -> str | None:
+        """The model the body names; None for a moderation left to the stack's default model."""
+        return self.body.get("model")
 
 
 @dataclass
@@ -149,8 +158,10 @@ class ParsedInput:
 
     index: InputIndex = field(default_factory=InputIndex)
     errors: list[BatchError] = field(default_factory=list)
-    first_line_of_model: dict[str, int] = field(default_factory=dict)
+    first_line_of_model: dict[str | None, int] = field(default_factory=dict)  # None: no model named
     custom_ids: list[str] = field(default_factory=list)  # of the requests, in file order
+    # The model the batch's `model` field shows: its first line's, or what the stack resolves it to.
+    model: str | None = None
 
 
 def file_error(message: str, code: str = "invalid_request", param: str | None = "input_file_id") -> BatchError:
@@ -218,8 +229,14 @@ def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError
     body = data["body"]
     if body.get("stream") is True:
         return line_error("streaming_unsupported", line, "Streaming is not supported in batches.", "body.stream")
-    for name, kinds in REQUIRED_BODY_FIELDS[endpoint].items():
+    if body.get("background") is True:  # a batch is the background: its result goes to the output file
+        message = "Background mode is not supported in batches."
+        return line_error("invalid_request", line, message, "body.background")
+    optional = OPTIONAL_BODY_FIELDS.get(endpoint, {})
+    for name, kinds in {**REQUIRED_BODY_FIELDS[endpoint], **optional}.items():
         if name not in body:
+            if name in optional:
+                continue
             return line_error("invalid_request", line, f"Missing required field 'body.{name}'.", f"body.{name}")
         if not isinstance(body[name], kinds) or isinstance(body[name], bool):
             return line_error("invalid_request", line, f"'body.{name}' has the wrong type.", f"body.{name}")
@@ -236,6 +253,13 @@ def checked_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchErr
         return line_error("invalid_json_line", line, "This line could not be read as a request.")
 
 
+def _input_count(value: str | list[Any]) -> int:
+    """How many inputs an embeddings body holds: a list of strings or of token lists, or one string or token list."""
+    if isinstance(value, list) and value and (isinstance(value[0], str | list)):
+        return len(value)
+    return 1
+
+
 def parse_input(content: bytes, endpoint: str) -> ParsedInput:
     """Check every line of a JSONL input file for a batch on `endpoint`."""
     parsed = ParsedInput(index=InputIndex(content=content))
@@ -248,6 +272,7 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
     seen_ids: set[str] = set()
     problems = 0
     requests = 0
+    embedding_inputs = 0
     line = 0
     start = len(BYTE_ORDER_MARK) if content.startswith(BYTE_ORDER_MARK) else 0  # written by Windows editors
     while start < len(content):
@@ -271,6 +296,12 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
             if problems <= MAX_LISTED_ERRORS:
                 parsed.errors.append(result)
             continue
+        if endpoint == "/v1/embeddings":
+            embedding_inputs += _input_count(result.body["input"])
+            if embedding_inputs > MAX_EMBEDDING_INPUTS:
+                message = f"An embeddings batch holds at most {MAX_EMBEDDING_INPUTS} inputs over all its lines."
+                parsed.errors.append(file_error(message))
+                return parsed
         seen_ids.add(result.custom_id)
         parsed.custom_ids.append(result.custom_id)
         parsed.first_line_of_model.setdefault(result.model, line)
@@ -279,4 +310,5 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
         parsed.errors.append(file_error(f"{problems - MAX_LISTED_ERRORS} more invalid lines are not listed.", None))
     if not parsed.errors and not len(parsed.index):
         parsed.errors.append(file_error("The input file is empty."))
+    parsed.model = next(iter(parsed.first_line_of_model), None)  # the first line's
     return parsed

@@ -1,6 +1,7 @@
 """Reading a batch's input file through the stack's Files and Models APIs (the I/O around input_file.py).
 
     read_checked_input   validation: the file checked line by line, and every model it names looked up
+                         (in the Models API; for moderations, among the safety API's shields)
     read_requests        a batch that passed validation, read again to run (after a restart, say)
 
 A file that does not exist, is not the caller's to read or has an id the Files API refuses is the
@@ -9,12 +10,12 @@ Files API (an outage) is raised as it is, for the engine to try again later.
 """
 
 import asyncio
+from collections import Counter
 
 from llama_stack_api import (
     BatchObject,
     Files,
     GetModelRequest,
-    Models,
     RetrieveFileContentRequest,
     RetrieveFileRequest,
 )
@@ -22,6 +23,7 @@ from llama_stack_api.common.errors import ResourceNotFoundError
 from openai.types.batch_error import BatchError
 
 from .input_file import MAX_FILE_BYTES, MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error, parse_input
+from .stack_apis import StackAPIs
 from .validation import quoted
 
 
@@ -48,7 +50,7 @@ async def input_content(files: Files, file_id: str) -> bytes | None:
     return bytes(response.body)
 
 
-async def read_checked_input(files: Files, models: Models, batch: BatchObject) -> ParsedInput:
+async def read_checked_input(files: Files, apis: StackAPIs, batch: BatchObject) -> ParsedInput:
     """The checked input file of `batch`, or the validation errors that refuse it."""
     try:
         content = await input_content(files, batch.input_file_id)
@@ -61,8 +63,13 @@ async def read_checked_input(files: Files, models: Models, batch: BatchObject) -
         return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
     # Checking 50,000 lines takes a while: a thread keeps the event loop answering meanwhile.
     parsed = await asyncio.to_thread(parse_input, content, batch.endpoint)
-    if not parsed.errors:
-        parsed.errors.extend(await unknown_models(models, parsed.first_line_of_model))
+    if parsed.errors:
+        return parsed
+    if batch.endpoint == "/v1/moderations":
+        errors, parsed.model = await unknown_moderation_models(apis, parsed.first_line_of_model)
+    else:
+        errors = await unknown_models(apis, parsed.first_line_of_model)
+    parsed.errors.extend(errors)
     return parsed
 
 
@@ -80,8 +87,16 @@ async def read_requests(files: Files, batch: BatchObject) -> InputIndex:
     return parsed.index
 
 
-async def unknown_models(models: Models, first_line_of_model: dict[str, int]) -> list[BatchError]:
-    """A model_not_found error for each distinct unknown model, at the first line naming it.
+def model_not_found(model: str | None, line: int) -> BatchError:
+    message = f"The provided model {quoted(model)} is not supported by the Batch API."  # OpenAI's words
+    return BatchError(code="model_not_found", line=line, param="body.model", message=message)
+
+
+MORE_UNKNOWN = "More models may be unknown; they are not listed."
+
+
+async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, int]) -> list[BatchError]:
+    """A model_not_found error for each distinct model the Models API does not know, at the first line naming it.
 
     The lookups stop at MAX_LISTED_ERRORS unknown models: a file naming thousands of made-up models
     must not hold a batch slot for a lookup each, nor fill `errors` with them.
@@ -89,11 +104,40 @@ async def unknown_models(models: Models, first_line_of_model: dict[str, int]) ->
     errors: list[BatchError] = []
     for model, line in first_line_of_model.items():
         if len(errors) == MAX_LISTED_ERRORS:
-            errors.append(file_error("More models may be unknown; they are not listed.", "model_not_found", None))
+            errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
             break
         try:
-            await models.get_model(GetModelRequest(model_id=model))
+            await apis.models.get_model(GetModelRequest(model_id=str(model)))
         except Exception:
-            message = f"The provided model {quoted(model)} is not supported by the Batch API."  # OpenAI's words
-            errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
+            errors.append(model_not_found(model, line))
     return errors
+
+
+async def unknown_moderation_models(
+    apis: StackAPIs, first_line_of_model: dict[str | None, int]
+) -> tuple[list[BatchError], str | None]:
+    """The moderation models the safety API cannot resolve, and the model the batch's `model` field shows.
+
+    The safety API resolves a moderation's model as here: to the one shield whose provider model it
+    is, and a moderation naming no model to run.yaml's `safety.default_shield_id`. The shields are
+    those the batch's owner may see (the listing applies the access policy).
+    """
+    shields = [] if apis.shields is None else (await apis.shields.list_shields()).data
+    shields_of_model = Counter(shield.provider_resource_id for shield in shields)
+    default_id = apis.default_moderation_model()
+    default = next((shield.provider_resource_id for shield in shields if shield.identifier == default_id), None)
+    errors: list[BatchError] = []
+    for model, line in first_line_of_model.items():
+        if len(errors) == MAX_LISTED_ERRORS:
+            errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
+            break
+        if model is None and default is None:
+            message = (
+                "This line names no model, and the stack has no default moderation model "
+                "(`safety.default_shield_id` in its run.yaml): name one in 'body.model'."
+            )
+            errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
+        elif model is not None and shields_of_model[model] != 1:
+            errors.append(model_not_found(model, line))
+    first = next(iter(first_line_of_model), None)
+    return errors, default if first is None else first

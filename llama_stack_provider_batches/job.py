@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files, Models
+from llama_stack_api import BatchObject, Files
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
@@ -45,6 +45,7 @@ from .ownership import UNOWNED_SCOPE, acting_as, carries_request_credentials, sc
 from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun, Stop
 from .shards import split
+from .stack_apis import StackAPIs
 from .store import BatchStore, Lease, StoredBatch
 
 logger = get_logger(name=__name__, category="providers")
@@ -60,7 +61,7 @@ class BatchJob:
     store: BatchStore
     sender: RequestSender
     files: Files
-    models: Models
+    apis: StackAPIs  # for validation: models and shields
     settings: JobSettings
     cancel_requested: asyncio.Event
     stopping: asyncio.Event
@@ -239,7 +240,7 @@ class BatchJob:
 
     async def _validate(self, batch: BatchObject) -> BatchObject | None:
         """Check the input file; store the custom_ids and move to in_progress. None if the batch ended here."""
-        parsed = None if self._past_deadline(batch) else await read_checked_input(self.files, self.models, batch)
+        parsed = None if self._past_deadline(batch) else await read_checked_input(self.files, self.apis, batch)
         if parsed is None or self._past_deadline(batch):
             # Before or while it was checked: no request ran, and none will.
             await self._finalizer().close("expired", 0)
@@ -254,9 +255,8 @@ class BatchJob:
         await self._split(batch, len(parsed.custom_ids))
         self._validated = parsed.index
         counts = BatchRequestCounts(total=len(parsed.custom_ids), completed=0, failed=0)
-        model = next(iter(parsed.first_line_of_model), None)
         try:
-            return await self._move("in_progress", request_counts=counts, model=model)
+            return await self._move("in_progress", request_counts=counts, model=parsed.model)
         except IllegalTransitionError:  # cancelled while it was checked: no request will run
             await self.store.request_ids.delete(self.batch_id)
             return await self.store.get_batch(self.batch_id)

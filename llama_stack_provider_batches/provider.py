@@ -4,7 +4,8 @@ from llama_stack_api import Api, InlineProviderSpec
 
 
 def get_provider_spec() -> InlineProviderSpec:
-    """Describe this package to the stack: a batches provider needing inference, files and models."""
+    """Describe this package to the stack: a batches provider needing inference, files and models, and
+    using the Responses and Safety APIs where the stack has them (for `/v1/responses`, `/v1/moderations`)."""
     return InlineProviderSpec(
         api=Api.batches,
         provider_type="inline::reference",
@@ -12,5 +13,6 @@ def get_provider_spec() -> InlineProviderSpec:
         module="llama_stack_provider_batches",
         config_class="llama_stack_provider_batches.config.BatchesProviderConfig",
         api_dependencies=[Api.inference, Api.files, Api.models],
+        optional_api_dependencies=[Api.responses, Api.safety, Api.shields],
         description="Durable OpenAI-compatible Batch API with idempotent creation.",
     )

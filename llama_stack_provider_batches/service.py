@@ -48,6 +48,7 @@ from .ownership import (
     may,
     scope_of,
 )
+from .stack_apis import StackAPIs, unavailable_message
 from .store import BatchStore, StoredBatch
 from .user_limits import UserLimits
 from .validation import (
@@ -86,10 +87,13 @@ class BatchesService(Batches):
         routes: RouteGuard | None = None,
         clock: Callable[[], float] = time.time,
         files: Any | None = None,
+        apis: StackAPIs | None = None,
     ) -> None:
-        """`files` is the stack's Files API, used to check the input file's purpose at create (skipped without it)."""
+        """`files` is the stack's Files API, used to check the input file's purpose at create (skipped without
+        it); `apis` tells which endpoints the stack can serve (all, without it)."""
         self._config = config
         self._files = files
+        self._apis = apis
         self._policy = policy or []
         self._routes = routes or RouteGuard([])
         self._store = store
@@ -131,6 +135,8 @@ class BatchesService(Batches):
             idempotency_key = request.idempotency_key
         key = idempotency_key if idempotency_key is not None else idem_tok
         validate_create_params(input_file_id, endpoint, completion_window, metadata)
+        if self._apis is not None and not self._apis.serves(endpoint):  # type: ignore[arg-type]  # validated
+            raise InvalidParameterError("endpoint", unavailable_message(endpoint))  # type: ignore[arg-type]
         validate_idempotency_key(key)
         if not self._routes.allows(endpoint):  # type: ignore[arg-type]  # validated just above
             raise AccessDeniedError("create", BatchResource(f"for {endpoint}", None), get_authenticated_user())

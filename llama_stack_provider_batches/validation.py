@@ -18,7 +18,13 @@ from typing import Any
 import httpx
 import openai
 
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+SUPPORTED_ENDPOINTS: tuple[str, ...] = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/moderations",
+)
 SUPPORTED_COMPLETION_WINDOWS: tuple[str, ...] = ("24h",)
 
 MAX_METADATA_PAIRS = 16

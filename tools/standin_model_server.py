@@ -2,6 +2,9 @@
 
 It runs no model. Answers are deterministic functions of the request, so tests can check them:
 chat and completion replies echo the prompt, embeddings are derived from a hash of the input.
+Chat completions stream (server-sent events) when asked to, as the stack's Responses API asks. A
+model whose id contains "guard" answers as Llama Guard does, for the stack's safety provider: "safe",
+or "unsafe" and the category S9 when the text mentions a bomb.
 
 Behaviour is set on the command line and can be changed while it runs (POST /admin/config):
     latency_mean, latency_sigma   seconds; log-normal latency with this mean (0 = answer at once)
@@ -20,6 +23,7 @@ POST /admin/reset clears the counters.
 import argparse
 import asyncio
 import hashlib
+import json
 import math
 import random
 import re
@@ -32,11 +36,11 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 MARKER = re.compile(r"\[\[(status|sleep|stall-once):([0-9.]+)\]\]")
-DEFAULT_MODELS = ("m-chat", "m-embed")
+DEFAULT_MODELS = ("m-chat", "m-embed", "m-guard")
 EMBEDDING_DIMENSION = 8
 
 
@@ -110,8 +114,14 @@ def usage(prompt: str, answer: str) -> dict[str, int]:
     }
 
 
+def chat_reply(model: str, prompt: str) -> str:
+    if "guard" in model:
+        return "unsafe\nS9" if "bomb" in prompt.lower() else "safe"
+    return f"stand-in reply to: {prompt}"
+
+
 def chat_answer(model: str, prompt: str) -> dict[str, Any]:
-    answer = f"stand-in reply to: {prompt}"
+    answer = chat_reply(model, prompt)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -122,6 +132,26 @@ def chat_answer(model: str, prompt: str) -> dict[str, Any]:
         ],
         "usage": usage(prompt, answer),
     }
+
+
+def chat_stream(model: str, prompt: str, include_usage: bool) -> StreamingResponse:
+    """The answer of chat_answer as server-sent chunks: the reply in two pieces, the finish, usage if asked."""
+    answer = chat_reply(model, prompt)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time())}
+    middle = len(answer) // 2
+    deltas = [{"role": "assistant", "content": answer[:middle]}, {"content": answer[middle:]}]
+    chunks = [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None} for delta in deltas]
+    events = [{**head, "model": model, "choices": [choice]} for choice in chunks]
+    events.append({**head, "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if include_usage:
+        events.append({**head, "model": model, "choices": [], "usage": usage(prompt, answer)})
+
+    async def send() -> Any:
+        for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(send(), media_type="text/event-stream")
 
 
 def completion_answer(model: str, prompt: str) -> dict[str, Any]:
@@ -185,6 +215,9 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
             model = body.get("model", "")
             if model not in models:
                 return error_response(404, f"The model '{model}' does not exist.", "model_not_found")
+            if path.endswith("/chat/completions") and body.get("stream") is True:
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return chat_stream(model, prompt, include_usage)
             if path.endswith("/chat/completions"):
                 return JSONResponse(chat_answer(model, prompt))
             if path.endswith("/completions"):

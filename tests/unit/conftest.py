@@ -1,5 +1,5 @@
 """Unit-test fixtures: the provider built through `get_provider_impl` over a real SQLite kvstore,
-with in-memory stand-ins for the stack's Files, Inference and Models APIs."""
+with in-memory stand-ins for the stack's Files, Inference, Models, Responses, Safety and Shields APIs."""
 
 import asyncio
 import time
@@ -103,9 +103,9 @@ class FakeInference:
                 if asyncio.iscoroutine(outcome):
                     await outcome
             await asyncio.sleep(0)
-            echo = str(body.get("messages") or body.get("prompt"))
+            echo = str(body.get("messages") or body.get("prompt") or body.get("input"))
             usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-            return FakeResponse(object=kind, model=body["model"], echo=echo, usage=usage)
+            return FakeResponse(object=kind, model=body.get("model"), echo=echo, usage=usage)
         finally:
             self.in_flight -= 1
 
@@ -117,6 +117,47 @@ class FakeInference:
 
     async def openai_embeddings(self, params: BaseModel) -> FakeResponse:
         return await self._answer(params, "list")
+
+
+class FakeResponses:
+    """The Responses API: answers through the fake inference (so its behaviour scripts both), as the stack's does."""
+
+    def __init__(self, inference: FakeInference) -> None:
+        self.inference = inference
+        self.requests: list[dict[str, Any]] = []
+
+    async def create_openai_response(self, request: BaseModel) -> FakeResponse:
+        body = request.model_dump(exclude_none=True)
+        self.requests.append(body)
+        answer = await self.inference._answer(request, "response")
+        usage = {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10}
+        return FakeResponse(
+            id=f"resp_{uuid.uuid4().hex}", object="response", status="completed", echo=answer.echo, usage=usage
+        )
+
+
+class FakeSafety:
+    """The Safety API: flags inputs mentioning a bomb. `safety_config` names the default shield, as the router's."""
+
+    def __init__(self, inference: FakeInference, default_shield_id: str | None = "guard") -> None:
+        self.inference = inference
+        self.safety_config = FakeResponse(default_shield_id=default_shield_id)
+
+    async def run_moderation(self, request: BaseModel) -> FakeResponse:
+        await self.inference._answer(request, "moderation")
+        texts = request.input if isinstance(request.input, list) else [request.input]
+        results = [{"flagged": "bomb" in text, "categories": {"weapons": "bomb" in text}} for text in texts]
+        return FakeResponse(id=f"modr-{uuid.uuid4().hex}", model=request.model or "local/m-guard", results=results)
+
+
+class FakeShields:
+    """The Shields API: one shield, `guard`, over the model local/m-guard."""
+
+    def __init__(self) -> None:
+        self.shields = [FakeResponse(identifier="guard", provider_resource_id="local/m-guard")]
+
+    async def list_shields(self) -> FakeResponse:
+        return FakeResponse(data=self.shields)
 
 
 class FakeModels:
@@ -146,6 +187,18 @@ def inference() -> FakeInference:
 @pytest.fixture
 def models() -> FakeModels:
     return FakeModels({"local/m-chat", "local/m-embed"})
+
+
+def stack_deps(files: FakeFiles, inference: FakeInference, models: FakeModels) -> dict[Api, Any]:
+    """The APIs a stack serving every endpoint gives the provider."""
+    return {
+        Api.files: files,
+        Api.inference: inference,
+        Api.models: models,
+        Api.responses: FakeResponses(inference),
+        Api.safety: FakeSafety(inference),
+        Api.shields: FakeShields(),
+    }
 
 
 @pytest.fixture
@@ -192,8 +245,7 @@ async def store(
 async def provider(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> AsyncIterator[BatchesService]:
-    deps = {Api.files: files, Api.inference: inference, Api.models: models}
-    service = await get_provider_impl(config, deps, [])
+    service = await get_provider_impl(config, stack_deps(files, inference, models), [])
     yield service
     await service.shutdown()
 

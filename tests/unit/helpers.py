@@ -4,9 +4,10 @@ import asyncio
 import json
 from typing import Any
 
-from llama_stack_api import Api, BatchObject
+from llama_stack_api import BatchObject
 
 from llama_stack_provider_batches import get_provider_impl
+from tests.unit.conftest import stack_deps
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -53,8 +54,7 @@ def read_lines(files: Any, file_id: str | None) -> list[dict[str, Any]]:
 
 async def provider_with(config: Any, files: Any, inference: Any, models: Any, **settings: Any) -> Any:
     """A provider over the fakes with some settings changed."""
-    deps = {Api.files: files, Api.inference: inference, Api.models: models}
-    return await get_provider_impl(config.model_copy(update=settings), deps)
+    return await get_provider_impl(config.model_copy(update=settings), stack_deps(files, inference, models))
 
 
 async def start_batch(provider: Any, files: Any, requests: int) -> BatchObject:

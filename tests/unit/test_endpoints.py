@@ -18,11 +18,11 @@ from llama_stack_provider_batches.endpoints import (
     response_tokens,
     result_for_exception,
     result_for_response,
-    without_completion_store,
 )
 from llama_stack_provider_batches.input_file import RequestLine
 from llama_stack_provider_batches.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
-from tests.unit.conftest import FakeInference
+from llama_stack_provider_batches.stack_apis import EndpointUnavailableError, StackAPIs, without_completion_store
+from tests.unit.conftest import FakeInference, FakeModels, FakeResponses, FakeSafety
 from tests.unit.test_formats import any_text, assert_result_line, json_values
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
@@ -58,16 +58,45 @@ def test_no_http_answer_gives_an_error_object() -> None:
     assert other["error"] == {"code": "internal_error", "message": "RuntimeError: boom"}
 
 
+def only_inference(inference: FakeInference) -> StackAPIs:
+    return StackAPIs(inference=inference, models=FakeModels(set()))  # type: ignore[arg-type]
+
+
 async def test_call_endpoint_validates_and_dumps_the_response() -> None:
     inference = FakeInference()
+    apis = only_inference(inference)
     response = await call_endpoint(
-        inference, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        apis, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     )
     assert response.object == "chat.completion"
     assert response_tokens(response) == (3, 2)
     assert inference.calls[0]["model"] == "m"
     with pytest.raises(ValueError):
-        await call_endpoint(inference, "/v1/moderations", {"model": "m"})
+        await call_endpoint(apis, "/v1/images/generations", {"model": "m"})
+
+
+async def test_responses_and_moderations_run_through_their_apis() -> None:
+    inference = FakeInference()
+    responses = FakeResponses(inference)
+    apis = StackAPIs(inference, FakeModels(set()), responses, FakeSafety(inference))  # type: ignore[arg-type]
+    body = {"model": "local/m-chat", "input": "hello", "instructions": "be brief", "store": False}
+    response = await call_endpoint(apis, "/v1/responses", body)
+    assert response.object == "response"
+    assert response_tokens(response) == (4, 6)  # a Response counts input_tokens and output_tokens
+    assert responses.requests[0]["instructions"] == "be brief"
+    assert responses.requests[0]["store"] is False
+    moderation = await call_endpoint(apis, "/v1/moderations", {"input": ["a cake", "a bomb"]})
+    assert [r["flagged"] for r in moderation.results] == [False, True]
+    assert response_tokens(moderation) == (0, 0)  # moderations report no usage
+
+
+@pytest.mark.parametrize(("endpoint", "api"), [("/v1/responses", "Responses"), ("/v1/moderations", "Safety")])
+async def test_an_endpoint_whose_api_the_stack_lacks_fails_its_request_with_a_400(endpoint: str, api: str) -> None:
+    with pytest.raises(EndpointUnavailableError) as raised:
+        await call_endpoint(only_inference(FakeInference()), endpoint, {"model": "m", "input": "x"})
+    line = json.loads(result_for_exception(REQUEST, raised.value))
+    assert line["response"]["status_code"] == 400
+    assert f"needs the stack's {api} API" in line["response"]["body"]["error"]["message"]
 
 
 class RouterWithStore:
@@ -87,7 +116,7 @@ def test_without_completion_store_is_a_view_that_leaves_the_router_alone() -> No
 
 
 def make_sender(inference: FakeInference, attempts: int = 3, timeout: float = 5.0) -> RequestSender:
-    return RequestSender(inference, RetryPolicy(attempts, 0.001, 0.01), timeout_seconds=timeout)
+    return RequestSender(only_inference(inference), RetryPolicy(attempts, 0.001, 0.01), timeout_seconds=timeout)
 
 
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -163,7 +192,9 @@ async def test_no_retry_once_the_server_is_stopping() -> None:
 
 async def test_the_pace_spaces_requests_to_one_model() -> None:
     inference = FakeInference()
-    sender = RequestSender(inference, RetryPolicy(1), timeout_seconds=5, pacer=RateLimiter(per_second=50))
+    sender = RequestSender(
+        only_inference(inference), RetryPolicy(1), timeout_seconds=5, pacer=RateLimiter(per_second=50)
+    )
     started = asyncio.get_running_loop().time()
     for _ in range(6):
         await sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event())

@@ -107,6 +107,13 @@ def test_wrong_top_level_values(change: dict, code: str, param: str) -> None:
         (CHAT, {"model": "m", "messages": "hi"}, "body.messages"),
         ("/v1/completions", {"model": "m"}, "body.prompt"),
         ("/v1/embeddings", {"model": "m", "input": 4}, "body.input"),
+        ("/v1/responses", {"input": "hi"}, "body.model"),
+        ("/v1/responses", {"model": "m"}, "body.input"),
+        ("/v1/responses", {"model": "m", "input": {"role": "user"}}, "body.input"),
+        ("/v1/moderations", {"model": "m"}, "body.input"),
+        ("/v1/moderations", {"input": 7}, "body.input"),
+        ("/v1/moderations", {"input": "hi", "model": ["m"]}, "body.model"),
+        ("/v1/moderations", {"input": "hi", "model": None}, "body.model"),
     ],
 )
 def test_body_fields_per_endpoint(endpoint: str, body: dict, param: str) -> None:
@@ -119,6 +126,67 @@ def test_streaming_is_refused() -> None:
     line = chat_line("a")
     line["body"]["stream"] = True
     assert code_of(line) == "streaming_unsupported"
+    responses_line = {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {"stream": True}}
+    assert code_of(responses_line, "/v1/responses") == "streaming_unsupported"
+
+
+def test_background_mode_is_refused() -> None:
+    body = {"model": "m", "input": "hi", "background": True}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": body}
+    result = check_line(json.dumps(line).encode(), 1, "/v1/responses")
+    assert (result.code, result.param) == ("invalid_request", "body.background")
+    body["background"] = False
+    assert isinstance(check_line(json.dumps(line).encode(), 1, "/v1/responses"), RequestLine)
+
+
+def moderation_line(custom_id: str, text: str | list[str], model: str | None = None) -> dict:
+    body: dict = {"input": text} if model is None else {"input": text, "model": model}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/moderations", "body": body}
+
+
+def test_a_moderation_may_leave_its_model_to_the_stack() -> None:
+    lines = [moderation_line("a", "hi"), moderation_line("b", ["x", "y"], "local/m-guard"), moderation_line("c", "z")]
+    parsed = parse_input(jsonl(lines), "/v1/moderations")
+    assert parsed.errors == []
+    assert parsed.first_line_of_model == {None: 1, "local/m-guard": 2}
+    assert parsed.index.request(0).model is None
+    assert parsed.model is None  # the first line's: the stack's default, resolved when models are looked up
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.one_of(st.text(max_size=20), st.lists(st.text(max_size=20), max_size=4)),
+    st.one_of(st.none(), st.text(min_size=1, max_size=20)),
+    st.dictionaries(
+        st.sampled_from(["instructions", "temperature", "store", "metadata"]),
+        st.one_of(st.text(max_size=10), st.integers(), st.booleans(), st.dictionaries(st.text(max_size=5), st.text())),
+        max_size=3,
+    ),
+)
+def test_any_moderation_or_response_of_the_right_shape_is_accepted(
+    text: str | list[str], model: str | None, extra: dict
+) -> None:
+    moderation = moderation_line("m", text, model)
+    moderation["body"].update(extra)
+    assert isinstance(check_line(json.dumps(moderation).encode(), 1, "/v1/moderations"), RequestLine)
+    body = {**extra, "model": model or "local/m-chat", "input": text}
+    response = {"custom_id": "r", "method": "POST", "url": "/v1/responses", "body": body}
+    assert isinstance(check_line(json.dumps(response).encode(), 1, "/v1/responses"), RequestLine)
+
+
+def test_an_embeddings_batch_holds_at_most_50000_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(input_file, "MAX_EMBEDDING_INPUTS", 5)
+
+    def embedding_line(custom_id: str, inputs: object) -> dict:
+        body = {"model": "local/m-embed", "input": inputs}
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
+
+    # A string, a list of strings and a list of token lists count their inputs; a token list is one.
+    fits = [embedding_line("a", "one"), embedding_line("b", ["two", "three"]), embedding_line("c", [1, 2, 3])]
+    assert parse_input(jsonl([*fits, embedding_line("d", [[1, 2]])]), "/v1/embeddings").errors == []
+    too_many = parse_input(jsonl([*fits, embedding_line("d", [[1], [2]])]), "/v1/embeddings")
+    assert [(e.code, e.line) for e in too_many.errors] == [("invalid_request", None)]
+    assert "at most 5 inputs" in too_many.errors[0].message
 
 
 def test_duplicate_custom_id() -> None:
@@ -368,5 +436,5 @@ def test_a_line_that_cannot_be_checked_fails_alone(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_unsupported_endpoint_is_a_file_error() -> None:
-    parsed = parse_input(jsonl([chat_line("a")]), "/v1/moderations")
+    parsed = parse_input(jsonl([chat_line("a")]), "/v1/images/generations")
     assert [(e.code, e.param, e.line) for e in parsed.errors] == [("invalid_request", "endpoint", None)]

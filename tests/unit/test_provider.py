@@ -9,6 +9,8 @@ def test_spec_is_an_inline_batches_provider_with_its_dependencies() -> None:
     spec = get_provider_spec()
     assert spec.api == Api.batches
     assert set(spec.api_dependencies) == {Api.inference, Api.files, Api.models}
+    # Responses and moderations need these; a stack without them still loads the provider.
+    assert set(spec.optional_api_dependencies) == {Api.responses, Api.safety, Api.shields}
     assert spec.module == "llama_stack_provider_batches"
     assert spec.config_class == "llama_stack_provider_batches.config.BatchesProviderConfig"
 

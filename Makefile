@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 		{ echo "llama-stack 0.7 needs Python >= 3.12; $(PYTHON) is older (set PYTHON=/path/to/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,responses]'
+	$(PY) tools/tiktoken_cache.py
 	touch $(STAMP)
 
 setup: $(STAMP)

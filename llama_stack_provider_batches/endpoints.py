@@ -11,6 +11,7 @@ from llama_stack_api import (
     OpenAIChatCompletionRequestWithExtraBody,
     OpenAICompletionRequestWithExtraBody,
     OpenAIEmbeddingsRequestWithExtraBody,
+    Responses,
     RunModerationRequest,
 )
 from pydantic import BaseModel, ValidationError
@@ -24,8 +25,8 @@ from .stack_apis import EndpointUnavailableError, StackAPIs, without_completion_
 async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) -> BaseModel:
     """Run one request body against `endpoint` through the stack API serving it; return the response model.
 
-    A Responses request runs as a client's non-streaming request does: the body is refused at
-    validation if it asks for streaming or background mode (input_file.py).
+    A Responses request runs as a client's non-streaming request does (create_response): the body
+    is refused at validation if it asks for streaming or background mode (input_file.py).
     """
     response: BaseModel
     if endpoint == "/v1/chat/completions":
@@ -41,9 +42,7 @@ async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) ->
     elif endpoint == "/v1/responses":
         if apis.responses is None:
             raise EndpointUnavailableError(endpoint)
-        response = await apis.responses.create_openai_response(  # type: ignore[assignment]
-            CreateResponseRequest.model_validate(body)
-        )
+        response = await create_response(apis.responses, body)
     elif endpoint == "/v1/moderations":
         if apis.safety is None:
             raise EndpointUnavailableError(endpoint)
@@ -51,6 +50,42 @@ async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) ->
     else:
         raise ValueError(f"Unsupported endpoint {endpoint!r}")
     return response
+
+
+# Error codes of a failed Response (OpenAI's list, which the stack maps backend errors to) that a retry
+# may cure, with the HTTP status a client would have seen; any other code is the request's own fault.
+TRANSIENT_RESPONSE_ERRORS = {"server_error": 500, "rate_limit_exceeded": 429, "vector_store_timeout": 504}
+
+
+class ResponseFailedError(Exception):
+    """The stack's Responses API ended a response `failed`: `code` and `message` are its error's."""
+
+    def __init__(self, code: str | None, message: str | None) -> None:
+        self.code = code or "server_error"
+        self.status_code = TRANSIENT_RESPONSE_ERRORS.get(self.code, 400)
+        super().__init__(message or "The response failed without an error message.")
+
+
+async def create_response(responses: Responses, body: dict[str, Any]) -> BaseModel:
+    """The Response to `body`, as the stack answers a request without `stream`; ResponseFailedError if it failed.
+
+    The stack's non-streaming path reads its own event stream to the end and, when the response
+    fails, raises a bare HTTP 500 that drops the error's code: a backend's 429 and its 400 look alike.
+    Reading the same stream here keeps the code, so that retries go to failures a retry may cure.
+    Nothing else differs: the stack builds, stores and returns the same response either way.
+    """
+    request = CreateResponseRequest.model_validate({**body, "stream": True})
+    events = await responses.create_openai_response(request)
+    final: BaseModel | None = None
+    async for event in events:  # type: ignore[union-attr]
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+        elif event.type == "response.failed":
+            error = event.response.error
+            raise ResponseFailedError(getattr(error, "code", None), getattr(error, "message", None))
+    if final is None:
+        raise ResponseFailedError("server_error", "The response stream ended before the response did.")
+    return final
 
 
 class Outcomes(Protocol):
@@ -182,7 +217,9 @@ def _line_for_exception(custom_id: str, exc: BaseException) -> str:
         return formats.http_error_line(custom_id, 400, formats.invalid_body_error(problems))
     status_code = getattr(exc, "status_code", None)
     if type(status_code) is int and 400 <= status_code < 600:
-        error = {"message": str(exc), "type": "invalid_request_error" if status_code < 500 else "server_error"}
+        error_type = "invalid_request_error" if status_code < 500 else "server_error"
+        code = getattr(exc, "code", None)
+        error = {"message": str(exc), "type": error_type, "code": code if isinstance(code, str) else None}
         return formats.http_error_line(custom_id, status_code, error)
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
         return formats.failure_line(custom_id, "timeout", str(exc) or "The request timed out.")

@@ -39,14 +39,21 @@ def same_request(batch: BatchObject, params: CreateParams) -> bool:
     )
 
 
-def conflict(key: str, batch: BatchObject, params: CreateParams) -> ConflictError:
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key reused with other parameters (HTTP 409)."""
+
+    param = "idempotency_key"
+    code = "idempotency_key_reused"
+
+
+def conflict(key: str, batch: BatchObject, params: CreateParams) -> IdempotencyConflictError:
     """The error for a key reused with other parameters; it names the parameters that differ."""
     differing = [
         name
         for name in ("input_file_id", "endpoint", "completion_window", "metadata")
         if getattr(batch, name) != getattr(params, name)
     ]
-    return ConflictError(
+    return IdempotencyConflictError(
         f"Idempotency token '{shown(key)}' was previously used with different parameters "
         f"({', '.join(differing)}). Use a new idempotency key, or repeat the original parameters."
     )

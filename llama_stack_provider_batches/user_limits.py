@@ -36,7 +36,7 @@ class LimitReachedError(ConflictError):
     code = RATE_LIMIT_CODE
 
     def __init__(self, message: str) -> None:
-        super().__init__(f"{message} (code: {RATE_LIMIT_CODE})")
+        super().__init__(message)
 
 
 def count_requests(content: bytes) -> int:

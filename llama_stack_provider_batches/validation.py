@@ -1,8 +1,7 @@
 """Checks of what a client sends to create, retrieve, cancel or list batches. Pure functions, no I/O.
 
-A failed check raises InvalidParameterError, which the stack answers with HTTP 400. The stack's
-error body carries only a message, so the message names the parameter and the OpenAI error code;
-the exception keeps both as attributes (`param`, `code`) for Python callers.
+A failed check raises InvalidParameterError, answered with HTTP 400 and OpenAI's error object, whose
+`param` and `code` name the parameter and the error (http_errors.py).
 
 Every field a caller controls is bounded here, because the batch record keeps some of them (the
 record is rewritten on every progress update and read on every list) and error messages quote
@@ -48,7 +47,8 @@ _BATCH_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class InvalidParameterError(openai.BadRequestError, ValueError):
-    """A request parameter that OpenAI's Batch API would refuse with HTTP 400.
+    """A request parameter that OpenAI's Batch API would refuse with HTTP 400; `param` and `code` name
+    the parameter and OpenAI's error code (the API answers them as fields: http_errors.py).
 
     Why openai.BadRequestError: the stack registers its error handler for that class (and answers
     400), while a plain ValueError reaches Starlette's catch-all handler, which answers 400 too but
@@ -56,10 +56,9 @@ class InvalidParameterError(openai.BadRequestError, ValueError):
     """
 
     def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
-        text = f"{message} (param: {param}, code: {code})"
-        error = {"message": text, "type": "invalid_request_error", "param": param, "code": code}
+        error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
         response = httpx.Response(400, request=httpx.Request("POST", "/v1/batches"))
-        super().__init__(text, response=response, body=error)
+        super().__init__(message, response=response, body=error)
 
 
 # --- quoting caller text in messages ------------------------------------------------------------

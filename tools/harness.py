@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
+
+from tools.tiktoken_cache import ensure_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
@@ -189,6 +192,7 @@ def start_stack(
     port = free_port()
     command = [str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
     variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
+    variables.setdefault("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR") or str(ensure_cache()))
     server = _spawn("llama stack", command, log_dir / f"stack-{port}.log", f"http://127.0.0.1:{port}", variables)
     server.wait_healthy("/v1/health", timeout=120)
     return server
@@ -236,6 +240,24 @@ def run_yaml_with_access_policy(directory: Path, auth_endpoint: str, access_poli
     own_directory.mkdir(exist_ok=True)
     path = run_yaml_with_auth(own_directory, auth_endpoint, base=base)
     path.write_text(path.read_text() + "    access_policy:\n" + access_policy)
+    return path
+
+
+def run_yaml_without(directory: Path, apis: set[str], base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml whose stack does not serve `apis` (their providers and resources dropped too).
+
+    Only these APIs' own sections are dropped: a stack without `responses` still has what the Responses
+    provider needed (vector_io, tool_runtime), so nothing else changes.
+    """
+    config = yaml.safe_load(base.read_text())
+    config["apis"] = [api for api in config["apis"] if api not in apis]
+    for api in apis:
+        config["providers"].pop(api, None)
+        config.pop(api, None)  # e.g. `safety: {default_shield_id: ...}`
+    if "safety" in apis:
+        config.get("registered_resources", {}).pop("shields", None)
+    path = directory / f"{base.stem}-without-{'-'.join(sorted(apis))}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

@@ -15,6 +15,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.tiktoken_cache import ensure_cache  # noqa: E402  (tools/ is not a package on sys.path)
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -37,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     env = dict(os.environ)
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(ensure_cache()))  # run.yaml's vector store needs it at start
     standin = None
     if not env.get("MODEL_URL"):
         command = [sys.executable, str(REPO / "tools" / "standin_model_server.py"), "--port", str(args.standin_port)]

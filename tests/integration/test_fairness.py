@@ -84,7 +84,7 @@ def test_a_user_beyond_the_unfinished_batch_limit_gets_429(
         create_chat_batch(alice, chat_lines(1))
     assert refused.value.status_code == 429
     message = error_message(refused.value)
-    assert "max_active_batches_per_user" in message and "rate_limit_exceeded" in message
+    assert "max_active_batches_per_user" in message and refused.value.code == "rate_limit_exceeded"
     create_chat_batch(bob, chat_lines(1))  # another user is not limited by alice's batches
     for batch in running:
         assert alice.batches.cancel(batch.id).status in ("cancelling", "cancelled")

@@ -3,6 +3,7 @@
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from llama_stack_client import ConflictError as StackConflictError
@@ -10,7 +11,7 @@ from llama_stack_client import LlamaStackClient
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl, wait_for_batch
-from tools.harness import StandInControl
+from tools.harness import ServerProcess, StandInControl
 
 CHAT = "/v1/chat/completions"
 
@@ -56,6 +57,32 @@ def test_same_key_different_parameters_is_409(openai_client: OpenAI, change: dic
     assert f"Idempotency token '{k}' was previously used with different parameters" in str(info.value)
     stored = openai_client.batches.retrieve(original.id)
     assert (stored.input_file_id, stored.metadata) == (file_id, {"a": "1"})
+
+
+def test_a_409_carries_its_fields_and_the_sdk_sends_it_once(stack: ServerProcess, openai_client: OpenAI) -> None:
+    posts: list[str] = []
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path == "/v1/batches":
+            posts.append(request.url.path)
+
+    # The SDK's default retries are on: it retries a 409 unless the answer says not to.
+    retrying = OpenAI(
+        base_url=f"{stack.url}/v1", api_key="none", http_client=httpx.Client(event_hooks={"request": [count]})
+    )
+    file_id = upload_jsonl(openai_client, chat_lines(1))
+    k = key()
+    create(retrying, file_id, k)
+    with pytest.raises(openai.ConflictError) as info:
+        create(retrying, file_id, k, metadata={"changed": "yes"})
+    assert len(posts) == 2  # one for the create, one for the conflict: no retries
+    error = info.value
+    assert (error.code, error.param, error.type) == (
+        "idempotency_key_reused",
+        "idempotency_key",
+        "invalid_request_error",
+    )
+    assert error.response.headers["x-should-retry"] == "false"
 
 
 def test_different_keys_and_no_key_make_new_batches(openai_client: OpenAI) -> None:

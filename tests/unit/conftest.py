@@ -120,20 +120,38 @@ class FakeInference:
 
 
 class FakeResponses:
-    """The Responses API: answers through the fake inference (so its behaviour scripts both), as the stack's does."""
+    """The Responses API: answers through the fake inference (so its behaviour scripts both), as the stack's
+    does. A streamed request gets the stack's events: a failure of the model ends it `response.failed`,
+    with the error code the stack gives (a status of 429 `rate_limit_exceeded`, 5xx `server_error`)."""
 
     def __init__(self, inference: FakeInference) -> None:
         self.inference = inference
         self.requests: list[dict[str, Any]] = []
 
-    async def create_openai_response(self, request: BaseModel) -> FakeResponse:
-        body = request.model_dump(exclude_none=True)
-        self.requests.append(body)
-        answer = await self.inference._answer(request, "response")
+    async def create_openai_response(self, request: BaseModel) -> Any:
+        self.requests.append(request.model_dump(exclude_none=True))
+        events = self._events(request)
+        if getattr(request, "stream", False):
+            return events
+        async for event in events:
+            if event.type == "response.completed":
+                return event.response
+        raise RuntimeError("the response failed")
+
+    async def _events(self, request: BaseModel) -> AsyncIterator[FakeResponse]:
+        response_id = f"resp_{uuid.uuid4().hex}"
+        try:
+            answer = await self.inference._answer(request, "response")
+        except Exception as exc:
+            status = getattr(exc, "status_code", 500)
+            code = "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else "invalid_prompt"
+            error = FakeResponse(code=code, message=str(exc))
+            yield FakeResponse(type="response.failed", response=FakeResponse(id=response_id, error=error))
+            return
         usage = {"input_tokens": 4, "output_tokens": 6, "total_tokens": 10}
-        return FakeResponse(
-            id=f"resp_{uuid.uuid4().hex}", object="response", status="completed", echo=answer.echo, usage=usage
-        )
+        response = FakeResponse(id=response_id, object="response", status="completed", echo=answer.echo, usage=usage)
+        yield FakeResponse(type="response.created", response=response)
+        yield FakeResponse(type="response.completed", response=response)
 
 
 class FakeSafety:
@@ -245,9 +263,16 @@ async def store(
 async def provider(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> AsyncIterator[BatchesService]:
-    service = await get_provider_impl(config, stack_deps(files, inference, models), [])
+    service = (await get_provider_impl(config, stack_deps(files, inference, models), [])).service
     yield service
     await service.shutdown()
+
+
+@pytest.fixture
+def idle_provider(provider: BatchesService, monkeypatch: pytest.MonkeyPatch) -> BatchesService:
+    """The provider with its engine switched off, so statuses stay where the API put them."""
+    monkeypatch.setattr(provider._runner, "start", lambda: None)
+    return provider
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from llama_stack_provider_batches import formats
 from llama_stack_provider_batches.endpoints import (
     RequestSender,
+    ResponseFailedError,
     call_endpoint,
     response_tokens,
     result_for_exception,
@@ -88,6 +89,32 @@ async def test_responses_and_moderations_run_through_their_apis() -> None:
     moderation = await call_endpoint(apis, "/v1/moderations", {"input": ["a cake", "a bomb"]})
     assert [r["flagged"] for r in moderation.results] == [False, True]
     assert response_tokens(moderation) == (0, 0)  # moderations report no usage
+
+
+# The stack keeps a failure's code, not its status: a 503 comes back as server_error, answered 500.
+@pytest.mark.parametrize(
+    ("status", "code", "attempts", "answered"),
+    [(503, "server_error", 3, 500), (429, "rate_limit_exceeded", 3, 429), (400, "invalid_prompt", 1, 400)],
+)
+async def test_a_failed_response_keeps_its_error_code_so_only_curable_failures_are_retried(
+    status: int, code: str, attempts: int, answered: int
+) -> None:
+    inference = FakeInference()
+
+    def fail(_: dict) -> None:
+        raise status_error(status, {"error": {"message": "backend said no"}})
+
+    inference.behaviour = fail
+    apis = StackAPIs(inference, FakeModels(set()), FakeResponses(inference))  # type: ignore[arg-type]
+    sender = RequestSender(apis, RetryPolicy(3, 0.001, 0.01), timeout_seconds=5)
+    body = {"model": "m", "input": "x"}
+    with pytest.raises(ResponseFailedError) as failed:
+        await sender.send("/v1/responses", body, AdaptiveLimit(4), asyncio.Event())
+    assert len(inference.calls) == attempts
+    line = json.loads(result_for_exception(REQUEST, failed.value))
+    assert line["response"]["status_code"] == answered
+    assert line["response"]["body"]["error"]["code"] == code
+    assert "backend said no" in line["response"]["body"]["error"]["message"]
 
 
 @pytest.mark.parametrize(("endpoint", "api"), [("/v1/responses", "Responses"), ("/v1/moderations", "Safety")])

@@ -23,13 +23,6 @@ from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import chat_line, jsonl
 
 
-@pytest.fixture
-def idle_provider(provider: BatchesService, monkeypatch: pytest.MonkeyPatch) -> BatchesService:
-    """The provider with its engine switched off, so statuses stay where the API put them."""
-    monkeypatch.setattr(provider._runner, "start", lambda: None)
-    return provider
-
-
 async def test_create_returns_a_validating_batch_in_openai_shape(
     idle_provider: BatchesService, sample_batch_data: dict[str, Any]
 ) -> None:

@@ -11,19 +11,19 @@ from llama_stack_api import Api
 
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
-from .http_errors import BatchesAPI
+from .http_errors import use_openai_error_routes
 from .ownership import RouteGuard
 from .service import BatchesService
 from .sql_store import SQLBatchStore
 from .stack_apis import StackAPIs
 from .startup import start_on_serving_loop
 
-__all__ = ["BatchesAPI", "BatchesProviderConfig", "BatchesService", "get_provider_impl"]
+__all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
 
 
 async def get_provider_impl(
     config: BatchesProviderConfig, deps: dict[Api, Any], policy: list[Any] | None = None
-) -> BatchesAPI:
+) -> BatchesService:
     """Build the provider over the configured store(s) and the stack's APIs: inference, files and models,
     and, where the stack serves them, responses and safety (with its shields) for those endpoints."""
     missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
@@ -43,4 +43,5 @@ async def get_provider_impl(
     service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files], apis=apis)
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
-    return BatchesAPI(service)
+    use_openai_error_routes()
+    return service

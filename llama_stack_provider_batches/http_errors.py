@@ -2,9 +2,12 @@
 client reads `e.code` and `e.param` as it does against OpenAI.
 
 The stack answers an exception raised by a provider with its own handler, whose error object holds
-a message and nothing else. FastAPI sends a response a route returns as it is, though; so the object
-the stack routes `/v1/batches` to (BatchesAPI) turns the errors the service raises into responses
-itself. The service keeps raising: Python callers get exceptions with `param` and `code` attributes.
+a message and nothing else. FastAPI sends a response a route returns as it is, though. So the HTTP
+routes of `/v1/batches` call the service through BatchesAPI, which turns the errors it raises into
+responses: `use_openai_error_routes` has the stack build its batches routes (the stack's own
+`create_router`, unchanged) over BatchesAPI rather than over the service. The provider object the
+stack holds is still the service, which raises: Python callers (the stack's library client, a
+test) get exceptions with `param` and `code` attributes.
 
 Client errors that a retry cannot fix carry `x-should-retry: false`, which the OpenAI SDK obeys;
 without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable.
@@ -17,8 +20,11 @@ stack's shape.
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import APIRouter
 from llama_stack.core.access_control.access_control import AccessDeniedError
+from llama_stack.log import get_logger
 from llama_stack_api import (
+    Api,
     BatchNotFoundError,
     BatchObject,
     CancelBatchRequest,
@@ -28,11 +34,14 @@ from llama_stack_api import (
     ListBatchesResponse,
     RetrieveBatchRequest,
 )
+from llama_stack_api.batches.fastapi_routes import create_router
 from starlette.responses import JSONResponse
 
 from .service import BatchesService
 from .user_limits import LimitReachedError
 from .validation import InvalidParameterError
+
+logger = get_logger(name=__name__, category="providers")
 
 NO_RETRY = {"x-should-retry": "false"}
 
@@ -79,7 +88,7 @@ def answer(exc: Exception) -> JSONResponse:
 
 
 class BatchesAPI:
-    """What the stack routes `/v1/batches` to: the service, with its errors answered in OpenAI's shape."""
+    """What the HTTP routes of `/v1/batches` call: the service, with its errors answered in OpenAI's shape."""
 
     def __init__(self, service: BatchesService) -> None:
         self.service = service
@@ -112,5 +121,26 @@ class BatchesAPI:
         except Exception as exc:
             return answer(exc)
 
-    async def shutdown(self) -> None:
-        await self.service.shutdown()
+
+def routes_answering_openai_errors(impl: BatchesService) -> APIRouter:
+    """The stack's own `/v1/batches` routes, calling `impl` through BatchesAPI."""
+    return create_router(BatchesAPI(impl))  # type: ignore[arg-type]  # the routes call only its four methods
+
+
+def use_openai_error_routes() -> bool:
+    """Have the stack build its `/v1/batches` routes with routes_answering_openai_errors; whether it could.
+
+    The stack looks its route factories up in a registry when it builds the app, after the
+    providers are built: replacing the entry for batches here changes nothing else. A stack without
+    that registry keeps its own routes, and errors keep its shape (a message only).
+    """
+    try:
+        from llama_stack.core.server import fastapi_router_registry
+    except ImportError:
+        return False
+    factories = getattr(fastapi_router_registry, "_ROUTER_FACTORIES", None)
+    if not isinstance(factories, dict) or factories.get(Api.batches.value) is not create_router:
+        logger.warning("The stack's batches routes are not the expected ones; errors keep the stack's shape")
+        return factories is not None and factories.get(Api.batches.value) is routes_answering_openai_errors
+    factories[Api.batches.value] = routes_answering_openai_errors
+    return True

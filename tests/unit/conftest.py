@@ -263,7 +263,7 @@ async def store(
 async def provider(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> AsyncIterator[BatchesService]:
-    service = (await get_provider_impl(config, stack_deps(files, inference, models), [])).service
+    service = await get_provider_impl(config, stack_deps(files, inference, models), [])
     yield service
     await service.shutdown()
 

@@ -54,8 +54,7 @@ def read_lines(files: Any, file_id: str | None) -> list[dict[str, Any]]:
 
 async def provider_with(config: Any, files: Any, inference: Any, models: Any, **settings: Any) -> Any:
     """A provider over the fakes with some settings changed."""
-    api = await get_provider_impl(config.model_copy(update=settings), stack_deps(files, inference, models))
-    return api.service
+    return await get_provider_impl(config.model_copy(update=settings), stack_deps(files, inference, models))
 
 
 async def start_batch(provider: Any, files: Any, requests: int) -> BatchObject:

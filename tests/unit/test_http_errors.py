@@ -3,15 +3,15 @@
 import json
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack_api import BatchNotFoundError, ConflictError
+from llama_stack.core.server.fastapi_router_registry import build_fastapi_router
+from llama_stack_api import Api, BatchNotFoundError, ConflictError, CreateBatchRequest
 from starlette.responses import JSONResponse
 
 from llama_stack_provider_batches import BatchesService
-from llama_stack_provider_batches.http_errors import BatchesAPI, openai_error
+from llama_stack_provider_batches.http_errors import BatchesAPI, openai_error, use_openai_error_routes
 from llama_stack_provider_batches.user_limits import LimitReachedError
 from llama_stack_provider_batches.validation import InvalidParameterError
 
@@ -89,12 +89,13 @@ def test_any_refusal_keeps_its_message_param_and_code(message: str, param: str, 
     json.dumps(error.body())
 
 
-async def test_shutdown_reaches_the_service(idle_provider: BatchesService, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-
-    async def shutdown() -> None:
-        calls.append("shutdown")
-
-    monkeypatch.setattr(idle_provider, "shutdown", shutdown)
-    await BatchesAPI(idle_provider).shutdown()
-    assert calls == ["shutdown"]
+async def test_the_stack_builds_its_batches_routes_over_batches_api(provider: BatchesService) -> None:
+    # get_provider_impl (the `provider` fixture) registered the routes; the stack builds them so.
+    router = build_fastapi_router(Api.batches, provider)
+    assert router is not None
+    create = next(route for route in router.routes if route.path == "/v1/batches" and "POST" in route.methods)
+    assert use_openai_error_routes()  # again: still ours, nothing changes
+    body = {"input_file_id": "file-x", "endpoint": "/v1/images/generations", "completion_window": "24h"}
+    response = await create.endpoint(request=CreateBatchRequest(**body))
+    assert response.status_code == 400
+    assert error_object(response)["param"] == "endpoint"

@@ -81,7 +81,7 @@ async def test_a_moderation_without_a_model_needs_a_default_in_the_stack(
 ) -> None:
     deps = stack_deps(files, inference, models)
     deps[Api.safety].safety_config.default_shield_id = None
-    provider = (await get_provider_impl(config, deps)).service
+    provider = await get_provider_impl(config, deps)
     try:
         batch = await run(
             provider, files, MODERATIONS, [moderation_line("a", "x", "local/m-guard"), moderation_line("b", "y")]
@@ -100,7 +100,7 @@ async def test_a_moderation_model_of_two_shields_is_refused_as_the_safety_api_wo
     deps = stack_deps(files, inference, models)
     shields: FakeShields = deps[Api.shields]
     shields.shields = [*shields.shields, shields.shields[0].model_copy(update={"identifier": "guard-2"})]
-    provider = (await get_provider_impl(config, deps)).service
+    provider = await get_provider_impl(config, deps)
     try:
         batch = await run(provider, files, MODERATIONS, [moderation_line("a", "x", "local/m-guard")])
         assert [(e.code, e.line) for e in batch.errors.data] == [("model_not_found", 1)]
@@ -124,7 +124,7 @@ async def test_a_stack_without_the_api_refuses_the_endpoint_at_create(
     api: str,
 ) -> None:
     deps = {Api.files: files, Api.inference: inference, Api.models: models}
-    provider = (await get_provider_impl(config, deps)).service
+    provider = await get_provider_impl(config, deps)
     try:
         file_id = files.add(jsonl([moderation_line("a", "x", "local/m-guard")]))
         with pytest.raises(InvalidParameterError) as refused:

@@ -1,6 +1,7 @@
 """Sending one batch request through the stack API serving its endpoint, and turning the outcome into a result line."""
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -75,14 +76,16 @@ async def create_response(responses: Responses, body: dict[str, Any]) -> BaseMod
     Nothing else differs: the stack builds, stores and returns the same response either way.
     """
     request = CreateResponseRequest.model_validate({**body, "stream": True})
-    events = await responses.create_openai_response(request)
+    events: Any = await responses.create_openai_response(request)
     final: BaseModel | None = None
-    async for event in events:  # type: ignore[union-attr]
-        if event.type in ("response.completed", "response.incomplete"):
-            final = event.response
-        elif event.type == "response.failed":
-            error = event.response.error
-            raise ResponseFailedError(getattr(error, "code", None), getattr(error, "message", None))
+    # Closed on every way out (a failure, a timeout, a cancel), so the stack's generator ends at once.
+    async with contextlib.aclosing(events) if hasattr(events, "aclose") else contextlib.nullcontext():
+        async for event in events:
+            if event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+            elif event.type == "response.failed":
+                error = event.response.error
+                raise ResponseFailedError(getattr(error, "code", None), getattr(error, "message", None))
     if final is None:
         raise ResponseFailedError("server_error", "The response stream ended before the response did.")
     return final

@@ -117,9 +117,8 @@ def test_a_file_uploaded_for_another_purpose_is_400_at_create(openai_client: Ope
     file_id = openai_client.files.create(file=("input.jsonl", content), purpose="assistants").id
     with pytest.raises(openai.BadRequestError) as info:
         openai_client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
-    message = str(info.value)
-    assert "input_file_id" in message and "invalid_request" in message
-    assert f"The input file {file_id} has purpose 'assistants'" in message
+    assert (info.value.param, info.value.code) == ("input_file_id", "invalid_request")
+    assert f"The input file {file_id} has purpose 'assistants'" in info.value.message
 
 
 def test_the_server_still_serves_batches_after_all_that(openai_client: OpenAI, batch_file: str) -> None:

@@ -17,6 +17,7 @@ the wrong type: FastAPI's validation of the request body) never reaches this mod
 stack's shape.
 """
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +85,17 @@ def answer(exc: Exception) -> JSONResponse:
     error = openai_error(exc)
     if error is None:
         raise exc
+    # One line, not the traceback the stack's handler prints: the client sent something to refuse.
+    logger.info("Refused a batches request", status=error.status, code=error.code, message=error.message[:200])
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def answered[T](call: Awaitable[T]) -> T | JSONResponse:
+    """What `call` returns, or the response to the error it raised."""
+    try:
+        return await call
+    except Exception as exc:
+        return answer(exc)
 
 
 class BatchesAPI:
@@ -96,30 +107,18 @@ class BatchesAPI:
     async def create_batch(
         self, request: CreateBatchRequest | None = None, **fields: Any
     ) -> BatchObject | JSONResponse:
-        try:
-            return await self.service.create_batch(request, **fields)
-        except Exception as exc:
-            return answer(exc)
+        return await answered(self.service.create_batch(request, **fields))
 
     async def retrieve_batch(self, request: RetrieveBatchRequest | str) -> BatchObject | JSONResponse:
-        try:
-            return await self.service.retrieve_batch(request)
-        except Exception as exc:
-            return answer(exc)
+        return await answered(self.service.retrieve_batch(request))
 
     async def cancel_batch(self, request: CancelBatchRequest | str) -> BatchObject | JSONResponse:
-        try:
-            return await self.service.cancel_batch(request)
-        except Exception as exc:
-            return answer(exc)
+        return await answered(self.service.cancel_batch(request))
 
     async def list_batches(
         self, request: ListBatchesRequest | None = None, **fields: Any
     ) -> ListBatchesResponse | JSONResponse:
-        try:
-            return await self.service.list_batches(request, **fields)
-        except Exception as exc:
-            return answer(exc)
+        return await answered(self.service.list_batches(request, **fields))
 
 
 def routes_answering_openai_errors(impl: BatchesService) -> APIRouter:
@@ -139,8 +138,11 @@ def use_openai_error_routes() -> bool:
     except ImportError:
         return False
     factories = getattr(fastapi_router_registry, "_ROUTER_FACTORIES", None)
-    if not isinstance(factories, dict) or factories.get(Api.batches.value) is not create_router:
+    current = factories.get(Api.batches.value) if isinstance(factories, dict) else None
+    if current is routes_answering_openai_errors:  # a second provider built in this process
+        return True
+    if current is not create_router:
         logger.warning("The stack's batches routes are not the expected ones; errors keep the stack's shape")
-        return factories is not None and factories.get(Api.batches.value) is routes_answering_openai_errors
-    factories[Api.batches.value] = routes_answering_openai_errors
+        return False
+    factories[Api.batches.value] = routes_answering_openai_errors  # type: ignore[index]
     return True

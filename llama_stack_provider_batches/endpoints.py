@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -9,6 +10,7 @@ from typing import Any, Protocol
 import openai
 from llama_stack_api import (
     CreateResponseRequest,
+    Inference,
     OpenAIChatCompletionRequestWithExtraBody,
     OpenAICompletionRequestWithExtraBody,
     OpenAIEmbeddingsRequestWithExtraBody,
@@ -20,7 +22,25 @@ from pydantic import BaseModel, ValidationError
 from . import formats
 from .input_file import RequestLine
 from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
-from .stack_apis import EndpointUnavailableError, StackAPIs, without_completion_store
+from .stack_apis import EndpointUnavailableError, StackAPIs
+
+
+def without_completion_store(inference: Inference) -> Inference:
+    """The stack's inference router, minus the store it records every chat completion in.
+
+    Batch chat completions use this view unless their body says `store: true`, for two reasons. OpenAI
+    stores a chat completion only when asked to. And the stack's SQLite store writes each completion
+    in its own task with no queue: at batch rates (hundreds a second) its writes fail ("database is
+    locked", pool exhausted), and logging those failures stalled the whole server in our runs. The
+    view is a shallow copy sharing everything else (routing, access checks, metrics). Responses and
+    moderations cannot skip it: the stack's Responses and Safety providers call the inference router
+    they were built with.
+    """
+    if getattr(inference, "store", None) is None:
+        return inference
+    view = copy.copy(inference)
+    view.store = None  # type: ignore[attr-defined]
+    return view
 
 
 async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) -> BaseModel:
@@ -73,7 +93,8 @@ async def create_response(responses: Responses, body: dict[str, Any]) -> BaseMod
     The stack's non-streaming path reads its own event stream to the end and, when the response
     fails, raises a bare HTTP 500 that drops the error's code: a backend's 429 and its 400 look alike.
     Reading the same stream here keeps the code, so that retries go to failures a retry may cure.
-    Nothing else differs: the stack builds, stores and returns the same response either way.
+    The stack builds, stores and returns the same response either way (its telemetry records the
+    request as streamed).
     """
     request = CreateResponseRequest.model_validate({**body, "stream": True})
     events: Any = await responses.create_openai_response(request)
@@ -127,17 +148,19 @@ class RequestSender:
         outcomes: Outcomes,
         stopping: asyncio.Event,
         expired: Callable[[], bool] = lambda: False,
+        model: str | None = None,
     ) -> BaseModel:
         """The response to `body`; raises the last failure once it is permanent or attempts run out.
 
-        Raises DeadlineReached, without sending, when `expired()` holds by the time an attempt would
+        `model` names what the pace is kept for (by default the body's model). Raises DeadlineReached,
+        without sending, when `expired()` holds by the time an attempt would
         go out: waits for the pace or a retry's pause may outlast the batch's window.
         """
         apis = self.apis if body.get("store") is True else self._apis_unstored
         for attempt in range(self.policy.attempts):
             try:
                 if self.pacer is not None:
-                    await self.pacer.wait(str(body.get("model")))
+                    await self.pacer.wait(model or str(body.get("model")))
                 async with asyncio.timeout(self.timeout_seconds):
                     if expired():
                         raise DeadlineReached()
@@ -218,12 +241,15 @@ def _line_for_exception(custom_id: str, exc: BaseException) -> str:
     if isinstance(exc, ValidationError):  # pydantic's own text quotes the input and links its docs
         problems = [(tuple(e["loc"]), e["msg"]) for e in exc.errors(include_url=False, include_input=False)]
         return formats.http_error_line(custom_id, 400, formats.invalid_body_error(problems))
-    status_code = getattr(exc, "status_code", None)
-    if type(status_code) is int and 400 <= status_code < 600:
+    status_code = getattr(exc, "status_code", None)  # the stack's own errors carry an httpx.codes member
+    if isinstance(status_code, int) and not isinstance(status_code, bool) and 400 <= status_code < 600:
+        status_code = int(status_code)
         error_type = "invalid_request_error" if status_code < 500 else "server_error"
         code = getattr(exc, "code", None)
         error = {"message": str(exc), "type": error_type, "code": code if isinstance(code, str) else None}
         return formats.http_error_line(custom_id, status_code, error)
+    if isinstance(exc, ValueError):  # the stack's APIs refuse a request so (the stack itself answers them 400)
+        return formats.http_error_line(custom_id, 400, {"message": str(exc), "type": "invalid_request_error"})
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
         return formats.failure_line(custom_id, "timeout", str(exc) or "The request timed out.")
     if isinstance(exc, openai.APIConnectionError | ConnectionError):

@@ -192,7 +192,8 @@ def _first_count(usage: JsonObject, names: tuple[str, str]) -> int:
 
 
 def token_usage(body: object) -> tuple[int, int]:
-    """(input, output) tokens of a response body, for chat, completion and embedding responses alike.
+    """(input, output) tokens of a response body: chat, completion and embedding responses count
+    `prompt_tokens`/`completion_tokens`, a Response `input_tokens`/`output_tokens`.
 
     Never raises: whatever a backend reports, usage that is not a count counts as 0.
     """

@@ -1,44 +1,33 @@
 """The API's errors as OpenAI writes them, `{"error": {"message", "type", "param", "code"}}`, so that a
 client reads `e.code` and `e.param` as it does against OpenAI.
 
-The stack answers an exception raised by a provider with its own handler, whose error object holds
-a message and nothing else. FastAPI sends a response a route returns as it is, though. So the HTTP
-routes of `/v1/batches` call the service through BatchesAPI, which turns the errors it raises into
-responses: `use_openai_error_routes` has the stack build its batches routes (the stack's own
-`create_router`, unchanged) over BatchesAPI rather than over the service. The provider object the
-stack holds is still the service, which raises: Python callers (the stack's library client, a
-test) get exceptions with `param` and `code` attributes.
+The stack answers an exception from a route with its own handler, whose error object holds a
+message and nothing else. So the `/v1/batches` routes the stack serves are its own routes (its
+`create_router`, unchanged) of a route class that answers errors itself: `use_openai_error_routes`
+has the stack build them so. This covers the provider's errors and the stack's validation of the
+request body (a `completion_window` other than `24h`, metadata of the wrong type), which FastAPI
+raises inside the same route handler. The provider object stays as it is and raises: Python
+callers, the stack's library client included (it calls the routes' functions, not their HTTP
+handlers), get exceptions with `param` and `code` attributes.
 
 Client errors that a retry cannot fix carry `x-should-retry: false`, which the OpenAI SDK obeys;
 without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable.
-
-What the stack refuses before the provider runs (a `completion_window` other than `24h`, metadata of
-the wrong type: FastAPI's validation of the request body) never reaches this module and keeps the
-stack's shape.
 """
 
-from collections.abc import Awaitable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from llama_stack.core.access_control.access_control import AccessDeniedError
 from llama_stack.log import get_logger
-from llama_stack_api import (
-    Api,
-    BatchNotFoundError,
-    BatchObject,
-    CancelBatchRequest,
-    ConflictError,
-    CreateBatchRequest,
-    ListBatchesRequest,
-    ListBatchesResponse,
-    RetrieveBatchRequest,
-)
+from llama_stack_api import Api, BatchNotFoundError, ConflictError
 from llama_stack_api.batches.fastapi_routes import create_router
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-from .service import BatchesService
 from .user_limits import LimitReachedError
 from .validation import InvalidParameterError
 
@@ -65,7 +54,9 @@ class OpenAIError:
 
 
 def openai_error(exc: Exception) -> OpenAIError | None:
-    """The answer to an error the service raised; None for one the stack's handler should answer (a 5xx)."""
+    """The answer to an error a route raised; None for one the stack's handler should answer (a 5xx)."""
+    if isinstance(exc, RequestValidationError):
+        return request_body_error(exc)
     if isinstance(exc, InvalidParameterError):
         return OpenAIError(400, exc.message, "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, LimitReachedError):  # before ConflictError, of which it is a kind
@@ -90,40 +81,42 @@ def answer(exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-async def answered[T](call: Awaitable[T]) -> T | JSONResponse:
-    """What `call` returns, or the response to the error it raised."""
-    try:
-        return await call
-    except Exception as exc:
-        return answer(exc)
+def request_body_error(exc: RequestValidationError) -> OpenAIError:
+    """The stack's validation of a request, as OpenAI answers a bad parameter: its first problem, named."""
+    problem = exc.errors()[0] if exc.errors() else {}
+    if problem.get("type") == "json_invalid":  # OpenAI's words
+        return OpenAIError(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")]
+    param = location[0] if location else None
+    if problem.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        return OpenAIError(400, message, "invalid_request_error", param, "missing_required_parameter")
+    message = f"Invalid value for '{param}': {problem.get('msg', 'not accepted')}."
+    return OpenAIError(400, message, "invalid_request_error", param, "invalid_value")
 
 
-class BatchesAPI:
-    """What the HTTP routes of `/v1/batches` call: the service, with its errors answered in OpenAI's shape."""
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors are answered in OpenAI's shape (`answer`) rather than by the stack's handler."""
 
-    def __init__(self, service: BatchesService) -> None:
-        self.service = service
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
 
-    async def create_batch(
-        self, request: CreateBatchRequest | None = None, **fields: Any
-    ) -> BatchObject | JSONResponse:
-        return await answered(self.service.create_batch(request, **fields))
+        async def answering(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return answer(exc)
 
-    async def retrieve_batch(self, request: RetrieveBatchRequest | str) -> BatchObject | JSONResponse:
-        return await answered(self.service.retrieve_batch(request))
-
-    async def cancel_batch(self, request: CancelBatchRequest | str) -> BatchObject | JSONResponse:
-        return await answered(self.service.cancel_batch(request))
-
-    async def list_batches(
-        self, request: ListBatchesRequest | None = None, **fields: Any
-    ) -> ListBatchesResponse | JSONResponse:
-        return await answered(self.service.list_batches(request, **fields))
+        return answering
 
 
-def routes_answering_openai_errors(impl: BatchesService) -> APIRouter:
-    """The stack's own `/v1/batches` routes, calling `impl` through BatchesAPI."""
-    return create_router(BatchesAPI(impl))  # type: ignore[arg-type]  # the routes call only its four methods
+def routes_answering_openai_errors(impl: Any) -> APIRouter:
+    """The stack's own `/v1/batches` routes over `impl`, answering their errors in OpenAI's shape."""
+    router = create_router(impl)
+    for route in router.routes:
+        if type(route) is APIRoute:
+            route.__class__ = OpenAIErrorRoute  # the same route; only how its handler answers errors changes
+    return router
 
 
 def use_openai_error_routes() -> bool:

@@ -229,14 +229,14 @@ def check_line(raw: bytes, line: int, endpoint: str) -> RequestLine | BatchError
     body = data["body"]
     if body.get("stream") is True:
         return line_error("streaming_unsupported", line, "Streaming is not supported in batches.", "body.stream")
-    if body.get("background") is True:  # a batch is the background: its result goes to the output file
+    if endpoint == "/v1/responses" and body.get("background") is True:  # a batch is the background itself
         message = "Background mode is not supported in batches."
         return line_error("invalid_request", line, message, "body.background")
     optional = OPTIONAL_BODY_FIELDS.get(endpoint, {})
     for name, kinds in {**REQUIRED_BODY_FIELDS[endpoint], **optional}.items():
+        if body.get(name) is None and name in optional:  # absent or null: the endpoint's default
+            continue
         if name not in body:
-            if name in optional:
-                continue
             return line_error("invalid_request", line, f"Missing required field 'body.{name}'.", f"body.{name}")
         if not isinstance(body[name], kinds) or isinstance(body[name], bool):
             return line_error("invalid_request", line, f"'body.{name}' has the wrong type.", f"body.{name}")

@@ -23,7 +23,7 @@ from llama_stack_api.common.errors import ResourceNotFoundError
 from openai.types.batch_error import BatchError
 
 from .input_file import MAX_FILE_BYTES, MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error, parse_input
-from .stack_apis import StackAPIs
+from .stack_apis import StackAPIs, unavailable_message
 from .validation import quoted
 
 
@@ -52,6 +52,8 @@ async def input_content(files: Files, file_id: str) -> bytes | None:
 
 async def read_checked_input(files: Files, apis: StackAPIs, batch: BatchObject) -> ParsedInput:
     """The checked input file of `batch`, or the validation errors that refuse it."""
+    if not apis.serves(batch.endpoint):  # created before the stack's run.yaml lost the API
+        return ParsedInput(errors=[file_error(unavailable_message(batch.endpoint), param="endpoint")])
     try:
         content = await input_content(files, batch.input_file_id)
     except Exception as exc:
@@ -107,7 +109,7 @@ async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, 
             errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
             break
         try:
-            await apis.models.get_model(GetModelRequest(model_id=str(model)))
+            await apis.models.get_model(GetModelRequest(model_id=model or ""))
         except Exception:
             errors.append(model_not_found(model, line))
     return errors
@@ -131,13 +133,13 @@ async def unknown_moderation_models(
         if len(errors) == MAX_LISTED_ERRORS:
             errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
             break
-        if model is None and default is None:
+        if not model and default is None:
             message = (
                 "This line names no model, and the stack has no default moderation model "
                 "(`safety.default_shield_id` in its run.yaml): name one in 'body.model'."
             )
             errors.append(BatchError(code="model_not_found", line=line, param="body.model", message=message))
-        elif model is not None and shields_of_model[model] != 1:
+        elif model and shields_of_model[model] != 1:
             errors.append(model_not_found(model, line))
     first = next(iter(first_line_of_model), None)
-    return errors, default if first is None else first
+    return errors, first or default

@@ -139,10 +139,10 @@ class ShardRun:
         in_flight: set[asyncio.Task[None]] = set()
         first = self.lease.first
 
-        async def run_one(position: int, request: RequestLine, slot: Slot) -> None:
+        async def run_one(position: int, request: RequestLine, slot: Slot, model: str) -> None:
             try:
                 response = await self.sender.send(
-                    self.batch.endpoint, request.body, slot, self.stopping, self._past_deadline
+                    self.batch.endpoint, request.body, slot, self.stopping, self._past_deadline, model
                 )
             except DeadlineReached:
                 return  # it was never sent: it gets its `batch_expired` line at the end
@@ -158,11 +158,13 @@ class ShardRun:
                 if self._done[position - first]:
                     continue
                 request = self.index.request(position)
-                slot = await self.scheduler.acquire(flow, str(request.body.get("model")))
+                # A moderation naming no model runs the stack's default, which validation stored as the batch's.
+                model = request.model or self.batch.model or self.batch.endpoint
+                slot = await self.scheduler.acquire(flow, model)
                 if self._stop_asked() or self._past_deadline():  # their waiters may not have run yet
                     slot.release()
                     break
-                task = asyncio.create_task(run_one(position, request, slot))
+                task = asyncio.create_task(run_one(position, request, slot, model))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 # A callback, not a `finally` in run_one: a task cancelled before it starts runs none of its code.

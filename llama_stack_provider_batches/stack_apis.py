@@ -9,7 +9,6 @@ Requests run through the stack's own API objects (its routers), never around the
 access policy and the batch owner's identity apply as they do to a client's request.
 """
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,27 +35,12 @@ class EndpointUnavailableError(Exception):
 
 
 def unavailable_message(endpoint: str) -> str:
+    """What a create, a validation or a request of `endpoint` says when the stack lacks its API."""
     api = ENDPOINT_APIS[endpoint]
     return (
         f"The endpoint '{endpoint}' needs the stack's {API_NAMES[api]} API, which this stack does not serve "
         f"(add `{api}` to the apis and providers of its run.yaml)."
     )
-
-
-def without_completion_store(inference: Inference) -> Inference:
-    """The stack's inference router, minus the store it records every chat completion in.
-
-    Batch chat completions use this view unless their body says `store: true`, for two reasons. OpenAI
-    stores a chat completion only when asked to. And the stack's SQLite store writes each completion
-    in its own task with no queue: at batch rates (hundreds a second) its writes fail ("database is
-    locked", pool exhausted), and logging those failures stalled the whole server in our runs. The
-    view is a shallow copy sharing everything else (routing, access checks, metrics).
-    """
-    if getattr(inference, "store", None) is None:
-        return inference
-    view = copy.copy(inference)
-    view.store = None  # type: ignore[attr-defined]
-    return view
 
 
 @dataclass(frozen=True)

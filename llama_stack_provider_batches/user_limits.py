@@ -35,9 +35,6 @@ class LimitReachedError(ConflictError):
     status_code = 429  # type: ignore[assignment]
     code = RATE_LIMIT_CODE
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
 
 def count_requests(content: bytes) -> int:
     """The requests a batch input file holds: its lines (split at "\n", as the parser does) that are not blank."""

@@ -192,7 +192,8 @@ def start_stack(
     port = free_port()
     command = [str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
     variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
-    variables.setdefault("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR") or str(ensure_cache()))
+    if not (variables.get("TIKTOKEN_CACHE_DIR") or os.environ.get("TIKTOKEN_CACHE_DIR")):
+        variables["TIKTOKEN_CACHE_DIR"] = str(ensure_cache())
     server = _spawn("llama stack", command, log_dir / f"stack-{port}.log", f"http://127.0.0.1:{port}", variables)
     server.wait_healthy("/v1/health", timeout=120)
     return server

@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     env = dict(os.environ)
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ensure_cache()))  # run.yaml's vector store needs it at start
+    if not env.get("TIKTOKEN_CACHE_DIR"):  # run.yaml's vector store needs it at start
+        env["TIKTOKEN_CACHE_DIR"] = str(ensure_cache())
     standin = None
     if not env.get("MODEL_URL"):
         command = [sys.executable, str(REPO / "tools" / "standin_model_server.py"), "--port", str(args.standin_port)]

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llama_stack_api import OpenAIChatCompletion, OpenAIChatCompletionRequestWithExtraBody
+from llama_stack_api.common.errors import ResponseNotFoundError
 from pydantic import BaseModel, ValidationError
 
 from llama_stack_provider_batches import formats
@@ -19,10 +20,11 @@ from llama_stack_provider_batches.endpoints import (
     response_tokens,
     result_for_exception,
     result_for_response,
+    without_completion_store,
 )
 from llama_stack_provider_batches.input_file import RequestLine
 from llama_stack_provider_batches.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
-from llama_stack_provider_batches.stack_apis import EndpointUnavailableError, StackAPIs, without_completion_store
+from llama_stack_provider_batches.stack_apis import EndpointUnavailableError, StackAPIs
 from tests.unit.conftest import FakeInference, FakeModels, FakeResponses, FakeSafety
 from tests.unit.test_formats import any_text, assert_result_line, json_values
 
@@ -50,6 +52,15 @@ def test_backend_error_body_already_unwrapped_by_the_client() -> None:
     line = result_line(status_error(503, {"message": "busy", "type": "server_error"}))
     assert line["response"]["status_code"] == 503
     assert line["response"]["body"]["error"]["type"] == "server_error"
+
+
+def test_the_stacks_own_refusals_keep_their_status() -> None:
+    # The stack's errors carry an httpx.codes member; its APIs refuse other requests with a ValueError.
+    missing = result_line(ResponseNotFoundError("resp_gone"))
+    assert missing["response"]["status_code"] == 404 and "resp_gone" in missing["response"]["body"]["error"]["message"]
+    refused = result_line(ValueError("No shield associated with provider_resource id local/x"))
+    assert refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["type"] == "invalid_request_error"
 
 
 def test_no_http_answer_gives_an_error_object() -> None:

@@ -113,7 +113,6 @@ def test_wrong_top_level_values(change: dict, code: str, param: str) -> None:
         ("/v1/moderations", {"model": "m"}, "body.input"),
         ("/v1/moderations", {"input": 7}, "body.input"),
         ("/v1/moderations", {"input": "hi", "model": ["m"]}, "body.model"),
-        ("/v1/moderations", {"input": "hi", "model": None}, "body.model"),
     ],
 )
 def test_body_fields_per_endpoint(endpoint: str, body: dict, param: str) -> None:

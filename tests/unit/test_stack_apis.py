@@ -7,10 +7,11 @@ import pytest
 from llama_stack_api import Api
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
-from llama_stack_provider_batches.stack_apis import ENDPOINT_APIS
+from llama_stack_provider_batches.input_reader import read_checked_input
+from llama_stack_provider_batches.stack_apis import ENDPOINT_APIS, StackAPIs
 from llama_stack_provider_batches.validation import SUPPORTED_ENDPOINTS, InvalidParameterError
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, FakeShields, stack_deps
-from tests.unit.helpers import jsonl, read_lines
+from tests.unit.helpers import jsonl, make_batch, read_lines
 
 RESPONSES = "/v1/responses"
 MODERATIONS = "/v1/moderations"
@@ -126,7 +127,8 @@ async def test_a_stack_without_the_api_refuses_the_endpoint_at_create(
     deps = {Api.files: files, Api.inference: inference, Api.models: models}
     provider = await get_provider_impl(config, deps)
     try:
-        file_id = files.add(jsonl([moderation_line("a", "x", "local/m-guard")]))
+        line = moderation_line("a", "x") if endpoint == MODERATIONS else response_line("a", "x")
+        file_id = files.add(jsonl([line]))
         with pytest.raises(InvalidParameterError) as refused:
             await provider.create_batch(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
         assert (refused.value.status_code, refused.value.param, refused.value.code) == (
@@ -138,3 +140,26 @@ async def test_a_stack_without_the_api_refuses_the_endpoint_at_create(
         assert (await provider.list_batches()).data == []
     finally:
         await provider.shutdown()
+
+
+async def test_a_batch_whose_api_the_stack_lost_since_its_create_fails_validation(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    apis = StackAPIs(inference=inference, models=models)  # type: ignore[arg-type]
+    batch = make_batch(endpoint=RESPONSES, input_file_id=files.add(jsonl([response_line("a", "x")])))
+    parsed = await read_checked_input(files, apis, batch)  # type: ignore[arg-type]
+    assert [(e.code, e.param) for e in parsed.errors] == [("invalid_request", "endpoint")]
+    assert "needs the stack's Responses API" in parsed.errors[0].message
+
+
+async def test_a_moderation_with_an_empty_or_null_model_uses_the_default_and_its_capacity(
+    provider: BatchesService, files: FakeFiles
+) -> None:
+    lines = [moderation_line("a", "x"), moderation_line("b", "y")]
+    lines[0]["body"]["model"] = None
+    lines[1]["body"]["model"] = ""
+    batch = await run(provider, files, MODERATIONS, lines)
+    assert batch.status == "completed", batch.errors
+    assert batch.model == "local/m-guard"
+    # Its requests took slots of the model the stack runs them on, not of a pool named "None".
+    assert set(provider._runner.scheduler._pools) == {"local/m-guard"}

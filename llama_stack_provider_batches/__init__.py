@@ -9,6 +9,7 @@ from typing import Any
 from llama_stack.core.storage.kvstore import kvstore_impl
 from llama_stack_api import Api
 
+from . import telemetry
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .http_errors import use_openai_error_routes
@@ -30,7 +31,7 @@ async def get_provider_impl(
     if missing:
         raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
     kvstore = await kvstore_impl(config.kvstore)  # read once, for batches an earlier release stored there
-    store = SQLBatchStore(config.sql_store, kvstore, config.kvstore.namespace)
+    store = SQLBatchStore(config.sql_store, kvstore, config.kvstore.namespace, on_move=telemetry.batch_moved)
     apis = StackAPIs(
         inference=deps[Api.inference],
         models=deps[Api.models],

@@ -3,11 +3,13 @@
 import asyncio
 import contextlib
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import openai
+from llama_stack.log import get_logger
 from llama_stack_api import (
     CreateResponseRequest,
     Inference,
@@ -19,10 +21,12 @@ from llama_stack_api import (
 )
 from pydantic import BaseModel, ValidationError
 
-from . import formats
+from . import formats, telemetry
 from .input_file import RequestLine
 from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
 from .stack_apis import EndpointUnavailableError, StackAPIs
+
+logger = get_logger(name=__name__, category="providers")
 
 
 def without_completion_store(inference: Inference) -> Inference:
@@ -112,6 +116,28 @@ async def create_response(responses: Responses, body: dict[str, Any]) -> BaseMod
     return final
 
 
+RETRY_LOG_SECONDS = 10.0
+
+
+class RetryLog:
+    """Warns of retried requests at most once per RETRY_LOG_SECONDS for each model and cause, saying how
+    many retries it did not show: a failing backend must be seen in the log, not flood it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._shown_at: dict[tuple[str, str], float] = {}
+        self._unshown: dict[tuple[str, str], int] = {}
+
+    def retried(self, model: str, cause: str, exc: BaseException) -> None:
+        key, now = (model, cause), self._clock()
+        if now - self._shown_at.get(key, -RETRY_LOG_SECONDS) < RETRY_LOG_SECONDS:
+            self._unshown[key] = self._unshown.get(key, 0) + 1
+            return
+        self._shown_at[key] = now
+        unshown = self._unshown.pop(key, 0)
+        logger.warning("Retrying batch requests", model=model, cause=cause, error=str(exc)[:300], not_shown=unshown)
+
+
 class Outcomes(Protocol):
     """Who hears how each attempt went: the scheduler's slot (scheduler.py), which adapts its model's capacity."""
 
@@ -140,6 +166,7 @@ class RequestSender:
 
     def __post_init__(self) -> None:
         self._apis_unstored = replace(self.apis, inference=without_completion_store(self.apis.inference))
+        self._retry_log = RetryLog()
 
     async def send(
         self,
@@ -152,15 +179,38 @@ class RequestSender:
     ) -> BaseModel:
         """The response to `body`; raises the last failure once it is permanent or attempts run out.
 
-        `model` names what the pace is kept for (by default the body's model). Raises DeadlineReached,
-        without sending, when `expired()` holds by the time an attempt would
-        go out: waits for the pace or a retry's pause may outlast the batch's window.
+        `model` names what the pace is kept for, and the request in metrics (by default the body's
+        model). Raises DeadlineReached, without sending, when `expired()` holds by the time an attempt
+        would go out: waits for the pace or a retry's pause may outlast the batch's window.
         """
+        model = model or str(body.get("model"))
+        with telemetry.span("batches.request", endpoint=endpoint, model=model):
+            try:
+                response = await self._with_retries(endpoint, body, outcomes, stopping, expired, model)
+            except DeadlineReached:
+                raise
+            except Exception as exc:
+                if not stopping.is_set():  # at a stop, it runs again after the restart
+                    telemetry.request_ended(endpoint, model, telemetry.outcome_of(exc))
+                raise
+            telemetry.request_ended(endpoint, model, "succeeded")
+            return response
+
+    async def _with_retries(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        outcomes: Outcomes,
+        stopping: asyncio.Event,
+        expired: Callable[[], bool],
+        model: str,
+    ) -> BaseModel:
         apis = self.apis if body.get("store") is True else self._apis_unstored
         for attempt in range(self.policy.attempts):
+            if self.pacer is not None:
+                await self.pacer.wait(model)
+            started = time.perf_counter()
             try:
-                if self.pacer is not None:
-                    await self.pacer.wait(model or str(body.get("model")))
                 async with asyncio.timeout(self.timeout_seconds):
                     if expired():
                         raise DeadlineReached()
@@ -168,11 +218,16 @@ class RequestSender:
             except DeadlineReached:
                 raise
             except Exception as exc:
+                cause = telemetry.outcome_of(exc)
+                telemetry.attempt_ended(endpoint, model, cause, time.perf_counter() - started)
                 if not is_transient(exc) or attempt + 1 == self.policy.attempts or stopping.is_set():
                     raise
                 outcomes.record_transient_failure()
+                telemetry.retried(endpoint, model, cause)
+                self._retry_log.retried(model, cause, exc)
                 await asyncio.sleep(self.policy.delay(attempt, retry_after_seconds(exc)))
             else:
+                telemetry.attempt_ended(endpoint, model, "succeeded", time.perf_counter() - started)
                 outcomes.record_success()
                 return response
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -211,6 +266,17 @@ def result_for_response(custom_id: str, response: BaseModel) -> tuple[bool, str,
         return True, formats.success_line(custom_id, body_json), *response_tokens(response)
     except Exception:
         return False, _internal_error_line(custom_id), 0, 0
+
+
+def connection_message(exc: BaseException) -> str:
+    """A connection failure, naming the backend it could not reach when the client says which."""
+    text = str(exc) or "The connection failed."
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None)
+    if url is None or not getattr(url, "host", None):
+        return text
+    port = f":{url.port}" if url.port else ""
+    return f"{text} Cannot reach the model backend at {url.scheme}://{url.host}{port}{url.path}."
 
 
 def _internal_error_line(custom_id: str) -> str:
@@ -253,5 +319,5 @@ def _line_for_exception(custom_id: str, exc: BaseException) -> str:
     if isinstance(exc, openai.APITimeoutError | TimeoutError):
         return formats.failure_line(custom_id, "timeout", str(exc) or "The request timed out.")
     if isinstance(exc, openai.APIConnectionError | ConnectionError):
-        return formats.failure_line(custom_id, "connection_error", str(exc) or "The connection failed.")
+        return formats.failure_line(custom_id, "connection_error", connection_message(exc))
     return formats.failure_line(custom_id, "internal_error", f"{type(exc).__name__}: {exc}")

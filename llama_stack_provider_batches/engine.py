@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from llama_stack.log import get_logger
 from llama_stack_api import BatchObject, Files
 
+from . import telemetry
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
 from .endpoints import RequestSender
@@ -272,6 +273,7 @@ class BatchRunner:
         self._passes_since_sweep += 1
         if self._passes_since_sweep >= SWEEP_PASSES:
             self._passes_since_sweep = 0
+            telemetry.set_status_counts(await self._store.unfinished_by_status())
             now = self._clock()
             to_close.update(self._parked.past_deadline(now))
             for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):

@@ -113,7 +113,7 @@ class Finalizer:
         await self.store.results.delete(self.batch_id)
         await self.store.request_ids.delete(self.batch_id)
         await self.store.shards.delete(self.batch_id)
-        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed)
+        logger.info("Batch finished", batch_id=self.batch_id, status=final.status, completed=completed, failed=failed)
         return final
 
     async def _update(self, change: Callable[[BatchObject], BatchObject]) -> BatchObject:

@@ -89,12 +89,13 @@ async def read_requests(files: Files, batch: BatchObject) -> InputIndex:
     return parsed.index
 
 
-def model_not_found(model: str | None, line: int) -> BatchError:
+def model_not_found(model: str | None, line: int, hint: str = "") -> BatchError:
     message = f"The provided model {quoted(model)} is not supported by the Batch API."  # OpenAI's words
-    return BatchError(code="model_not_found", line=line, param="body.model", message=message)
+    return BatchError(code="model_not_found", line=line, param="body.model", message=message + hint)
 
 
 MORE_UNKNOWN = "More models may be unknown; they are not listed."
+PREFIX_HINT = " Models are named '<provider_id>/<model>', as GET /v1/models lists them."
 
 
 async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, int]) -> list[BatchError]:
@@ -103,16 +104,38 @@ async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, 
     The lookups stop at MAX_LISTED_ERRORS unknown models: a file naming thousands of made-up models
     must not hold a batch slot for a lookup each, nor fill `errors` with them.
     """
-    errors: list[BatchError] = []
+    unknown: list[tuple[str | None, int]] = []
+    more = False
     for model, line in first_line_of_model.items():
-        if len(errors) == MAX_LISTED_ERRORS:
-            errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
+        if len(unknown) == MAX_LISTED_ERRORS:
+            more = True
             break
         try:
             await apis.models.get_model(GetModelRequest(model_id=model or ""))
         except Exception:
-            errors.append(model_not_found(model, line))
+            unknown.append((model, line))
+    hints = await prefix_hints(apis, [model for model, _ in unknown])
+    errors = [model_not_found(model, line, hints.get(model, "")) for model, line in unknown]
+    if more:
+        errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
     return errors
+
+
+async def prefix_hints(apis: StackAPIs, unknown: list[str | None]) -> dict[str | None, str]:
+    """For unknown models named without a provider prefix, a hint at it: the stack names models
+    `<provider_id>/<model>` (`local/m-chat`), and a bare `m-chat` is the commonest mistake."""
+    bare = [model for model in unknown if model and "/" not in model]
+    if not bare:
+        return {}
+    try:
+        known = [model.identifier for model in (await apis.models.list_models()).data]
+    except Exception:  # a hint is not worth failing validation for
+        known = []
+    hints: dict[str | None, str] = {}
+    for model in bare:
+        matches = [name for name in known if name.endswith("/" + model)]
+        hints[model] = PREFIX_HINT + (f" Did you mean {quoted(matches[0])}?" if matches else "")
+    return hints
 
 
 async def unknown_moderation_models(

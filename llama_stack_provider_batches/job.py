@@ -35,7 +35,7 @@ from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
 
-from . import formats
+from . import formats, telemetry
 from .endpoints import RequestSender
 from .finalization import Finalizer, Outcome, UnrunLine, final_status
 from .input_file import MAX_LISTED_ERRORS, InputIndex, file_error
@@ -99,7 +99,8 @@ class BatchJob:
         self._shareable = not stored.request_credentials
         self._owner_scope = scope_of(stored.owner)
         # Files are read and written, and models reached, with the creator's rights.
-        with acting_as(stored.owner):
+        batch = stored.batch
+        with acting_as(stored.owner), telemetry.span("batches.job", batch_id=batch.id, endpoint=batch.endpoint):
             await self._run(stored)
 
     async def give_up(self, cause: str) -> None:
@@ -246,6 +247,13 @@ class BatchJob:
             await self._finalizer().close("expired", 0)
             return None
         if parsed.errors:
+            first = parsed.errors[0]
+            logger.info(
+                "Batch failed validation",
+                batch_id=self.batch_id,
+                problems=len(parsed.errors),
+                first=f"{first.code} at line {first.line}: {first.message}",
+            )
             errors = Errors(object="list", data=parsed.errors[: MAX_LISTED_ERRORS + 1])
             now = self._now()
             refuse = lambda b: transition(b, final_status(b, "failed"), now, errors=errors)  # noqa: E731

@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from . import telemetry
 from .results import ResultEntry, Tally
 from .shards import ShardLease
 from .store import BatchStore, LeaseLostError
@@ -81,7 +82,9 @@ class ResultLog:
             entries, tally = self._pending, self._pending_tally
             self._pending, self._pending_tally = [], Tally()
             lease = self._lease
+            started = time.perf_counter()
             await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
+            telemetry.results_committed(time.perf_counter() - started)
             self.chunks += 1
             self.tally.merge(tally)
             self._unreported = True

@@ -33,7 +33,7 @@ from llama_stack_api import (
 )
 from openai.types.batch_request_counts import BatchRequestCounts
 
-from . import idempotency
+from . import idempotency, telemetry
 from .config import BatchesProviderConfig
 from .engine import BatchRunner
 from .idempotency import CreateParams
@@ -162,6 +162,7 @@ class BatchesService(Batches):
             raise idempotency.conflict(key, stored.batch, params)
         if stored.batch.id == candidate.batch.id:
             logger.info("Created batch", batch_id=stored.batch.id, idempotent=key is not None)
+            telemetry.batch_created(stored.batch.endpoint)
         self._runner.wake()
         return stored.batch
 

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable
 
 from llama_stack.core.storage.datatypes import SqlStoreReference
-from llama_stack_api import BatchNotFoundError
+from llama_stack_api import BatchNotFoundError, BatchObject
 from llama_stack_api.internal.kvstore import KVStore
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -63,8 +63,16 @@ from .upgrade import LegacyUpgrade
 class SQLBatchStore(BatchStore):
     """Batches, their leases and their results in one SQL database."""
 
-    def __init__(self, reference: SqlStoreReference, kvstore: KVStore, namespace: str) -> None:
+    def __init__(
+        self,
+        reference: SqlStoreReference,
+        kvstore: KVStore,
+        namespace: str,
+        on_move: Callable[[BatchObject, BatchObject], None] | None = None,
+    ) -> None:
+        """`on_move(before, after)` hears of every committed status change (telemetry.py counts them)."""
         self._db = Database(reference)
+        self._on_move = on_move
         self._table = self._db.batches
         chunks = SqlChunks(self._db)
         self.results = ResultChunks(chunks)
@@ -142,6 +150,8 @@ class SQLBatchStore(BatchStore):
                 conditions.append(table.c.lease_token == lease.token)
             values = {"record": changed.model_dump_json(), "status": changed.batch.status, "version": row.version + 1}
             if (await self._db.write(update(table).where(*conditions).values(**values))).rowcount == 1:
+                if self._on_move is not None and changed.batch.status != stored.batch.status:
+                    self._on_move(stored.batch, changed.batch)
                 return changed
             # Somebody wrote in between: compute the change again from what they wrote.
 
@@ -214,6 +224,12 @@ class SQLBatchStore(BatchStore):
         turns = waiting.subquery()
         rows = await self._db.read(select(turns.c.id).order_by(turns.c.turn, turns.c.created_ns).limit(count))
         return [row.id for row in rows]
+
+    async def unfinished_by_status(self) -> dict[str, int]:
+        table = self._table
+        unfinished = table.c.status.in_(UNFINISHED_STATUSES)  # through the status index: finished ones are not read
+        rows = await self._db.read(select(table.c.status, func.count()).where(unfinished).group_by(table.c.status))
+        return {status: 0 for status in UNFINISHED_STATUSES} | {row[0]: row[1] for row in rows}
 
     async def waiting_ids(self, count: int) -> list[str]:
         table = self._table

@@ -250,6 +250,10 @@ class BatchStore(ABC):
         """Take the lease of one unfinished batch if nobody holds it (to close it without a slot)."""
 
     @abstractmethod
+    async def unfinished_by_status(self) -> dict[str, int]:
+        """How many unfinished batches each unfinished status holds, across every process."""
+
+    @abstractmethod
     async def waiting_ids(self, count: int) -> list[str]:
         """The ids of up to `count` unfinished batches nobody holds, oldest first; nothing is claimed."""
 

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +27,7 @@ STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
 RUN_YAML = REPO / "run.yaml"
 REPLICAS_RUN_YAML = REPO / "run-replicas.yaml"  # several replicas over PostgreSQL and a shared files directory
 LLAMA = Path(sys.executable).parent / "llama"
+OTEL_INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
 
 
 def server_up(port: int, host: str = "127.0.0.1") -> bool:
@@ -174,23 +175,39 @@ def token_endpoint(users: dict[str, dict[str, Any]]) -> Iterator[str]:
         server.shutdown()
 
 
-def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = "", base: Path = RUN_YAML) -> Path:
-    """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`,
-    with `route_policy` (YAML list items indented for `server.auth.route_policy`) if given."""
-    server = f"server:\n  auth:\n    provider_config:\n      type: custom\n      endpoint: {auth_endpoint}\n"
-    if route_policy:
-        server += "    route_policy:\n" + route_policy
-    path = directory / f"{base.stem}-auth.yaml"
-    path.write_text(base.read_text() + server)
+def _run_yaml_copy(base: Path, path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Write to `path` a copy of run.yaml `base` changed by `change` (comments are not kept)."""
+    config = yaml.safe_load(base.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
+def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = "", base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml that authenticates callers with the stack's `custom` provider at `auth_endpoint`,
+    with `route_policy` (YAML list items indented for `server.auth.route_policy`) if given."""
+
+    def add_auth(config: dict[str, Any]) -> None:
+        auth: dict[str, Any] = {"provider_config": {"type": "custom", "endpoint": auth_endpoint}}
+        if route_policy:
+            auth["route_policy"] = yaml.safe_load(route_policy)
+        config.setdefault("server", {})["auth"] = auth
+
+    return _run_yaml_copy(base, directory / f"{base.stem}-auth.yaml", add_auth)
+
+
 def start_stack(
-    log_dir: Path, state_dir: Path, model_url: str, env: dict[str, str] | None = None, run_yaml: Path = RUN_YAML
+    log_dir: Path,
+    state_dir: Path,
+    model_url: str,
+    env: dict[str, str] | None = None,
+    run_yaml: Path = RUN_YAML,
+    launcher: tuple[str, ...] = (),
 ) -> ServerProcess:
-    """`llama stack run <run_yaml>` on a free port with its state under `state_dir`."""
+    """`llama stack run <run_yaml>` on a free port with its state under `state_dir`, started through
+    `launcher` if given (`opentelemetry-instrument`, say)."""
     port = free_port()
-    command = [str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
+    command = [*launcher, str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
     variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
     if not (variables.get("TIKTOKEN_CACHE_DIR") or os.environ.get("TIKTOKEN_CACHE_DIR")):
         variables["TIKTOKEN_CACHE_DIR"] = str(ensure_cache())
@@ -240,8 +257,11 @@ def run_yaml_with_access_policy(directory: Path, auth_endpoint: str, access_poli
     own_directory = directory / "access-policy"
     own_directory.mkdir(exist_ok=True)
     path = run_yaml_with_auth(own_directory, auth_endpoint, base=base)
-    path.write_text(path.read_text() + "    access_policy:\n" + access_policy)
-    return path
+
+    def add_policy(config: dict[str, Any]) -> None:
+        config["server"]["auth"]["access_policy"] = yaml.safe_load(access_policy)
+
+    return _run_yaml_copy(path, path, add_policy)
 
 
 def run_yaml_without(directory: Path, apis: set[str], base: Path = RUN_YAML) -> Path:
@@ -265,9 +285,11 @@ def run_yaml_without(directory: Path, apis: set[str], base: Path = RUN_YAML) -> 
 def run_yaml_with_workers(directory: Path, workers: int, base: Path = RUN_YAML) -> Path:
     """A copy of a run.yaml whose server runs `workers` uvicorn worker processes (`server.workers`), each
     building its own providers over the same stores."""
-    path = directory / f"{base.stem}-workers-{workers}.yaml"
-    path.write_text(base.read_text().rstrip("\n") + f"\nserver:\n  workers: {workers}\n")
-    return path
+
+    def set_workers(config: dict[str, Any]) -> None:
+        config.setdefault("server", {})["workers"] = workers
+
+    return _run_yaml_copy(base, directory / f"{base.stem}-workers-{workers}.yaml", set_workers)
 
 
 def _proc_stat_fields(pid: int) -> list[str]:

@@ -8,6 +8,7 @@ that a first batch completes on any machine; it says so loudly.
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tools.tiktoken_cache import ensure_cache  # noqa: E402  (tools/ is not a package on sys.path)
+
+STANDIN = REPO / "tools" / "standin_model_server.py"
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -33,6 +36,17 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) ->
     sys.exit(f"the stand-in model server did not answer at {url}")
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on `port` (another `make run`, say)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8321)))
@@ -40,37 +54,61 @@ def main() -> None:
     args = parser.parse_args()
 
     env = dict(os.environ)
+    host = env.setdefault("HOST", "127.0.0.1")  # run.yaml's server.host
+    ports = [("the stack", args.port)] + (
+        [] if env.get("MODEL_URL") else [("the stand-in model server", args.standin_port)]
+    )
+    for name, port in ports:
+        if port_taken(host, port):
+            sys.exit(
+                f"Port {port} on {host}, for {name}, is already in use (another `make run`?). "
+                "Stop it, or choose other ports: PORT=... STANDIN_PORT=... make run"
+            )
     if not env.get("TIKTOKEN_CACHE_DIR"):  # run.yaml's vector store needs it at start
         env["TIKTOKEN_CACHE_DIR"] = str(ensure_cache())
-    standin = None
-    if not env.get("MODEL_URL"):
-        command = [sys.executable, str(REPO / "tools" / "standin_model_server.py"), "--port", str(args.standin_port)]
-        standin = subprocess.Popen(command)
-        wait_for(f"http://127.0.0.1:{args.standin_port}/health", standin)
-        env["MODEL_URL"] = f"http://127.0.0.1:{args.standin_port}/v1"
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            child.terminate()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not env.get("MODEL_URL"):
+            command = [sys.executable, str(STANDIN), "--host", host, "--port", str(args.standin_port)]
+            # Own sessions: a Ctrl-C reaches this process only, which stops the children in order.
+            children.append(subprocess.Popen(command, start_new_session=True))
+            local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            wait_for(f"http://{local}:{args.standin_port}/health", children[0])
+            env["MODEL_URL"] = f"http://{local}:{args.standin_port}/v1"
+            print(
+                "\n*** MODEL_URL is not set: using the STAND-IN model server at "
+                f"{env['MODEL_URL']}.\n*** It runs no model; its answers are echoes of the prompts.\n"
+                "*** For real answers: MODEL_URL=http://<vllm-or-ollama-host>:<port>/v1 make run\n",
+                flush=True,
+            )
+        llama = str(Path(sys.executable).parent / "llama")
+        stack = subprocess.Popen(
+            [llama, "stack", "run", str(REPO / "run.yaml"), "--port", str(args.port)], env=env, start_new_session=True
+        )
+        children.insert(0, stack)  # stopped first: it may still be sending to the stand-in
         print(
-            "\n*** MODEL_URL is not set: using the STAND-IN model server at "
-            f"{env['MODEL_URL']}.\n*** It runs no model; its answers are echoes of the prompts.\n"
-            "*** For real answers: MODEL_URL=http://<vllm-or-ollama-host>:<port>/v1 make run\n",
+            f"*** Serving on http://{host}:{args.port} (HOST=0.0.0.0 to serve other machines). Ctrl-C stops.",
             flush=True,
         )
-    stack = subprocess.Popen(
-        [str(Path(sys.executable).parent / "llama"), "stack", "run", str(REPO / "run.yaml"), "--port", str(args.port)],
-        env=env,
-    )
-
-    def forward(signum: int, _frame: object) -> None:
-        stack.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
         code = stack.wait()
     finally:
-        if standin is not None:
-            standin.terminate()
-            standin.wait(10)
-    sys.exit(code)
+        for child in children:
+            child.terminate()
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    sys.exit(0 if stopping else code)
 
 
 if __name__ == "__main__":

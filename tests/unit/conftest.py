@@ -185,6 +185,9 @@ class FakeModels:
         self.known = known
         self.lookups: list[str] = []
 
+    async def list_models(self) -> Any:
+        return FakeResponse(data=[FakeResponse(identifier=model) for model in sorted(self.known)])
+
     async def get_model(self, request: Any) -> Any:
         self.lookups.append(request.model_id)
         if request.model_id not in self.known:

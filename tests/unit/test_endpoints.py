@@ -12,7 +12,7 @@ from llama_stack_api import OpenAIChatCompletion, OpenAIChatCompletionRequestWit
 from llama_stack_api.common.errors import ResponseNotFoundError
 from pydantic import BaseModel, ValidationError
 
-from llama_stack_provider_batches import formats
+from llama_stack_provider_batches import endpoints, formats
 from llama_stack_provider_batches.endpoints import (
     RequestSender,
     ResponseFailedError,
@@ -61,6 +61,26 @@ def test_the_stacks_own_refusals_keep_their_status() -> None:
     refused = result_line(ValueError("No shield associated with provider_resource id local/x"))
     assert refused["response"]["status_code"] == 400
     assert refused["response"]["body"]["error"]["type"] == "invalid_request_error"
+
+
+def test_a_connection_failure_names_the_backend_it_could_not_reach() -> None:
+    request = httpx.Request("POST", "http://10.0.0.9:8000/v1/chat/completions?x=1")
+    line = result_line(openai.APIConnectionError(request=request))
+    assert line["error"]["code"] == "connection_error"
+    assert "http://10.0.0.9:8000/v1/chat/completions." in line["error"]["message"]
+
+
+def test_retries_are_warned_of_at_most_every_ten_seconds_per_model_and_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    warnings: list[dict] = []
+    monkeypatch.setattr(endpoints.logger, "warning", lambda event, **fields: warnings.append(fields))
+    now = [0.0]
+    log = endpoints.RetryLog(clock=lambda: now[0])
+    for _ in range(3):
+        log.retried("local/m-chat", "http_503", RuntimeError("busy"))
+    log.retried("local/m-chat", "timeout", RuntimeError("slow"))
+    now[0] = 10.0
+    log.retried("local/m-chat", "http_503", RuntimeError("busy"))
+    assert [(w["cause"], w["not_shown"]) for w in warnings] == [("http_503", 0), ("timeout", 0), ("http_503", 2)]
 
 
 def test_no_http_answer_gives_an_error_object() -> None:

@@ -103,6 +103,16 @@ async def test_unknown_models_are_looked_up_once_each(
     assert sorted(models.lookups) == ["local/ghost", "local/m-chat"]
 
 
+async def test_a_model_named_without_its_provider_prefix_gets_a_hint(
+    provider: BatchesService, files: FakeFiles
+) -> None:
+    batch = await run_batch(provider, files, [chat_line("a"), chat_line("b", model="m-chat")])
+    assert [(e.code, e.line) for e in batch.errors.data] == [("model_not_found", 2)]
+    message = batch.errors.data[0].message
+    assert message.startswith("The provided model 'm-chat' is not supported by the Batch API.")
+    assert "'<provider_id>/<model>'" in message and "Did you mean 'local/m-chat'?" in message
+
+
 async def test_the_window_is_sliding_not_lock_step(
     provider: BatchesService, files: FakeFiles, inference: FakeInference
 ) -> None:

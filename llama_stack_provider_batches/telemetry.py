@@ -1,0 +1,116 @@
+"""What the provider reports to OpenTelemetry, next to the stack's own metrics: its instruments, and the
+few functions the rest of the code calls to record into them.
+
+The stack sets up the meter provider itself when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over
+HTTP, every `OTEL_METRIC_EXPORT_INTERVAL` ms); run under `opentelemetry-instrument` it exports spans
+as well. Without either, the instruments and spans here are no-ops. Metric attributes stay few-valued
+(endpoint, model, status, outcome, cause): never a batch id, which only spans carry.
+
+    llama_stack.batches.batches                  gauge      batches by status (the whole store's)
+    llama_stack.batches.created_total            counter    batches created, by endpoint
+    llama_stack.batches.finished_total           counter    batches that ended, by endpoint and status
+    llama_stack.batches.requests_total           counter    requests that ended, by endpoint, model, outcome
+    llama_stack.batches.retries_total            counter    attempts retried, by endpoint, model, cause
+    llama_stack.batches.request_duration_seconds histogram  one attempt, by endpoint, model, outcome
+    llama_stack.batches.queue_wait_seconds       histogram  from create to the start of its requests, by endpoint
+    llama_stack.batches.result_commit_seconds    histogram  storing one group of results
+"""
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from llama_stack_api import BatchObject
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span
+
+from .lifecycle import is_terminal
+
+PREFIX = "llama_stack.batches."
+_meter = metrics.get_meter("llama_stack_provider_batches")
+_tracer = trace.get_tracer("llama_stack_provider_batches")
+
+_created = _meter.create_counter(PREFIX + "created_total", unit="1", description="Batches created")
+_finished = _meter.create_counter(PREFIX + "finished_total", unit="1", description="Batches that ended, by status")
+_requests = _meter.create_counter(PREFIX + "requests_total", unit="1", description="Batch requests that ended")
+_retries = _meter.create_counter(PREFIX + "retries_total", unit="1", description="Batch request attempts retried")
+_request_duration = _meter.create_histogram(
+    PREFIX + "request_duration_seconds", unit="s", description="Duration of one attempt of a batch request"
+)
+_queue_wait = _meter.create_histogram(
+    PREFIX + "queue_wait_seconds", unit="s", description="Time from a batch's create to the start of its requests"
+)
+_commit_duration = _meter.create_histogram(
+    PREFIX + "result_commit_seconds", unit="s", description="Time to store one group of finished results"
+)
+
+# The latest count of batches by status, refreshed by the engine (a store query): the gauge's callback
+# runs on the exporter's thread, where the store cannot be asked.
+_status_counts: dict[str, int] = {}
+
+
+def _observe_statuses(_: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(count, {"status": status}) for status, count in list(_status_counts.items())]
+
+
+_meter.create_observable_gauge(
+    PREFIX + "batches", callbacks=[_observe_statuses], unit="1", description="Batches by status"
+)
+
+
+def set_status_counts(counts: Mapping[str, int]) -> None:
+    """Replace the counts the `batches` gauge reports."""
+    _status_counts.clear()
+    _status_counts.update(counts)
+
+
+def batch_created(endpoint: str) -> None:
+    _created.add(1, {"endpoint": endpoint})
+
+
+def batch_moved(before: BatchObject, after: BatchObject) -> None:
+    """Record a committed status change: a batch ending, or one starting its requests after waiting."""
+    if is_terminal(after.status) and not is_terminal(before.status):
+        _finished.add(1, {"endpoint": after.endpoint, "status": after.status})
+    elif before.status == "validating" and after.status == "in_progress":
+        waited = (after.in_progress_at or after.created_at) - after.created_at
+        _queue_wait.record(max(0, waited), {"endpoint": after.endpoint})
+
+
+def attempt_ended(endpoint: str, model: str, outcome: str, seconds: float) -> None:
+    _request_duration.record(seconds, {"endpoint": endpoint, "model": model, "outcome": outcome})
+
+
+def retried(endpoint: str, model: str, cause: str) -> None:
+    _retries.add(1, {"endpoint": endpoint, "model": model, "cause": cause})
+
+
+def request_ended(endpoint: str, model: str, outcome: str) -> None:
+    _requests.add(1, {"endpoint": endpoint, "model": model, "outcome": outcome})
+
+
+def results_committed(seconds: float) -> None:
+    _commit_duration.record(seconds)
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """A failure's kind, in few values: `succeeded`, `http_<status>`, `timeout`, `connection_error` or `error`."""
+    if exc is None:
+        return "succeeded"
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
+        return f"http_{int(status)}"
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
+        return "timeout"
+    if isinstance(exc, ConnectionError) or "Connection" in name:
+        return "connection_error"
+    return "error"
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: Any) -> Iterator[Span]:
+    """A span around some work (a batch's job, one request), with its attributes; a no-op without a tracer."""
+    with _tracer.start_as_current_span(name, attributes={k: v for k, v in attributes.items() if v is not None}) as s:
+        yield s

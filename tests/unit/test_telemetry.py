@@ -1,0 +1,137 @@
+"""The provider's metrics and spans, read with the OpenTelemetry SDK's in-memory reader and exporter.
+
+The SDK's providers can be set once per process; the counters are cumulative over the test session,
+so each test compares what it reads before and after its batch."""
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from llama_stack_provider_batches import BatchesService, telemetry
+from tests.unit.conftest import FakeFiles, FakeInference
+from tests.unit.helpers import chat_line, run_batch
+
+READER = InMemoryMetricReader()
+SPANS = InMemorySpanExporter()
+metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+_tracer_provider = TracerProvider()
+_tracer_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_tracer_provider)
+
+Points = dict[tuple[str, frozenset[tuple[str, Any]]], float]
+
+
+def points() -> Points:
+    """Every data point now: (metric, attributes) -> value (a histogram's count)."""
+    found: Points = {}
+    data = READER.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "count", None) if hasattr(point, "bucket_counts") else point.value
+                    found[(metric.name, frozenset(point.attributes.items()))] = value
+    return found
+
+
+def delta(before: Points, after: Points, name: str, **attributes: Any) -> float:
+    key = (telemetry.PREFIX + name, frozenset(attributes.items()))
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def unavailable() -> openai.APIStatusError:
+    response = httpx.Response(503, request=httpx.Request("POST", "http://backend"))
+    return openai.APIStatusError("busy", response=response, body=None)
+
+
+async def test_a_batch_is_counted_from_create_to_its_end(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    failed_once: set[str] = set()
+
+    def script(body: dict[str, Any]) -> None:
+        content = body["messages"][0]["content"]
+        if content == "flaky" and content not in failed_once:
+            failed_once.add(content)
+            raise unavailable()
+        if content == "refused":
+            raise openai.BadRequestError(
+                "no", response=httpx.Response(400, request=httpx.Request("POST", "http://b")), body=None
+            )
+
+    inference.behaviour = script
+    before = points()
+    lines = [chat_line("a", "fine"), chat_line("b", "flaky"), chat_line("c", "refused")]
+    batch = await run_batch(provider, files, lines)
+    assert batch.status == "completed"
+    after = points()
+    chat, model = "/v1/chat/completions", "local/m-chat"
+    assert delta(before, after, "created_total", endpoint=chat) == 1
+    assert delta(before, after, "finished_total", endpoint=chat, status="completed") == 1
+    assert delta(before, after, "requests_total", endpoint=chat, model=model, outcome="succeeded") == 2
+    assert delta(before, after, "requests_total", endpoint=chat, model=model, outcome="http_400") == 1
+    assert delta(before, after, "retries_total", endpoint=chat, model=model, cause="http_503") == 1
+    # Every attempt is timed: 2 + 1 successes and failures (the retried 503, the 400).
+    assert delta(before, after, "request_duration_seconds", endpoint=chat, model=model, outcome="succeeded") == 2
+    assert delta(before, after, "request_duration_seconds", endpoint=chat, model=model, outcome="http_503") == 1
+    assert delta(before, after, "queue_wait_seconds", endpoint=chat) == 1
+    assert delta(before, after, "result_commit_seconds") >= 1
+    assert not any(key == "batch_id" for _, attributes in after for key, _ in attributes), "no batch ids in metrics"
+
+
+async def test_a_refused_file_ends_failed_and_unfinished_batches_are_gauged(
+    provider: BatchesService, files: FakeFiles, inference: FakeInference
+) -> None:
+    before = points()
+    batch = await run_batch(provider, files, [chat_line("a", model="local/ghost")])
+    assert batch.status == "failed"
+    after = points()
+    assert delta(before, after, "finished_total", endpoint="/v1/chat/completions", status="failed") == 1
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold
+    waiting = await provider.create_batch(
+        input_file_id=files.add(
+            b'{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", '
+            b'"body": {"model": "local/m-chat", "messages": []}}'
+        ),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    while (await provider.retrieve_batch(waiting.id)).status != "in_progress":
+        await asyncio.sleep(0.01)
+    telemetry.set_status_counts(await provider._store.unfinished_by_status())
+    gauge = points()
+    assert gauge[(telemetry.PREFIX + "batches", frozenset({("status", "in_progress")}))] == 1
+    assert gauge[(telemetry.PREFIX + "batches", frozenset({("status", "validating")}))] == 0
+    gate.set()
+
+
+async def test_a_batch_job_and_its_requests_are_spans(provider: BatchesService, files: FakeFiles) -> None:
+    SPANS.clear()
+    batch = await run_batch(provider, files, [chat_line("a"), chat_line("b")])
+    spans = SPANS.get_finished_spans()
+    jobs = [s for s in spans if s.name == "batches.job"]
+    requests = [s for s in spans if s.name == "batches.request"]
+    assert [s.attributes["batch_id"] for s in jobs] == [batch.id]
+    assert len(requests) == 2
+    assert all(s.context.trace_id == jobs[0].context.trace_id for s in requests), "requests inside their job"
+
+
+def test_outcomes_are_few_valued() -> None:
+    assert telemetry.outcome_of(None) == "succeeded"
+    assert telemetry.outcome_of(unavailable()) == "http_503"
+    assert telemetry.outcome_of(TimeoutError()) == "timeout"
+    assert telemetry.outcome_of(ConnectionResetError()) == "connection_error"
+    assert telemetry.outcome_of(RuntimeError("x")) == "error"

@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8321
 
-.PHONY: setup run demo test unit integration lint bench clean
+.PHONY: setup run demo test unit integration lint bench dist clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
 		{ echo "llama-stack 0.7 needs Python >= 3.12; $(PYTHON) is older (set PYTHON=/path/to/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,responses]'
+	$(PY) -m pip install --quiet -e '.[test,responses,cli]'
 	$(PY) tools/tiktoken_cache.py
 	touch $(STAMP)
 
@@ -37,5 +37,8 @@ integration: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-clean:
-	rm -rf $(VENV) .state .pytest_cache .ruff_cache *.egg-info
+dist: setup  ## build the wheel and sdist into dist/ (pip install dist/*.whl elsewhere)
+	$(PY) -m build --outdir dist .
+
+clean:  ## delete the venv (with the tokenizer cache), the state of `make run` (batches, files), dist/ and caches
+	rm -rf $(VENV) .state dist build .pytest_cache .ruff_cache *.egg-info

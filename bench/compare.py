@@ -3,6 +3,7 @@ built-in `inline::reference`, and print the figures side by side.
 
     .venv/bin/python bench/compare.py                              # every workload, both providers
     .venv/bin/python bench/compare.py --workloads latency,cpu --providers ours
+    .venv/bin/python bench/compare.py --workloads latency,failures --chart bench/compare.png
 
 Workloads (requests go to the stand-in model server, started here):
     latency      600 chat requests, log-normal latency (mean 200 ms, sigma 0.6), concurrency 10;
@@ -74,6 +75,8 @@ class Result:
     health_max_ms: float | None = None
     health_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    # (seconds since create, requests finished) at each poll: the chart's curve
+    progress: list[tuple[float, int]] = field(default_factory=list)
 
 
 def builtin_run_yaml(directory: Path, base: Path = RUN_YAML) -> Path:
@@ -171,6 +174,9 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
                 batch = client.batches.retrieve(batch.id)
                 retrieve_ms.append((time.perf_counter() - asked) * 1000)
                 sampler.phase = batch.status
+                counts = batch.request_counts
+                finished = counts.completed + counts.failed if counts else 0
+                result.progress.append((round(asked - started, 2), finished))
             except Exception as exc:  # a frozen server times out: keep polling
                 result.notes.append(f"retrieve failed: {type(exc).__name__}")
         result.seconds = round(time.perf_counter() - started, 2)
@@ -225,6 +231,7 @@ def main() -> None:
     parser.add_argument("--providers", default="ours,builtin")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--timeout", type=float, help="give up on a batch after this many seconds")
+    parser.add_argument("--chart", type=Path, help="also draw requests finished over time here (PNG; needs matplotlib)")
     args = parser.parse_args()
     workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
     if args.timeout:
@@ -239,10 +246,16 @@ def main() -> None:
             for provider in providers:
                 print(f"running {workload.name} on {provider}...", flush=True)
                 results.append(run_one(provider, workload, standin, work_dir))
-                print(f"  {asdict(results[-1])}", flush=True)
+                figures = {k: v for k, v in asdict(results[-1]).items() if k != "progress"}
+                print(f"  {figures}", flush=True)
     finally:
         standin.stop()
     print_table(results, workloads)
+    if args.chart:
+        from bench.chart import draw_progress  # matplotlib only when a chart is asked for
+
+        draw_progress(results, workloads, args.chart)
+        print(f"\nchart: {args.chart}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     print(f"\nlogs: {work_dir}")

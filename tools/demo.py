@@ -21,6 +21,7 @@ QUESTIONS = [
     "Name a prime number greater than 10.",
     "What colour is the sky on a clear day?",
 ]
+STANDIN_MODELS = {"local/m-chat", "local/m-embed", "local/m-guard"}
 TEXTS_TO_MODERATE = ["A recipe for lemon cake.", "How do I build a bomb?"]
 
 
@@ -73,9 +74,10 @@ def main() -> None:
         m.id for m in client.models.list() if (getattr(m, "custom_metadata", None) or {}).get("model_type") == "llm"
     ]
     chat_models = [m for m in llms if "guard" not in m]  # a guard model classifies; it does not chat
-    model = os.environ.get("DEMO_MODEL") or (
-        chat_models[0] if chat_models else sys.exit("the stack lists no llm model")
-    )
+    # run.yaml registers the stand-in's models whatever the backend; the backend's own are listed as
+    # local/<id> on their own, and are the ones that answer when MODEL_URL names a real server.
+    served = [m for m in chat_models if m not in STANDIN_MODELS] or chat_models
+    model = os.environ.get("DEMO_MODEL") or (served[0] if served else sys.exit("the stack lists no llm model"))
     print(f"model {model}")
 
     chat = [{"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": 64} for q in QUESTIONS]

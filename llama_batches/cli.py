@@ -1,0 +1,322 @@
+"""The `llama-batches` commands. Results go to stdout (JSON with --json), notes and progress to stderr,
+and every failure to one line on stderr: a script can pipe the one and read the other.
+
+Exit status: 0 every request succeeded; 1 the batch completed but some requests failed; 2 the batch
+failed, expired or was cancelled, or any error (bad input, server unreachable, key conflict...);
+130 interrupted (the batch keeps running).
+"""
+
+import functools
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import openai
+
+from llama_batches import client as api
+from llama_batches import jsonl
+from llama_batches.output import (
+    ERROR_MODES,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    batch_errors,
+    batch_json,
+    check_writable,
+    emit_json,
+    exit_code_for,
+    finish,
+    note,
+    print_batch,
+    print_batches,
+)
+from llama_batches.progress import counts, status_line
+from llama_batches.session import Interrupted, announce, follow, plan_batch, read_input, start_batch
+
+
+def one_line(text: object) -> str:
+    """A message as one line: whatever a server or the system said may hold line breaks."""
+    return " ".join(str(text).split())
+
+
+def this_command() -> str:
+    """The command line as typed, to repeat it (`python -m llama_batches` shown as the script's name)."""
+    return shlex.join(["llama-batches", *sys.argv[1:]])
+
+
+def reported(command: Callable[..., int | None]) -> Callable[..., NoReturn]:
+    """Run a command and exit with its status; any failure becomes one line on stderr and status 2,
+    never a traceback (LLAMA_BATCHES_DEBUG=1 shows unexpected ones)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> NoReturn:
+        try:
+            code = command(*args, **kwargs) or EXIT_OK
+        except api.CliError as error:
+            note(f"error: {one_line(error)}")
+            code = EXIT_ERROR
+        except Interrupted as interruption:
+            note(f"interrupted: {one_line(interruption)}")
+            code = EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            note("interrupted")
+            code = EXIT_INTERRUPTED
+        except openai.OpenAIError as error:  # a call made outside `readable_errors`: still one line
+            note(f"error: {api.describe(error, 'the server')}")
+            code = EXIT_ERROR
+        except Exception as error:
+            if os.environ.get("LLAMA_BATCHES_DEBUG"):
+                raise
+            note(f"error: unexpected {type(error).__name__}: {one_line(error)} (LLAMA_BATCHES_DEBUG=1 shows where)")
+            code = EXIT_ERROR
+        sys.exit(code)
+
+    return wrapper
+
+
+def with_connection(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --base-url and --api-key to a command (they work before the command name too) and pass a Connection."""
+
+    @click.option("--api-key", default=None, help="API key [env: OPENAI_API_KEY; default: none].")
+    @click.option(
+        "--base-url", default=None, help=f"Batch API base URL [env: OPENAI_BASE_URL; {api.DEFAULT_BASE_URL}]."
+    )
+    @click.pass_context
+    @functools.wraps(command)
+    def wrapper(ctx: click.Context, base_url: str | None, api_key: str | None, **kwargs: Any) -> Any:
+        top = ctx.find_root().obj or {}
+        # An empty variable counts as unset, as it does in a shell's ${VAR:-default}.
+        url = base_url or top.get("base_url") or os.environ.get("OPENAI_BASE_URL") or api.DEFAULT_BASE_URL
+        key = api_key or top.get("api_key") or os.environ.get("OPENAI_API_KEY") or "none"
+        return command(api.Connection(url.rstrip("/"), key), **kwargs)
+
+    return wrapper
+
+
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, for scripts.")(command)
+
+
+def batch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that define a batch, shared by `run` and `submit`."""
+    for option in reversed(
+        [
+            click.option("--endpoint", default=None, help="Batch endpoint [default: the url all lines share]."),
+            click.option("--completion-window", default="24h", show_default=True),
+            click.option("--metadata", "metadata_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable."),
+            click.option("--key", default=None, help="Idempotency key [default: derived from the file and options]."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--base-url", default=None, help="Batch API base URL [env: OPENAI_BASE_URL].")
+@click.option("--api-key", default=None, help="API key [env: OPENAI_API_KEY].")
+@click.pass_context
+def cli(ctx: click.Context, base_url: str | None, api_key: str | None) -> None:
+    """Run OpenAI-compatible batches from JSONL files: llama-stack, OpenAI, any server with the Batch API."""
+    ctx.obj = {"base_url": base_url, "api_key": api_key}
+
+
+# Commands.
+
+errors_option = click.option(
+    "--errors",
+    "errors_mode",
+    type=click.Choice(ERROR_MODES),
+    default="include",
+    show_default=True,
+    help="Failed requests: in OUTPUT at their input position, in OUTPUT's .errors.jsonl sibling, or left out.",
+)
+
+
+@cli.command(short_help="Run INPUT as a batch, write results to OUTPUT in input order.")
+@click.argument("input_path", metavar="INPUT.jsonl")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl")
+@batch_options
+@errors_option
+@json_option
+@with_connection
+@reported
+def run(
+    conn: api.Connection,
+    input_path: str,
+    output: Path,
+    endpoint: str | None,
+    completion_window: str,
+    metadata_pairs: tuple[str, ...],
+    key: str | None,
+    errors_mode: str,
+    as_json: bool,
+) -> int:
+    """Run INPUT as a batch and write its results to OUTPUT in input order.
+
+    INPUT is checked locally, uploaded and created as a batch, which is followed with a progress bar.
+
+    Running the same command again re-attaches to the batch it created (found by its idempotency
+    key) instead of creating another, after Ctrl-C or a lost connection.
+    """
+    plan = plan_batch(input_path, endpoint, completion_window, metadata_pairs, key)
+    check_writable(output)
+    again = f"Run the same command again to re-attach: {this_command()}"
+    try:
+        batch, reattached = start_batch(conn, plan)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"stopped while creating the batch. {again} (it creates the batch, or finds it if it was created)"
+        ) from None
+    announce(plan, batch, reattached)
+    batch = follow(conn, batch, again)
+    extra = {"reattached": reattached, "idempotency_key": plan.key}
+    try:
+        return finish(conn, batch, plan.custom_ids, output, errors_mode, as_json, extra)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped while saving the results of batch {batch.id}, which has ended. {again}") from None
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT.jsonl")
+@batch_options
+@json_option
+@with_connection
+@reported
+def submit(
+    conn: api.Connection,
+    input_path: str,
+    endpoint: str | None,
+    completion_window: str,
+    metadata_pairs: tuple[str, ...],
+    key: str | None,
+    as_json: bool,
+) -> int:
+    """Create INPUT's batch without waiting; print its id.
+
+    Like `run`, it finds the batch made from the same file and options before instead of making another.
+    """
+    plan = plan_batch(input_path, endpoint, completion_window, metadata_pairs, key)
+    batch, reattached = start_batch(conn, plan)
+    announce(plan, batch, reattached)
+    if as_json:
+        emit_json(batch_json(batch))
+    else:
+        click.echo(batch.id)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("batch_id")
+@json_option
+@with_connection
+@reported
+def status(conn: api.Connection, batch_id: str, as_json: bool) -> int:
+    """Show a batch."""
+    with api.readable_errors(conn.base_url):
+        batch = api.retrieve(conn.client, batch_id)
+    if as_json:
+        emit_json(batch_json(batch))
+    else:
+        print_batch(batch)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("batch_id")
+@json_option
+@with_connection
+@reported
+def wait(conn: api.Connection, batch_id: str, as_json: bool) -> int:
+    """Follow a batch until it ends.
+
+    Exit status as for `run`.
+    """
+    with api.readable_errors(conn.base_url):
+        batch = api.retrieve(conn.client, batch_id)
+    batch = follow(conn, batch, f"Follow it again with: llama-batches wait {batch_id}")
+    if as_json:
+        emit_json(batch_json(batch))
+    else:
+        click.echo(status_line(batch))
+    if batch.status == "failed":
+        raise api.CliError(f"batch {batch.id} failed: {batch_errors(batch)}")
+    if batch.status != "completed":
+        note(f"error: batch {batch.id} {batch.status} before all its requests ran")
+    return exit_code_for(batch, counts(batch)[1])
+
+
+@cli.command()
+@click.argument("batch_id")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl")
+@click.option(
+    "--input", "input_path", default=None, metavar="INPUT.jsonl", help="The batch's input: write in its order."
+)
+@errors_option
+@json_option
+@with_connection
+@reported
+def results(
+    conn: api.Connection, batch_id: str, output: Path, input_path: str | None, errors_mode: str, as_json: bool
+) -> int:
+    """Download a finished batch's results to OUTPUT.
+
+    Exit status as for `run`.
+    """
+    custom_ids = None
+    if input_path is not None:
+        content = read_input(Path(input_path))
+        problems = jsonl.check_input(content)
+        if problems:
+            raise api.CliError(f"{input_path}: {'; '.join(problems)}")
+        custom_ids = [line["custom_id"] for line in jsonl.parse_lines(content)]
+    check_writable(output)
+    with api.readable_errors(conn.base_url):
+        batch = api.retrieve(conn.client, batch_id)
+    if batch.status not in api.TERMINAL_STATUSES:
+        raise api.CliError(f"batch {batch_id} is {batch.status}: no results yet (llama-batches wait {batch_id})")
+    return finish(conn, batch, custom_ids, output, errors_mode, as_json)
+
+
+@cli.command(short_help="Cancel a batch.")
+@click.argument("batch_id")
+@json_option
+@with_connection
+@reported
+def cancel(conn: api.Connection, batch_id: str, as_json: bool) -> int:
+    """Cancel a batch (requests not yet sent are dropped; results so far are kept)."""
+    with api.readable_errors(conn.base_url):
+        batch = api.cancel(conn.client, batch_id)
+    if as_json:
+        emit_json(batch_json(batch))
+    else:
+        click.echo(status_line(batch))
+    return EXIT_OK
+
+
+@cli.command(name="list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many, newest first.")
+@json_option
+@with_connection
+@reported
+def list_command(conn: api.Connection, limit: int, as_json: bool) -> int:
+    """List recent batches."""
+    with api.readable_errors(conn.base_url):
+        batches = api.list_batches(conn.client, limit)
+    if as_json:
+        emit_json([batch_json(batch) for batch in batches])
+        return EXIT_OK
+    print_batches(batches)
+    return EXIT_OK
+
+
+def main() -> None:
+    """The console script."""
+    try:
+        cli(prog_name="llama-batches")
+    except KeyboardInterrupt:  # during argument parsing or imports: nothing was started
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -112,7 +112,7 @@ def eventually(check: Any, timeout: float = 15) -> None:
 
 
 def test_a_batch_is_seen_in_the_exported_metrics_and_spans(
-    instrumented_stack: ServerProcess, receiver: tuple[Receiver, str]
+    instrumented_stack: ServerProcess, receiver: tuple[Receiver, str], run_dir: Path
 ) -> None:
     received, _ = receiver
     client = OpenAI(base_url=f"{instrumented_stack.url}/v1", api_key="none", max_retries=0)
@@ -138,3 +138,8 @@ def test_a_batch_is_seen_in_the_exported_metrics_and_spans(
         requests = [span for span in received.spans if span.name == "batches.request"]
     assert batch.id in batch_ids
     assert len(requests) >= 6
+    with received.lock:  # what an operator's collector received, for the record
+        sample = sorted(
+            f"{name} {dict(sorted(attributes))} {value}" for (name, attributes), value in received.points.items()
+        )
+    (run_dir / "otel-metrics.txt").write_text("\n".join(line for line in sample if line.startswith(PREFIX)) + "\n")

@@ -1,0 +1,105 @@
+"""A new user's first hour: `make run` (tools/serve.py) on busy ports and stopped cleanly, a wrong
+MODEL_URL, a model named without its provider prefix, and what the server log says meanwhile."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
+from tools.harness import REPO, ServerProcess, free_port, start_stack
+
+SERVE = REPO / "tools" / "serve.py"
+
+
+def start_serve(tmp_path: Path, port: int, standin_port: int, name: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "STANDIN_PORT": str(standin_port),
+        "STATE_DIR": str(tmp_path / "state"),
+    }
+    env.pop("MODEL_URL", None)
+    log = (tmp_path / f"{name}.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, str(SERVE)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+
+
+def wait_healthy(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"nothing healthy on port {port}")
+
+
+def test_make_run_refuses_busy_ports_and_stops_cleanly(tmp_path: Path) -> None:
+    port, standin_port = free_port(), free_port()
+    first = start_serve(tmp_path, port, standin_port, "first")
+    try:
+        wait_healthy(port)
+        second = start_serve(tmp_path, port, standin_port, "second")
+        assert second.wait(60) == 1
+        said = (tmp_path / "second.log").read_text()
+        assert f"Port {port} on 127.0.0.1, for the stack, is already in use" in said
+        assert "Traceback" not in said and "STAND-IN" not in said  # no banner claiming it runs
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    said = (tmp_path / "first.log").read_text()
+    assert "Traceback" not in said
+    assert f"Serving on http://127.0.0.1:{port}" in said
+    with pytest.raises(httpx.ConnectError):  # both servers are gone
+        httpx.get(f"http://127.0.0.1:{standin_port}/health", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def stack_with_a_wrong_model_url(run_dir: Path) -> Iterator[ServerProcess]:
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    env = {"BATCHES_MAX_ATTEMPTS": "2", "BATCHES_BACKOFF_INITIAL_SECONDS": "0.05", "BATCHES_BACKOFF_MAX_SECONDS": "0.1"}
+    server = start_stack(run_dir, run_dir / "wrong-url-state", closed, env)  # no warm-up: nothing answers
+    server.closed_url = closed  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_a_wrong_model_url_is_named_in_error_lines_and_logged(stack_with_a_wrong_model_url: ServerProcess) -> None:
+    stack = stack_with_a_wrong_model_url
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+    batch = wait_for_batch(client, create_chat_batch(client, chat_lines(2)).id)
+    assert (batch.status, batch.request_counts.failed) == ("completed", 2)
+    lines = read_result_file(client, batch.error_file_id)
+    assert all(line["error"]["code"] == "connection_error" for line in lines)
+    assert all(stack.closed_url.removesuffix("/v1") in line["error"]["message"] for line in lines)  # type: ignore[attr-defined]
+    log = stack.log_tail(400)
+    assert "Retrying batch requests" in log
+    assert "Batch finished" in log and "failed=2" in log
+
+
+def test_a_model_without_its_prefix_gets_a_hint_and_refusals_log_one_line(stack: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+    lines = chat_lines(1)
+    lines[0]["body"]["model"] = "m-chat"
+    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    assert batch.status == "failed"
+    message = batch.errors.data[0].message
+    assert "'<provider_id>/<model>'" in message and "Did you mean 'local/m-chat'?" in message
+    assert httpx.get(f"{stack.url}/v1/batches/batch_{'0' * 32}", timeout=10).status_code == 404
+    time.sleep(0.5)
+    log = stack.log_tail(200)
+    assert "Refused a batches request" in log and "Batch failed validation" in log
+    assert "BatchNotFoundError" not in log  # no traceback for a client's 404

@@ -121,7 +121,9 @@ RETRY_LOG_SECONDS = 10.0
 
 class RetryLog:
     """Warns of retried requests at most once per RETRY_LOG_SECONDS for each model and cause, saying how
-    many retries it did not show: a failing backend must be seen in the log, not flood it."""
+    many retries it did not show: a failing backend must be seen in the log, not flood it. Retries not
+    shown before the backend recovers are counted in the next warning of that model and cause, if
+    any (and always in the `retries_total` metric)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -135,7 +137,8 @@ class RetryLog:
             return
         self._shown_at[key] = now
         unshown = self._unshown.pop(key, 0)
-        logger.warning("Retrying batch requests", model=model, cause=cause, error=str(exc)[:300], not_shown=unshown)
+        error = connection_message(exc) if cause == "connection_error" else str(exc)
+        logger.warning("Retrying batch requests", model=model, cause=cause, error=error[:300], not_shown=unshown)
 
 
 class Outcomes(Protocol):

@@ -96,6 +96,8 @@ class BatchJob:
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
             return  # finished by another server before this claim
+        if stored.batch.status == "validating" and stored.processing_failures == 0:  # its first claim (or a resume)
+            telemetry.job_started(stored.batch, self.clock())
         self._shareable = not stored.request_credentials
         self._owner_scope = scope_of(stored.owner)
         # Files are read and written, and models reached, with the creator's rights.

@@ -12,7 +12,7 @@ as well. Without either, the instruments and spans here are no-ops. Metric attri
     llama_stack.batches.requests_total           counter    requests that ended, by endpoint, model, outcome
     llama_stack.batches.retries_total            counter    attempts retried, by endpoint, model, cause
     llama_stack.batches.request_duration_seconds histogram  one attempt, by endpoint, model, outcome
-    llama_stack.batches.queue_wait_seconds       histogram  from create to the start of its requests, by endpoint
+    llama_stack.batches.queue_wait_seconds       histogram  from create to the start of its job, by endpoint
     llama_stack.batches.result_commit_seconds    histogram  storing one group of results
 """
 
@@ -20,6 +20,8 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import httpx
+import openai
 from llama_stack_api import BatchObject
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -35,14 +37,27 @@ _created = _meter.create_counter(PREFIX + "created_total", unit="1", description
 _finished = _meter.create_counter(PREFIX + "finished_total", unit="1", description="Batches that ended, by status")
 _requests = _meter.create_counter(PREFIX + "requests_total", unit="1", description="Batch requests that ended")
 _retries = _meter.create_counter(PREFIX + "retries_total", unit="1", description="Batch request attempts retried")
+# Seconds, not the SDK's default buckets (0 to 10,000, made for milliseconds).
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 _request_duration = _meter.create_histogram(
-    PREFIX + "request_duration_seconds", unit="s", description="Duration of one attempt of a batch request"
+    PREFIX + "request_duration_seconds",
+    unit="s",
+    description="Duration of one attempt of a batch request",
+    explicit_bucket_boundaries_advisory=REQUEST_BUCKETS,
 )
 _queue_wait = _meter.create_histogram(
-    PREFIX + "queue_wait_seconds", unit="s", description="Time from a batch's create to the start of its requests"
+    PREFIX + "queue_wait_seconds",
+    unit="s",
+    description="Time from a batch's create to the start of its job",
+    explicit_bucket_boundaries_advisory=WAIT_BUCKETS,
 )
 _commit_duration = _meter.create_histogram(
-    PREFIX + "result_commit_seconds", unit="s", description="Time to store one group of finished results"
+    PREFIX + "result_commit_seconds",
+    unit="s",
+    description="Time to store one group of finished results",
+    explicit_bucket_boundaries_advisory=COMMIT_BUCKETS,
 )
 
 # The latest count of batches by status, refreshed by the engine (a store query): the gauge's callback
@@ -70,12 +85,14 @@ def batch_created(endpoint: str) -> None:
 
 
 def batch_moved(before: BatchObject, after: BatchObject) -> None:
-    """Record a committed status change: a batch ending, or one starting its requests after waiting."""
+    """Record a committed status change that ends a batch."""
     if is_terminal(after.status) and not is_terminal(before.status):
         _finished.add(1, {"endpoint": after.endpoint, "status": after.status})
-    elif before.status == "validating" and after.status == "in_progress":
-        waited = (after.in_progress_at or after.created_at) - after.created_at
-        _queue_wait.record(max(0, waited), {"endpoint": after.endpoint})
+
+
+def job_started(batch: BatchObject, now: float) -> None:
+    """Record how long a batch waited for its job: from its create to its first claim (before validation)."""
+    _queue_wait.record(max(0.0, now - batch.created_at), {"endpoint": batch.endpoint})
 
 
 def attempt_ended(endpoint: str, model: str, outcome: str, seconds: float) -> None:
@@ -101,10 +118,9 @@ def outcome_of(exc: BaseException | None) -> str:
     status = getattr(exc, "status_code", None)
     if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
         return f"http_{int(status)}"
-    name = type(exc).__name__
-    if isinstance(exc, TimeoutError) or "Timeout" in name:
+    if isinstance(exc, TimeoutError | openai.APITimeoutError | httpx.TimeoutException):
         return "timeout"
-    if isinstance(exc, ConnectionError) or "Connection" in name:
+    if isinstance(exc, ConnectionError | openai.APIConnectionError | httpx.TransportError):
         return "connection_error"
     return "error"
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +24,11 @@ from tools.tiktoken_cache import ensure_cache  # noqa: E402  (tools/ is not a pa
 STANDIN = REPO / "tools" / "standin_model_server.py"
 
 
-def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_for(
+    url: str, process: subprocess.Popen[bytes], stopped: Callable[[], bool] = lambda: False, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopped():
         if process.poll() is not None:
             sys.exit(f"the stand-in model server exited with {process.returncode}")
         try:
@@ -33,7 +36,8 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) ->
                 return
         except OSError:
             time.sleep(0.2)
-    sys.exit(f"the stand-in model server did not answer at {url}")
+    if not stopped():
+        sys.exit(f"the stand-in model server did not answer at {url}")
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -47,6 +51,14 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8321)))
@@ -54,14 +66,15 @@ def main() -> None:
     args = parser.parse_args()
 
     env = dict(os.environ)
-    host = env.setdefault("HOST", "127.0.0.1")  # run.yaml's server.host
-    ports = [("the stack", args.port)] + (
-        [] if env.get("MODEL_URL") else [("the stand-in model server", args.standin_port)]
-    )
-    for name, port in ports:
-        if port_taken(host, port):
+    host = env.setdefault("STACK_HOST", "127.0.0.1")  # run.yaml's server.host
+    local = "127.0.0.1"  # the stand-in serves this machine only, whatever the stack does
+    ports = [(host, "the stack", args.port)]
+    if not env.get("MODEL_URL"):
+        ports.append((local, "the stand-in model server", args.standin_port))
+    for address, name, port in ports:
+        if port_taken(address, port):
             sys.exit(
-                f"Port {port} on {host}, for {name}, is already in use (another `make run`?). "
+                f"Port {port} on {address}, for {name}, is already in use (another `make run`?). "
                 "Stop it, or choose other ports: PORT=... STANDIN_PORT=... make run"
             )
     if not env.get("TIKTOKEN_CACHE_DIR"):  # run.yaml's vector store needs it at start
@@ -77,13 +90,13 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    code = 0
     try:
         if not env.get("MODEL_URL"):
-            command = [sys.executable, str(STANDIN), "--host", host, "--port", str(args.standin_port)]
+            command = [sys.executable, str(STANDIN), "--host", local, "--port", str(args.standin_port)]
             # Own sessions: a Ctrl-C reaches this process only, which stops the children in order.
             children.append(subprocess.Popen(command, start_new_session=True))
-            local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            wait_for(f"http://{local}:{args.standin_port}/health", children[0])
+            wait_for(f"http://{local}:{args.standin_port}/health", children[0], lambda: stopping)
             env["MODEL_URL"] = f"http://{local}:{args.standin_port}/v1"
             print(
                 "\n*** MODEL_URL is not set: using the STAND-IN model server at "
@@ -91,16 +104,21 @@ def main() -> None:
                 "*** For real answers: MODEL_URL=http://<vllm-or-ollama-host>:<port>/v1 make run\n",
                 flush=True,
             )
-        llama = str(Path(sys.executable).parent / "llama")
-        stack = subprocess.Popen(
-            [llama, "stack", "run", str(REPO / "run.yaml"), "--port", str(args.port)], env=env, start_new_session=True
-        )
-        children.insert(0, stack)  # stopped first: it may still be sending to the stand-in
-        print(
-            f"*** Serving on http://{host}:{args.port} (HOST=0.0.0.0 to serve other machines). Ctrl-C stops.",
-            flush=True,
-        )
-        code = stack.wait()
+        if not stopping:
+            llama = str(Path(sys.executable).parent / "llama")
+            command = [llama, "stack", "run", str(REPO / "run.yaml"), "--port", str(args.port)]
+            stack = subprocess.Popen(command, env=env, start_new_session=True)
+            children.insert(0, stack)  # stopped first: it may still be sending to the stand-in
+            health = f"http://{local if host in ('0.0.0.0', '::') else host}:{args.port}/v1/health"
+            while stack.poll() is None and not stopping and not answers(health):
+                time.sleep(0.5)
+            if stack.poll() is None and not stopping:
+                print(
+                    f"*** Serving on http://{host}:{args.port} (STACK_HOST=0.0.0.0 serves other machines). "
+                    "Ctrl-C stops.",
+                    flush=True,
+                )
+            code = stack.wait()
     finally:
         for child in children:
             child.terminate()

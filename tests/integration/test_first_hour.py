@@ -99,7 +99,9 @@ def test_a_model_without_its_prefix_gets_a_hint_and_refusals_log_one_line(stack:
     message = batch.errors.data[0].message
     assert "'<provider_id>/<model>'" in message and "Did you mean 'local/m-chat'?" in message
     assert httpx.get(f"{stack.url}/v1/batches/batch_{'0' * 32}", timeout=10).status_code == 404
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while "Refused a batches request" not in stack.log_tail(200) and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = stack.log_tail(200)
     assert "Refused a batches request" in log and "Batch failed validation" in log
     assert "BatchNotFoundError" not in log  # no traceback for a client's 404

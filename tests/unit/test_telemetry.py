@@ -129,6 +129,21 @@ async def test_a_batch_job_and_its_requests_are_spans(provider: BatchesService, 
     assert all(s.context.trace_id == jobs[0].context.trace_id for s in requests), "requests inside their job"
 
 
+async def test_the_engine_refreshes_the_gauge_of_unfinished_batches(provider: BatchesService) -> None:
+    telemetry.set_status_counts({})
+    provider.start()  # its first look for work refreshes the gauge
+    for _ in range(200):
+        if (telemetry.PREFIX + "batches", frozenset({("status", "validating")})) in points():
+            break
+        await asyncio.sleep(0.01)
+    gauge = {
+        dict(attributes)["status"]: value
+        for (name, attributes), value in points().items()
+        if name == telemetry.PREFIX + "batches"
+    }
+    assert gauge == {"validating": 0, "in_progress": 0, "finalizing": 0, "cancelling": 0}
+
+
 def test_outcomes_are_few_valued() -> None:
     assert telemetry.outcome_of(None) == "succeeded"
     assert telemetry.outcome_of(unavailable()) == "http_503"

@@ -3,9 +3,10 @@ and every failure to one line on stderr: a script can pipe the one and read the 
 
 Exit status: 0 every request succeeded; 1 the batch completed but some requests failed; 2 the batch
 failed, expired or was cancelled, or any error (bad input, server unreachable, key conflict...);
-130 interrupted (the batch keeps running).
+130 interrupted (the batch keeps running); 141 stdout's reader quit early (`| head`), quietly.
 """
 
+import contextlib
 import functools
 import os
 import shlex
@@ -21,6 +22,7 @@ from llama_batches import client as api
 from llama_batches import jsonl
 from llama_batches.output import (
     ERROR_MODES,
+    EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -48,6 +50,14 @@ def this_command() -> str:
     return shlex.join(["llama-batches", *sys.argv[1:]])
 
 
+def stop_quietly_on_broken_pipe() -> NoReturn:
+    """Exit as a program killed by SIGPIPE would, without a word: the reader (`| head`) has what it wanted."""
+    # As Python's docs advise: stdout to devnull, or the flush at exit fails again and prints a traceback.
+    with contextlib.suppress(OSError, ValueError):  # ValueError: no file descriptor (output captured in-process)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
 def reported(command: Callable[..., int | None]) -> Callable[..., NoReturn]:
     """Run a command and exit with its status; any failure becomes one line on stderr and status 2,
     never a traceback (LLAMA_BATCHES_DEBUG=1 shows unexpected ones)."""
@@ -56,6 +66,9 @@ def reported(command: Callable[..., int | None]) -> Callable[..., NoReturn]:
     def wrapper(*args: Any, **kwargs: Any) -> NoReturn:
         try:
             code = command(*args, **kwargs) or EXIT_OK
+            sys.stdout.flush()  # a closed pipe shows here, in time to be handled below
+        except BrokenPipeError:
+            stop_quietly_on_broken_pipe()
         except api.CliError as error:
             note(f"error: {one_line(error)}")
             code = EXIT_ERROR
@@ -314,9 +327,17 @@ def list_command(conn: api.Connection, limit: int, as_json: bool) -> int:
 
 
 def main() -> None:
-    """The console script."""
+    """The console script.
+
+    Not in click's standalone mode: that turns a Ctrl-C which comes before a command's own handling
+    (while parsing arguments, say) into "Aborted!" and status 1, where this tool promises 130.
+    """
     try:
-        cli(prog_name="llama-batches")
-    except KeyboardInterrupt:  # during argument parsing or imports: nothing was started
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        code = cli.main(prog_name="llama-batches", standalone_mode=False)
+    except click.ClickException as error:  # a usage error: click's message and status (2)
+        error.show()
+        code = error.exit_code
+    except (click.Abort, KeyboardInterrupt):  # nothing was started
+        note("interrupted")
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else EXIT_OK)  # commands exit themselves; --help returns 0

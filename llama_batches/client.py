@@ -19,6 +19,10 @@ FINGERPRINT_FIELD = "llama_batches_fingerprint"  # metadata: the key derived fro
 SEARCH_BOUND = 500  # how many recent batches to look through for one created by the same command
 POLL_FIRST_SECONDS = 0.25
 POLL_MAX_SECONDS = 2.0
+POLL_TIMEOUT_SECONDS = 30.0  # a batch's state is small: a poll that takes longer counts as a failed one
+OUTAGE_FIRST_DELAY = 1.0  # between failed polls: doubled each time up to OUTAGE_MAX_DELAY
+OUTAGE_MAX_DELAY = 30.0
+OUTAGE_LIMIT_SECONDS = 300.0  # failing polls for this long end the follow (the batch keeps running)
 
 
 class CliError(Exception):
@@ -145,22 +149,58 @@ def download_lines(client: OpenAI, file_id: str | None) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def transient(error: openai.OpenAIError) -> bool:
+    """Whether a failed call may succeed if tried later: no connection or no answer in time, the server's
+    own trouble (5xx) or its rate limit (429). A refusal of the request itself (4xx) will not pass."""
+    if isinstance(error, openai.APIConnectionError):  # APITimeoutError is one too
+        return True
+    return isinstance(error, openai.APIStatusError) and (error.status_code >= 500 or error.status_code == 429)
+
+
 def follow(
     client: OpenAI,
     batch_id: str,
     on_update: Callable[[Batch], Any],
+    on_outage: Callable[[openai.OpenAIError | None], Any] = lambda error: None,
     sleep: Callable[[float], Any] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     first_interval: float = POLL_FIRST_SECONDS,
     max_interval: float = POLL_MAX_SECONDS,
+    outage_limit: float = OUTAGE_LIMIT_SECONDS,
 ) -> Batch:
     """Poll a batch until it ends, calling `on_update` with each state seen; the final state.
 
     The interval grows by half each poll up to `max_interval`, so a short batch is seen finishing at
     once and a long one costs a request every few seconds.
+
+    A poll that fails for a reason that may pass (`transient`) is tried again with a growing delay:
+    the batch runs on the server whether or not this client can see it, so a restart or a network
+    blip must not end the follow. `on_outage` is called with the error when polls start failing and
+    with None when one succeeds again; after `outage_limit` seconds without a successful poll, the
+    last error is raised.
     """
     interval = first_interval
+    last_success = clock()
+    delay: float | None = None  # while polls fail: the wait before the next one
     while True:
-        batch = client.batches.retrieve(batch_id)
+        try:
+            batch = client.batches.retrieve(batch_id, timeout=POLL_TIMEOUT_SECONDS)
+        except openai.OpenAIError as error:
+            if not transient(error):
+                raise
+            left = last_success + outage_limit - clock()
+            if left <= 0:
+                raise
+            if delay is None:
+                on_outage(error)
+                delay = OUTAGE_FIRST_DELAY
+            sleep(min(delay, left))  # the last try falls at the limit, not past it
+            delay = min(OUTAGE_MAX_DELAY, delay * 2)
+            continue
+        last_success = clock()
+        if delay is not None:
+            on_outage(None)
+            delay = None
         on_update(batch)
         if batch.status in TERMINAL_STATUSES:
             return batch

@@ -11,14 +11,15 @@ from typing import Any
 
 import click
 from openai.types import Batch
-from rich.console import Console
 from rich.table import Table
 
 from llama_batches import client as api
 from llama_batches import jsonl
+from llama_batches.console import Console
 from llama_batches.progress import counts
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any program whose reader quit early
 ERROR_MODES = ("include", "separate", "drop")
 
 

@@ -1,5 +1,5 @@
-"""Showing a batch while it runs: a rich progress bar on a terminal, one line per status change otherwise
-(logs and CI keep a readable record, without a redraw per poll)."""
+"""Showing a batch while it runs: a rich progress bar on a terminal, otherwise a line per status change and
+one every half minute between (logs and CI keep a readable record, without a redraw per poll)."""
 
 import time
 from collections.abc import Callable
@@ -7,8 +7,11 @@ from types import TracebackType
 from typing import Self
 
 from openai.types import Batch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+from llama_batches.console import Console
+
+LINE_EVERY_SECONDS = 30.0  # without a terminal: how often to print the counts while the status stays the same
 
 
 def counts(batch: Batch) -> tuple[int, int, int]:
@@ -52,6 +55,14 @@ class RateMeter:
         return rate, (total - done) / rate
 
 
+def rate_text(rate: float | None) -> str:
+    return f"{rate:.1f} req/s" if rate else ""
+
+
+def eta_text(left: float | None, status: str) -> str:
+    return f"ETA {format_seconds(left)}" if left is not None and status == "in_progress" else ""
+
+
 def status_line(batch: Batch) -> str:
     """One line for a batch's state: id, status and counts."""
     completed, failed, total = counts(batch)
@@ -62,12 +73,20 @@ def status_line(batch: Batch) -> str:
 
 
 class BatchProgress:
-    """A context manager: call `update(batch)` with each state polled."""
+    """A context manager: call `update(batch)` with each state polled, `say(message)` for a note."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        console: Console | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        line_every: float = LINE_EVERY_SECONDS,
+    ) -> None:
         self.console = console or Console(stderr=True)
-        self.meter = RateMeter()
+        self.clock = clock
+        self.line_every = line_every
+        self.meter = RateMeter(clock)
         self.last_status: str | None = None
+        self.last_line_at = 0.0
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         if self.console.is_terminal:
@@ -94,12 +113,20 @@ class BatchProgress:
         if self.progress is not None:
             self.progress.stop()
 
+    def say(self, message: str) -> None:
+        """A line on the console (above the bar on a terminal)."""
+        self.console.print(message, highlight=False, soft_wrap=True, markup=False)
+
     def update(self, batch: Batch) -> None:
         completed, failed, total = counts(batch)
         rate, left = self.meter.update(completed + failed, total)
         if self.progress is None or self.task is None:
-            if batch.status != self.last_status:  # one line per status change, not per poll
-                self.console.print(status_line(batch), highlight=False, soft_wrap=True)
+            now = self.clock()
+            # A line per status change, not per poll; and the counts now and then, or a long batch shows one line.
+            if batch.status != self.last_status or now - self.last_line_at >= self.line_every:
+                pace = " ".join(part for part in (rate_text(rate), eta_text(left, batch.status)) if part)
+                self.say(f"{status_line(batch)} {pace}".rstrip())
+                self.last_line_at = now
         else:
             self.progress.update(
                 self.task,
@@ -107,7 +134,7 @@ class BatchProgress:
                 completed=completed + failed,
                 status=batch.status,
                 failed=failed,
-                rate=f"{rate:.1f} req/s" if rate else "",
-                eta=f"ETA {format_seconds(left)}" if left is not None and batch.status == "in_progress" else "",
+                rate=rate_text(rate),
+                eta=eta_text(left, batch.status),
             )
         self.last_status = batch.status

@@ -5,13 +5,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import openai
 from openai.types import Batch
 
 from llama_batches import client as api
 from llama_batches import jsonl
 from llama_batches.output import note
-from llama_batches.progress import BatchProgress
+from llama_batches.progress import BatchProgress, format_seconds
 
 MAX_USER_METADATA = 14  # of the 16 metadata pairs a batch may carry, two hold the key and the fingerprint
 RESERVED_PREFIX = "llama_batches_"
@@ -127,12 +129,33 @@ def announce(plan: Plan, batch: Batch, reattached: bool) -> None:
     )
 
 
-def follow(conn: api.Connection, batch: Batch, again: str) -> Batch:
-    """Follow a batch with the progress display until it ends; Ctrl-C leaves it running."""
+def sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def follow(conn: api.Connection, batch: Batch, again: str, **polling: Any) -> Batch:
+    """Follow a batch with the progress display until it ends; Ctrl-C leaves it running, and so does an
+    outage longer than `api.follow` rides out. `polling`: options of `api.follow` (tests pass a clock)."""
     if batch.status in api.TERMINAL_STATUSES:
         return batch
+    limit = format_seconds(polling.get("outage_limit", api.OUTAGE_LIMIT_SECONDS))
     try:
-        with BatchProgress() as progress, api.readable_errors(conn.base_url):
-            return api.follow(conn.client, batch.id, progress.update)
+        with BatchProgress() as progress:
+
+            def outage(error: openai.OpenAIError | None) -> None:
+                if error is None:
+                    progress.say(f"{conn.base_url} answers again: following batch {batch.id}.")
+                else:
+                    progress.say(
+                        f"{sentence(api.describe(error, conn.base_url))} Trying again for up to {limit} "
+                        f"(batch {batch.id} runs on the server meanwhile)."
+                    )
+
+            return api.follow(conn.client, batch.id, progress.update, outage, **polling)
     except KeyboardInterrupt:
         raise Interrupted(f"batch {batch.id} keeps running on the server (not cancelled). {again}") from None
+    except openai.OpenAIError as error:
+        reason = api.describe(error, conn.base_url)
+        if api.transient(error):  # `api.follow` gave up on it: the batch itself is most likely fine
+            reason = f"{sentence(reason)} Gave up after {limit}; batch {batch.id} keeps running on the server. {again}"
+        raise api.CliError(reason) from error

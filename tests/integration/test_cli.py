@@ -115,6 +115,14 @@ def test_a_failed_request_exits_1_and_keeps_its_place(base_url: str, tmp_path: P
     assert [answer["custom_id"] for answer in read_jsonl(tmp_path / "split.errors.jsonl")] == ["req-2"]
 
 
+def following(stderr: str) -> bool:
+    """Whether `run` has printed the progress line of the batch it created: it is following it."""
+    if "created batch " not in stderr:
+        return False
+    batch_id = stderr.split("created batch ")[1].split(".")[0]
+    return any(line.startswith(f"{batch_id}: ") for line in stderr.splitlines())
+
+
 def test_interrupted_run_leaves_the_batch_running_and_the_same_command_reattaches(
     base_url: str, tmp_path: Path, standin: StandInControl, openai_client: OpenAI
 ) -> None:
@@ -138,11 +146,11 @@ def test_interrupted_run_leaves_the_batch_running_and_the_same_command_reattache
         )
         try:
             deadline = time.monotonic() + 30
-            while "created batch" not in stderr_path.read_text():  # the batch exists: interrupt the follow
+            # The first progress line ("batch_...: validating"): the batch exists and the command follows it.
+            while not following(stderr_path.read_text()):
                 assert process.poll() is None, stderr_path.read_text()
                 assert time.monotonic() < deadline, stderr_path.read_text()
-                time.sleep(0.1)
-            time.sleep(0.5)
+                time.sleep(0.05)
             process.send_signal(signal.SIGINT)
             process.wait(timeout=20)
         finally:

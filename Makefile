@@ -5,16 +5,28 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8321
 
-.PHONY: setup run demo test unit integration lint bench dist clean
+.PHONY: setup run demo test unit integration lint bench dist clean setup-ogx run-ogx test-ogx
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
 		{ echo "llama-stack 0.7 needs Python >= 3.12; $(PYTHON) is older (set PYTHON=/path/to/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,responses,cli]'
+	$(PY) -m pip install --quiet -e '.[llama-stack,test,responses,cli]'
 	$(PY) tools/tiktoken_cache.py
 	touch $(STAMP)
+
+# The same package on OGX 1.x, in an environment of its own (the two stacks pin mcp differently).
+VENV_OGX := .venv-ogx
+PY_OGX := $(VENV_OGX)/bin/python
+STAMP_OGX := $(VENV_OGX)/.installed
+
+$(STAMP_OGX): pyproject.toml
+	$(PYTHON) -m venv $(VENV_OGX)
+	$(PY_OGX) -m pip install --quiet --upgrade pip
+	$(PY_OGX) -m pip install --quiet -e '.[ogx,test,responses,cli]'
+	$(PY_OGX) tools/tiktoken_cache.py
+	touch $(STAMP_OGX)
 
 setup: $(STAMP)
 
@@ -27,6 +39,14 @@ demo: setup  ## submit a small batch to the server of `make run` and print its r
 test: setup  ## lint, unit and integration tests
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+setup-ogx: $(STAMP_OGX)
+
+run-ogx: setup-ogx  ## serve run-ogx.yaml with OGX 1.x on $(PORT)
+	$(PY_OGX) tools/serve.py --port $(PORT)
+
+test-ogx: setup-ogx  ## the unit suite, and the integration tests of tests/integration/ogx_subset.txt, on OGX
+	$(PY_OGX) -m pytest -q -p no:cacheprovider tests/unit $$(cat tests/integration/ogx_subset.txt)
 
 unit: setup
 	$(PY) -m pytest -q tests/unit
@@ -41,4 +61,4 @@ dist: setup  ## build the wheel and sdist into dist/ (pip install dist/*.whl els
 	$(PY) -m build --outdir dist .
 
 clean:  ## delete the venv (with the tokenizer cache), the state of `make run` (batches, files), dist/ and caches
-	rm -rf $(VENV) .state dist build .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VENV_OGX) .state dist build .pytest_cache .ruff_cache *.egg-info

@@ -13,11 +13,10 @@ import asyncio
 from collections.abc import Callable
 from enum import Enum
 
-from llama_stack.log import get_logger
-
 from .config import BatchesProviderConfig
 from .job import BatchJob
 from .leases import wait_at_most
+from .stack import get_logger
 from .store import BatchStore, Lease, LeaseLostError, StoredBatch
 
 logger = get_logger(name=__name__, category="providers")

@@ -9,8 +9,9 @@ value is honoured). Every setting added here has a default that is safe for prod
 
 from typing import Any
 
-from llama_stack.core.storage.datatypes import KVStoreReference, SqlStoreReference
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from .stack import KVStoreReference, SqlStoreReference
 
 # Batches running side by side in one process when `max_concurrent_batches` is unset: each holds its
 # input file in memory while it runs, so even "no limit" needs one.
@@ -19,14 +20,30 @@ BATCHES_SIDE_BY_SIDE = 32
 NEW_OWNER_SHARE = 4
 
 
+OGX_TABLE_SUFFIX = "_jobs"  # after the table name of OGX's built-in provider's `sqlstore`
+
+
 class BatchesProviderConfig(BaseModel):
     """Configuration of the batches provider."""
 
-    kvstore: KVStoreReference = Field(
+    @model_validator(mode="before")
+    @classmethod
+    def _from_ogx_builtin(cls, data: Any) -> Any:
+        """Take OGX's built-in provider's `sqlstore` as the backend of `sql_store`, in a table of its own:
+        the built-in provider's table of that name has another layout."""
+        if isinstance(data, dict) and "sqlstore" in data and "sql_store" not in data:
+            data = dict(data)
+            reference = dict(data.pop("sqlstore") or {})
+            reference["table_name"] = f"{reference.get('table_name') or 'batches'}{OGX_TABLE_SUFFIX}"
+            data["sql_store"] = reference
+        return data
+
+    kvstore: KVStoreReference | None = Field(
+        default=None,
         description=(
-            "The built-in provider's store (a `kv_*` backend and a namespace). Batches an earlier release kept"
-            " there are moved into `sql_store` at start-up; nothing new is written to it."
-        )
+            "llama-stack's built-in provider's store (a `kv_*` backend and a namespace). Batches an earlier"
+            " release kept there are moved into `sql_store` at start-up; nothing new is written to it."
+        ),
     )
     sql_store: SqlStoreReference = Field(
         default_factory=lambda: SqlStoreReference(backend="sql_default", table_name="batches"),

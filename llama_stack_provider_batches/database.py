@@ -19,8 +19,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from llama_stack.core.storage.datatypes import SqlAlchemySqlStoreConfig, SqlStoreReference
-from llama_stack.core.storage.sqlstore.sqlstore import sqlstore_impl
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -43,10 +41,12 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .ownership import scope_of
+from .stack import SqlStoreReference, sql_engine_url
 from .store import StoredBatch
 
 CREATE_ATTEMPTS = 5  # worker processes starting together race to create the tables
@@ -150,11 +150,7 @@ class Database:
     """Connections to the provider's SQL database, made for the running event loop."""
 
     def __init__(self, reference: SqlStoreReference) -> None:
-        backend = sqlstore_impl(reference)
-        config = getattr(backend, "config", None)
-        if not isinstance(config, SqlAlchemySqlStoreConfig):
-            raise ValueError(f"The batches sql_store backend {reference.backend!r} is not a SQLite or PostgreSQL one.")
-        self.url = config.engine_str
+        self.url = make_url(sql_engine_url(reference))
         self.batches, self.shards, self.chunks = define_tables(reference.table_name)
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
@@ -162,13 +158,13 @@ class Database:
 
     @property
     def is_postgres(self) -> bool:
-        return self.url.startswith("postgresql")
+        return self.url.get_backend_name() == "postgresql"
 
     def engine(self) -> AsyncEngine:
         """The engine of the running event loop (the stack starts providers in a loop of its own)."""
         loop = asyncio.get_running_loop()
         if self._engine is None or self._engine_loop is not loop:
-            is_sqlite = self.url.startswith("sqlite")
+            is_sqlite = self.url.get_backend_name() == "sqlite"
             engine = create_async_engine(
                 self.url, pool_pre_ping=True, connect_args={"timeout": 15.0} if is_sqlite else {}
             )

@@ -9,8 +9,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import openai
-from llama_stack.log import get_logger
-from llama_stack_api import (
+from pydantic import BaseModel, ValidationError
+
+from . import formats, telemetry
+from .input_file import RequestLine
+from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .stack import (
     CreateResponseRequest,
     Inference,
     OpenAIChatCompletionRequestWithExtraBody,
@@ -18,12 +22,8 @@ from llama_stack_api import (
     OpenAIEmbeddingsRequestWithExtraBody,
     Responses,
     RunModerationRequest,
+    get_logger,
 )
-from pydantic import BaseModel, ValidationError
-
-from . import formats, telemetry
-from .input_file import RequestLine
-from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
 from .stack_apis import EndpointUnavailableError, StackAPIs
 
 logger = get_logger(name=__name__, category="providers")

@@ -32,9 +32,6 @@ import contextvars
 import time
 from collections.abc import Callable, Iterator
 
-from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files
-
 from . import telemetry
 from .attempts import Ending, JobAttempts
 from .config import BatchesProviderConfig
@@ -47,6 +44,7 @@ from .resilience import RateLimiter, RetryPolicy
 from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
+from .stack import BatchObject, Files, get_logger
 from .stack_apis import StackAPIs
 from .store import BatchStore, Lease
 

@@ -23,14 +23,22 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 from fastapi import UploadFile
-from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files, ListFilesRequest, OpenAIFilePurpose, Order, UploadFileRequest
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
 
 from .lifecycle import transition
 from .results import ResultEntry, ResultSpool, Tally, decode_results
+from .stack import (
+    BatchObject,
+    Files,
+    ListFilesRequest,
+    OpenAIFilePurpose,
+    OpenAIFileUploadPurpose,
+    Order,
+    UploadFileRequest,
+    get_logger,
+)
 from .store import BatchStore, Lease
 
 logger = get_logger(name=__name__, category="providers")
@@ -147,7 +155,7 @@ class Finalizer:
     async def _upload(self, kind: str, content: BinaryIO) -> str:
         upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
         uploaded = await self.files.openai_upload_file(
-            request=UploadFileRequest(purpose=OpenAIFilePurpose.BATCH), file=upload
+            request=UploadFileRequest(purpose=OpenAIFileUploadPurpose.BATCH), file=upload
         )
         return uploaded.id
 

@@ -30,9 +30,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 
-from llama_stack.log import get_logger
-
 from .scheduler import Scheduler
+from .stack import get_logger
 
 logger = get_logger(name=__name__, category="providers")
 

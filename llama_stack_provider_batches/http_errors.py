@@ -21,13 +21,18 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.log import get_logger
-from llama_stack_api import Api, BatchNotFoundError, ConflictError
-from llama_stack_api.batches.fastapi_routes import create_router
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .stack import (
+    AccessDeniedError,
+    Api,
+    BatchNotFoundError,
+    ConflictError,
+    create_router,
+    fastapi_router_registry,
+    get_logger,
+)
 from .user_limits import LimitReachedError
 from .validation import InvalidParameterError
 
@@ -126,10 +131,6 @@ def use_openai_error_routes() -> bool:
     providers are built: replacing the entry for batches here changes nothing else. A stack without
     that registry keeps its own routes, and errors keep its shape (a message only).
     """
-    try:
-        from llama_stack.core.server import fastapi_router_registry
-    except ImportError:
-        return False
     factories = getattr(fastapi_router_registry, "_ROUTER_FACTORIES", None)
     current = factories.get(Api.batches.value) if isinstance(factories, dict) else None
     if current is routes_answering_openai_errors:  # a second provider built in this process

@@ -8,8 +8,7 @@ silently returning a batch for different input would hide a client bug.
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from llama_stack_api import BatchObject, ConflictError
-
+from .stack import BatchObject, ConflictError
 from .validation import shown
 
 

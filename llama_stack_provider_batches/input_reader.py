@@ -12,17 +12,18 @@ Files API (an outage) is raised as it is, for the engine to try again later.
 import asyncio
 from collections import Counter
 
-from llama_stack_api import (
-    BatchObject,
-    Files,
-    GetModelRequest,
-    RetrieveFileContentRequest,
-    RetrieveFileRequest,
-)
-from llama_stack_api.common.errors import ResourceNotFoundError
 from openai.types.batch_error import BatchError
 
 from .input_file import MAX_FILE_BYTES, MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error, parse_input
+from .stack import (
+    BatchObject,
+    Files,
+    GetModelRequest,
+    ResourceNotFoundError,
+    RetrieveFileContentRequest,
+    RetrieveFileRequest,
+    response_bytes,
+)
 from .stack_apis import StackAPIs, unavailable_message
 from .validation import quoted
 
@@ -47,7 +48,7 @@ async def input_content(files: Files, file_id: str) -> bytes | None:
     if info.bytes > MAX_FILE_BYTES:
         return None
     response = await files.openai_retrieve_file_content(RetrieveFileContentRequest(file_id=file_id))
-    return bytes(response.body)
+    return await response_bytes(response)
 
 
 async def read_checked_input(files: Files, apis: StackAPIs, batch: BatchObject) -> ParsedInput:
@@ -83,7 +84,7 @@ async def read_requests(files: Files, batch: BatchObject) -> InputIndex:
         if is_missing_file(exc):
             raise InputFileGone(batch.input_file_id) from exc
         raise
-    parsed = await asyncio.to_thread(parse_input, bytes(response.body), batch.endpoint)
+    parsed = await asyncio.to_thread(parse_input, await response_bytes(response), batch.endpoint)
     if parsed.errors:  # files do not change: whatever is under this id now is not the batch's input
         raise InputFileGone(batch.input_file_id)
     return parsed.index

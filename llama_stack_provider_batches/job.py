@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llama_stack.log import get_logger
-from llama_stack_api import BatchObject, Files
 from openai.types.batch import Errors
 from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
@@ -45,6 +43,7 @@ from .ownership import UNOWNED_SCOPE, acting_as, carries_request_credentials, sc
 from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun, Stop
 from .shards import split
+from .stack import BatchObject, Files, get_logger
 from .stack_apis import StackAPIs
 from .store import BatchStore, Lease, StoredBatch
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from llama_stack.log import get_logger
+from .stack import get_logger
 
 logger = get_logger(name=__name__, category="providers")
 

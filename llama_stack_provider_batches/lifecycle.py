@@ -17,7 +17,7 @@ Entering a status stamps its timestamp field (`in_progress_at`, `failed_at`, ...
 
 from typing import Any, Literal
 
-from llama_stack_api import BatchObject, ConflictError
+from .stack import BatchObject, ConflictError
 
 BatchStatus = Literal[
     "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"

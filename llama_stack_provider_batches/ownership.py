@@ -16,13 +16,24 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import yaml
-from llama_stack.core.access_control.access_control import AccessDeniedError, is_action_allowed
-from llama_stack.core.access_control.datatypes import AccessRule, Action, RouteAccessRule
-from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
-from llama_stack.core.server.auth import RouteAuthorizationMiddleware
-from llama_stack.core.stack import replace_env_vars
 from pydantic import BaseModel
+
+from .stack import (
+    CONFIG_VARIABLE,
+    PROVIDER_DATA_VAR,
+    AccessDeniedError,
+    AccessRule,
+    Action,
+    RequestProviderDataContext,
+    RouteAccessRule,
+    User,
+    get_authenticated_user,
+    is_action_allowed,
+    replace_env_vars,
+    route_allowed,
+    tenant_of,
+    user,
+)
 
 UNOWNED_SCOPE = "_"
 
@@ -32,9 +43,10 @@ class Owner(BaseModel):
 
     principal: str
     attributes: dict[str, list[str]] | None = None
+    tenant_id: str | None = None  # OGX's tenancy; None on llama-stack
 
     def as_user(self) -> User:
-        return User(self.principal, self.attributes)
+        return user(self.principal, self.attributes, self.tenant_id)
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,19 @@ class BatchResource:
 
 def current_owner() -> Owner | None:
     """The authenticated caller of the current request, if authentication is on."""
-    user = get_authenticated_user()
-    return None if user is None else Owner(principal=user.principal, attributes=user.attributes)
+    caller = get_authenticated_user()
+    if caller is None:
+        return None
+    return Owner(principal=caller.principal, attributes=caller.attributes, tenant_id=tenant_of(caller))
 
 
 def scope_of(owner: Owner | None) -> str:
     """The storage scope of an owner's idempotency keys and list index."""
-    return UNOWNED_SCOPE if owner is None else hashlib.sha256(owner.principal.encode()).hexdigest()[:32]
+    if owner is None:
+        return UNOWNED_SCOPE
+    # A tenant's users are not another tenant's, even with the same principal (OGX).
+    who = owner.principal if owner.tenant_id is None else f"{owner.tenant_id}\x00{owner.principal}"
+    return hashlib.sha256(who.encode()).hexdigest()[:32]
 
 
 def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | None) -> bool:
@@ -116,18 +134,17 @@ def acting_as(owner: Owner | None) -> AbstractContextManager[None]:
 class RouteGuard:
     """The stack's route policy (`server.auth.route_policy`), applied to the endpoint a batch would call.
 
-    A user the policy forbids `/v1/embeddings` may not get embeddings through a batch either. The
-    stack does not hand its route policy to providers, so it is read from the run config the server
-    was started with (`LLAMA_STACK_CONFIG`) and judged by the stack's own route middleware.
+    A user the policy forbids `/v1/embeddings` may not get embeddings through a batch either. OGX hands
+    the route policy to get_provider_impl; llama-stack does not, so there it is read from the run
+    config the server was started with (`LLAMA_STACK_CONFIG`).
     """
 
     def __init__(self, route_policy: list[RouteAccessRule]) -> None:
-        self._middleware = RouteAuthorizationMiddleware(app=None, route_policy=route_policy)  # type: ignore[arg-type]
-        self._enabled = bool(route_policy)
+        self._route_policy = route_policy
 
     @classmethod
     def from_stack_config(cls, path: str | None = None) -> "RouteGuard":
-        path = path or os.environ.get("LLAMA_STACK_CONFIG")
+        path = path or os.environ.get(CONFIG_VARIABLE)
         if not path or not os.path.isfile(path):
             return cls([])
         with open(path) as config_file:
@@ -137,4 +154,4 @@ class RouteGuard:
 
     def allows(self, endpoint: str) -> bool:
         """Whether the current caller may use `endpoint` under the route policy."""
-        return not self._enabled or self._middleware._is_route_allowed(endpoint, get_authenticated_user())
+        return route_allowed(endpoint, get_authenticated_user(), self._route_policy)

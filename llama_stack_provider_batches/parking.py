@@ -14,9 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from llama_stack.log import get_logger
-from llama_stack_api import BatchObject
-
+from .stack import BatchObject, get_logger
 from .store import BatchStore, Lease
 from .user_limits import LimitReachedError
 

@@ -1,6 +1,6 @@
 """The provider spec llama-stack reads when run.yaml names `module: llama_stack_provider_batches`."""
 
-from llama_stack_api import Api, InlineProviderSpec
+from .stack import Api, InlineProviderSpec, optional_apis
 
 
 def get_provider_spec() -> InlineProviderSpec:
@@ -13,6 +13,6 @@ def get_provider_spec() -> InlineProviderSpec:
         module="llama_stack_provider_batches",
         config_class="llama_stack_provider_batches.config.BatchesProviderConfig",
         api_dependencies=[Api.inference, Api.files, Api.models],
-        optional_api_dependencies=[Api.responses, Api.safety, Api.shields],
+        optional_api_dependencies=optional_apis(),
         description="Durable OpenAI-compatible Batch API with idempotent creation.",
     )

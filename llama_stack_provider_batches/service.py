@@ -15,22 +15,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.core.access_control.datatypes import AccessRule, Action
-from llama_stack.core.request_headers import get_authenticated_user
-from llama_stack.log import get_logger
-from llama_stack_api import (
-    Batches,
-    BatchNotFoundError,
-    BatchObject,
-    CancelBatchRequest,
-    ConflictError,
-    CreateBatchRequest,
-    ListBatchesRequest,
-    ListBatchesResponse,
-    RetrieveBatchRequest,
-    RetrieveFileRequest,
-)
 from openai.types.batch_request_counts import BatchRequestCounts
 
 from . import idempotency, telemetry
@@ -47,6 +31,23 @@ from .ownership import (
     current_owner,
     may,
     scope_of,
+)
+from .stack import (
+    AccessDeniedError,
+    AccessRule,
+    Action,
+    Batches,
+    BatchNotFoundError,
+    BatchObject,
+    CancelBatchRequest,
+    ConflictError,
+    CreateBatchRequest,
+    ListBatchesRequest,
+    ListBatchesResponse,
+    RetrieveBatchRequest,
+    RetrieveFileRequest,
+    get_authenticated_user,
+    get_logger,
 )
 from .stack_apis import StackAPIs, unavailable_message
 from .store import BatchStore, StoredBatch

@@ -14,9 +14,6 @@ import contextvars
 import time
 from collections.abc import Callable
 
-from llama_stack.log import get_logger
-from llama_stack_api import Files
-
 from .endpoints import RequestSender
 from .input_reader import read_requests
 from .leases import STORE_CALL_SECONDS
@@ -25,6 +22,7 @@ from .ownership import acting_as, scope_of
 from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun
 from .shards import ShardLease
+from .stack import Files, get_logger
 from .store import BatchStore
 
 logger = get_logger(name=__name__, category="providers")

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from llama_stack.log import get_logger
-from llama_stack_api import BatchObject
 from pydantic import BaseModel
 
 from .endpoints import DeadlineReached, RequestSender, result_for_exception, result_for_response
@@ -29,6 +27,7 @@ from .result_log import ResultLog
 from .results import ResultEntry, Tally, decode_results
 from .scheduler import Scheduler, Slot
 from .shards import ShardLease
+from .stack import BatchObject, get_logger
 from .store import BatchStore, LeaseLostError
 
 logger = get_logger(name=__name__, category="providers")

@@ -20,11 +20,11 @@ job, in the process holding those credentials, runs them.
 import uuid
 from dataclasses import dataclass
 
-from llama_stack_api import BatchObject
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 
 from .database import Database
 from .results import Tally
+from .stack import BatchObject
 from .store import UNFINISHED_STATUSES
 
 CLAIMABLE_STATUSES = ("in_progress",)  # a shard is claimed only while its batch runs

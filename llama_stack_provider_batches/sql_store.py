@@ -37,15 +37,13 @@ import time
 import uuid
 from collections.abc import Callable
 
-from llama_stack.core.storage.datatypes import SqlStoreReference
-from llama_stack_api import BatchNotFoundError, BatchObject
-from llama_stack_api.internal.kvstore import KVStore
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .database import Database, SqlChunks, batch_row, idempotency_ref
 from .ownership import scope_of
 from .shards import ShardStore
+from .stack import BatchNotFoundError, BatchObject, KVStore, SqlStoreReference
 from .store import (
     RUNNING_STATUSES,
     UNFINISHED_STATUSES,
@@ -66,7 +64,7 @@ class SQLBatchStore(BatchStore):
     def __init__(
         self,
         reference: SqlStoreReference,
-        kvstore: KVStore,
+        kvstore: KVStore | None,
         namespace: str,
         on_move: Callable[[BatchObject, BatchObject], None] | None = None,
     ) -> None:
@@ -78,11 +76,12 @@ class SQLBatchStore(BatchStore):
         self.results = ResultChunks(chunks)
         self.request_ids = RequestIds(chunks)
         self.shards = ShardStore(self._db)
-        self._upgrade = LegacyUpgrade(kvstore, namespace, self._db)
+        self._upgrade = LegacyUpgrade(kvstore, namespace, self._db) if kvstore is not None else None
 
     async def initialize(self) -> None:
         await self._db.create_tables()
-        await self._upgrade.run()
+        if self._upgrade is not None:  # no kvstore of an earlier release to read
+            await self._upgrade.run()
         await self.close()  # its connections belong to the start-up loop; serving opens new ones
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ access policy and the batch owner's identity apply as they do to a client's requ
 from dataclasses import dataclass
 from typing import Any
 
-from llama_stack_api import Inference, Models, Responses, Safety, Shields
+from .stack import Inference, Models, Responses, Safety, Shields
 
 # The endpoints OpenAI's Batch API accepts that this provider runs, with the stack API serving each.
 ENDPOINT_APIS: dict[str, str] = {

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from llama_stack_api import BatchNotFoundError, BatchObject
 from pydantic import BaseModel
 
 from .lifecycle import BatchStatus
 from .ownership import Owner
 from .results import ResultEntry, encode_results
+from .stack import BatchNotFoundError, BatchObject
 
 if TYPE_CHECKING:
     from .shards import ShardStore

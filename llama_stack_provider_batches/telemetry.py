@@ -22,12 +22,12 @@ from typing import Any
 
 import httpx
 import openai
-from llama_stack_api import BatchObject
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span
 
 from .lifecycle import is_terminal
+from .stack import BatchObject
 
 PREFIX = "llama_stack.batches."
 _meter = metrics.get_meter("llama_stack_provider_batches")

@@ -18,11 +18,10 @@ kvstore) makes later starts skip it all. Nothing is deleted from the kvstore.
 
 import json
 
-from llama_stack.log import get_logger
-from llama_stack_api.internal.kvstore import KVStore
 from sqlalchemy import select
 
 from .database import Database, SqlChunks, batch_row
+from .stack import KVStore, get_logger
 from .store import IDS_PER_CHUNK, UNFINISHED_STATUSES, StoredBatch
 from .validation import is_batch_id
 

@@ -15,10 +15,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from llama_stack_api import ConflictError, Files
-
 from .config import BatchesProviderConfig
 from .input_reader import input_content
+from .stack import ConflictError, Files
 from .store import BatchStore
 
 RATE_LIMIT_CODE = "rate_limit_exceeded"

@@ -24,9 +24,12 @@ from tools.tiktoken_cache import ensure_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_SCRIPT = REPO / "tools" / "standin_model_server.py"
-RUN_YAML = REPO / "run.yaml"
-REPLICAS_RUN_YAML = REPO / "run-replicas.yaml"  # several replicas over PostgreSQL and a shared files directory
 LLAMA = Path(sys.executable).parent / "llama"
+OGX = Path(sys.executable).parent / "ogx"
+# Which stack this environment has: llama-stack 0.7 (`llama stack run`), or OGX 1.x (`ogx run`).
+ON_OGX = OGX.exists() and not LLAMA.exists()
+RUN_YAML = REPO / ("run-ogx.yaml" if ON_OGX else "run.yaml")
+REPLICAS_RUN_YAML = REPO / "run-replicas.yaml"  # several replicas over PostgreSQL and a shared files directory
 OTEL_INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
 
 
@@ -196,6 +199,13 @@ def run_yaml_with_auth(directory: Path, auth_endpoint: str, route_policy: str = 
     return _run_yaml_copy(base, directory / f"{base.stem}-auth.yaml", add_auth)
 
 
+def stack_command(run_yaml: Path, port: int) -> list[str]:
+    """The command serving `run_yaml` on `port` with this environment's stack."""
+    if ON_OGX:
+        return [str(OGX), "run", str(run_yaml), "--port", str(port)]
+    return [str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
+
+
 def start_stack(
     log_dir: Path,
     state_dir: Path,
@@ -207,7 +217,7 @@ def start_stack(
     """`llama stack run <run_yaml>` on a free port with its state under `state_dir`, started through
     `launcher` if given (`opentelemetry-instrument`, say)."""
     port = free_port()
-    command = [*launcher, str(LLAMA), "stack", "run", str(run_yaml), "--port", str(port)]
+    command = [*launcher, *stack_command(run_yaml, port)]
     variables = {"STATE_DIR": str(state_dir), "MODEL_URL": model_url, **(env or {})}
     if not (variables.get("TIKTOKEN_CACHE_DIR") or os.environ.get("TIKTOKEN_CACHE_DIR")):
         variables["TIKTOKEN_CACHE_DIR"] = str(ensure_cache())

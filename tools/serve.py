@@ -19,7 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tools.tiktoken_cache import ensure_cache  # noqa: E402  (tools/ is not a package on sys.path)
+from tools.harness import RUN_YAML, stack_command  # noqa: E402  (tools/ is not a package on sys.path)
+from tools.tiktoken_cache import ensure_cache  # noqa: E402
 
 STANDIN = REPO / "tools" / "standin_model_server.py"
 
@@ -105,8 +106,7 @@ def main() -> None:
                 flush=True,
             )
         if not stopping:
-            llama = str(Path(sys.executable).parent / "llama")
-            command = [llama, "stack", "run", str(REPO / "run.yaml"), "--port", str(args.port)]
+            command = stack_command(RUN_YAML, args.port)  # llama-stack's, or OGX's where that is installed
             stack = subprocess.Popen(command, env=env, start_new_session=True)
             children.insert(0, stack)  # stopped first: it may still be sending to the stand-in
             health = f"http://{local if host in ('0.0.0.0', '::') else host}:{args.port}/v1/health"

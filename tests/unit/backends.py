@@ -7,7 +7,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from llama_stack.core.storage.datatypes import (
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from llama_stack_provider_batches.stack import (
+    KVStore,
     KVStoreReference,
     PostgresKVStoreConfig,
     PostgresSqlStoreConfig,
@@ -15,13 +19,10 @@ from llama_stack.core.storage.datatypes import (
     SqliteKVStoreConfig,
     SqliteSqlStoreConfig,
     SqlStoreReference,
+    kvstore_impl,
+    register_kvstore_backends,
+    register_sqlstore_backends,
 )
-from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
-from llama_stack.core.storage.sqlstore.sqlstore import register_sqlstore_backends
-from llama_stack_api.internal.kvstore import KVStore
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from tools.harness import server_up
 
 PORTS = {"postgres": 5432, "redis": 6379}

@@ -9,14 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llama_stack.core.request_headers import get_authenticated_user
-from llama_stack.core.storage.datatypes import KVStoreReference, SqliteKVStoreConfig, SqlStoreReference
-from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
-from llama_stack_api import Api, ModelNotFoundError
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
 from llama_stack_provider_batches.sql_store import SQLBatchStore
+from llama_stack_provider_batches.stack import (
+    Api,
+    KVStoreReference,
+    ModelNotFoundError,
+    SqliteKVStoreConfig,
+    SqlStoreReference,
+    get_authenticated_user,
+    kvstore_impl,
+    register_kvstore_backends,
+)
 from tests.unit.backends import sql_reference
 
 
@@ -210,6 +216,9 @@ def models() -> FakeModels:
     return FakeModels({"local/m-chat", "local/m-embed"})
 
 
+HAS_SAFETY = "safety" in Api.__members__  # OGX has no Safety API
+
+
 def stack_deps(files: FakeFiles, inference: FakeInference, models: FakeModels) -> dict[Api, Any]:
     """The APIs a stack serving every endpoint gives the provider."""
     return {
@@ -217,8 +226,7 @@ def stack_deps(files: FakeFiles, inference: FakeInference, models: FakeModels) -
         Api.inference: inference,
         Api.models: models,
         Api.responses: FakeResponses(inference),
-        Api.safety: FakeSafety(inference),
-        Api.shields: FakeShields(),
+        **({Api("safety"): FakeSafety(inference), Api("shields"): FakeShields()} if HAS_SAFETY else {}),
     }
 
 

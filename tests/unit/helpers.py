@@ -4,9 +4,8 @@ import asyncio
 import json
 from typing import Any
 
-from llama_stack_api import BatchObject
-
 from llama_stack_provider_batches import get_provider_impl
+from llama_stack_provider_batches.stack import BatchObject
 from tests.unit.conftest import stack_deps
 
 

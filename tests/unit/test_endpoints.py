@@ -8,8 +8,6 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llama_stack_api import OpenAIChatCompletion, OpenAIChatCompletionRequestWithExtraBody
-from llama_stack_api.common.errors import ResponseNotFoundError
 from pydantic import BaseModel, ValidationError
 
 from llama_stack_provider_batches import endpoints, formats
@@ -24,8 +22,13 @@ from llama_stack_provider_batches.endpoints import (
 )
 from llama_stack_provider_batches.input_file import RequestLine
 from llama_stack_provider_batches.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
+from llama_stack_provider_batches.stack import (
+    OpenAIChatCompletion,
+    OpenAIChatCompletionRequestWithExtraBody,
+    ResponseNotFoundError,
+)
 from llama_stack_provider_batches.stack_apis import EndpointUnavailableError, StackAPIs
-from tests.unit.conftest import FakeInference, FakeModels, FakeResponses, FakeSafety
+from tests.unit.conftest import HAS_SAFETY, FakeInference, FakeModels, FakeResponses, FakeSafety
 from tests.unit.test_formats import any_text, assert_result_line, json_values
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
@@ -107,16 +110,22 @@ async def test_call_endpoint_validates_and_dumps_the_response() -> None:
         await call_endpoint(apis, "/v1/images/generations", {"model": "m"})
 
 
-async def test_responses_and_moderations_run_through_their_apis() -> None:
+async def test_responses_run_through_the_responses_api() -> None:
     inference = FakeInference()
     responses = FakeResponses(inference)
-    apis = StackAPIs(inference, FakeModels(set()), responses, FakeSafety(inference))  # type: ignore[arg-type]
+    apis = StackAPIs(inference, FakeModels(set()), responses)  # type: ignore[arg-type]
     body = {"model": "local/m-chat", "input": "hello", "instructions": "be brief", "store": False}
     response = await call_endpoint(apis, "/v1/responses", body)
     assert response.object == "response"
     assert response_tokens(response) == (4, 6)  # a Response counts input_tokens and output_tokens
     assert responses.requests[0]["instructions"] == "be brief"
     assert responses.requests[0]["store"] is False
+
+
+@pytest.mark.skipif(not HAS_SAFETY, reason="OGX has no Safety API")
+async def test_moderations_run_through_the_safety_api() -> None:
+    inference = FakeInference()
+    apis = StackAPIs(inference, FakeModels(set()), safety=FakeSafety(inference))  # type: ignore[arg-type]
     moderation = await call_endpoint(apis, "/v1/moderations", {"input": ["a cake", "a bomb"]})
     assert [r["flagged"] for r in moderation.results] == [False, True]
     assert response_tokens(moderation) == (0, 0)  # moderations report no usage

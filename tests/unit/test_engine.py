@@ -6,12 +6,11 @@ import time
 from typing import Any
 
 import pytest
-from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import RequestProviderDataContext
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
 from llama_stack_provider_batches.idempotency import CreateParams
 from llama_stack_provider_batches.parking import TooManyWaitingBatchesError
+from llama_stack_provider_batches.stack import RequestProviderDataContext, User
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import (
     CHAT,

@@ -10,13 +10,18 @@ import pytest
 from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
-from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.core.server.fastapi_router_registry import build_fastapi_router
-from llama_stack_api import Api, BatchNotFoundError, ConflictError, CreateBatchRequest
 
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.http_errors import openai_error, use_openai_error_routes
 from llama_stack_provider_batches.idempotency import IdempotencyConflictError
+from llama_stack_provider_batches.stack import (
+    AccessDeniedError,
+    Api,
+    BatchNotFoundError,
+    ConflictError,
+    CreateBatchRequest,
+    fastapi_router_registry,
+)
 from llama_stack_provider_batches.user_limits import LimitReachedError
 from llama_stack_provider_batches.validation import InvalidParameterError
 
@@ -24,7 +29,7 @@ from llama_stack_provider_batches.validation import InvalidParameterError
 @pytest.fixture
 async def http(idle_provider: BatchesService) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of the batches routes the stack builds over the provider (the fixture ran get_provider_impl)."""
-    router = build_fastapi_router(Api.batches, idle_provider)
+    router = fastapi_router_registry.build_fastapi_router(Api.batches, idle_provider)
     assert router is not None
     app = FastAPI()
     app.include_router(router)
@@ -97,7 +102,7 @@ async def test_python_callers_of_the_routes_and_the_provider_still_get_exception
     idle_provider: BatchesService, sample_batch_data: dict[str, Any]
 ) -> None:
     # The stack's library client calls a route's function, not its HTTP handler.
-    router = build_fastapi_router(Api.batches, idle_provider)
+    router = fastapi_router_registry.build_fastapi_router(Api.batches, idle_provider)
     assert router is not None
     create = next(route for route in router.routes if route.path == "/v1/batches" and "POST" in route.methods)
     await create.endpoint(request=CreateBatchRequest(**sample_batch_data, idempotency_key="k"))

@@ -1,6 +1,5 @@
-from llama_stack_api import BatchObject, ConflictError
-
 from llama_stack_provider_batches.idempotency import CreateParams, conflict, same_request
+from llama_stack_provider_batches.stack import BatchObject, ConflictError
 from tests.unit.helpers import make_batch
 
 

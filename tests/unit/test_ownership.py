@@ -7,11 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.core.access_control.datatypes import AccessRule, Action, Scope
-from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
-from llama_stack_api import BatchNotFoundError
 
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.ownership import (
@@ -22,6 +17,17 @@ from llama_stack_provider_batches.ownership import (
     check_may_create,
     may,
     scope_of,
+)
+from llama_stack_provider_batches.stack import (
+    PROVIDER_DATA_VAR,
+    AccessDeniedError,
+    AccessRule,
+    Action,
+    BatchNotFoundError,
+    RequestProviderDataContext,
+    Scope,
+    User,
+    get_authenticated_user,
 )
 from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import CHAT, chat_line, jsonl

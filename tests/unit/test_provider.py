@@ -1,8 +1,8 @@
 import pytest
-from llama_stack_api import Api, Batches
 
 from llama_stack_provider_batches import BatchesProviderConfig, get_provider_impl
 from llama_stack_provider_batches.provider import get_provider_spec
+from llama_stack_provider_batches.stack import Api, Batches, optional_apis
 
 
 def test_spec_is_an_inline_batches_provider_with_its_dependencies() -> None:
@@ -10,7 +10,8 @@ def test_spec_is_an_inline_batches_provider_with_its_dependencies() -> None:
     assert spec.api == Api.batches
     assert set(spec.api_dependencies) == {Api.inference, Api.files, Api.models}
     # Responses and moderations need these; a stack without them still loads the provider.
-    assert set(spec.optional_api_dependencies) == {Api.responses, Api.safety, Api.shields}
+    assert set(spec.optional_api_dependencies) == set(optional_apis())
+    assert Api.responses in spec.optional_api_dependencies
     assert spec.module == "llama_stack_provider_batches"
     assert spec.config_class == "llama_stack_provider_batches.config.BatchesProviderConfig"
 

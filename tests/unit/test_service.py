@@ -4,20 +4,22 @@ import asyncio
 from typing import Any
 
 import pytest
-from llama_stack.core.access_control.access_control import AccessDeniedError
-from llama_stack.core.access_control.datatypes import AccessRule, Action, Scope
-from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import RequestProviderDataContext
-from llama_stack_api import (
+
+from llama_stack_provider_batches import BatchesService
+from llama_stack_provider_batches.stack import (
+    AccessDeniedError,
+    AccessRule,
+    Action,
     BatchNotFoundError,
     CancelBatchRequest,
     ConflictError,
     CreateBatchRequest,
     ListBatchesRequest,
+    RequestProviderDataContext,
     RetrieveBatchRequest,
+    Scope,
+    User,
 )
-
-from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.validation import InvalidParameterError
 from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import chat_line, jsonl

@@ -4,16 +4,17 @@ stack serves, result lines and usage, over fake APIs."""
 from typing import Any
 
 import pytest
-from llama_stack_api import Api
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
 from llama_stack_provider_batches.input_reader import read_checked_input
+from llama_stack_provider_batches.stack import Api
 from llama_stack_provider_batches.stack_apis import ENDPOINT_APIS, StackAPIs
 from llama_stack_provider_batches.validation import SUPPORTED_ENDPOINTS, InvalidParameterError
-from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, FakeShields, stack_deps
+from tests.unit.conftest import HAS_SAFETY, FakeFiles, FakeInference, FakeModels, FakeShields, stack_deps
 from tests.unit.helpers import jsonl, make_batch, read_lines
 
 RESPONSES = "/v1/responses"
+needs_safety = pytest.mark.skipif(not HAS_SAFETY, reason="OGX has no Safety API")
 MODERATIONS = "/v1/moderations"
 
 
@@ -54,6 +55,7 @@ async def test_a_responses_batch_completes_with_response_objects_and_their_usage
     assert (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (20, 30, 50)
 
 
+@needs_safety
 async def test_a_moderations_batch_uses_the_stacks_default_model_when_a_line_names_none(
     provider: BatchesService, files: FakeFiles
 ) -> None:
@@ -67,6 +69,7 @@ async def test_a_moderations_batch_uses_the_stacks_default_model_when_a_line_nam
     assert batch.usage.total_tokens == 0  # moderations report none
 
 
+@needs_safety
 async def test_a_moderation_model_is_known_only_as_a_shields_model(provider: BatchesService, files: FakeFiles) -> None:
     # local/m-chat is a model the stack serves, but no shield runs it: the safety API would refuse it.
     batch = await run(
@@ -77,11 +80,12 @@ async def test_a_moderation_model_is_known_only_as_a_shields_model(provider: Bat
     assert batch.errors.data[0].message == "The provided model 'local/m-chat' is not supported by the Batch API."
 
 
+@needs_safety
 async def test_a_moderation_without_a_model_needs_a_default_in_the_stack(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     deps = stack_deps(files, inference, models)
-    deps[Api.safety].safety_config.default_shield_id = None
+    deps[Api("safety")].safety_config.default_shield_id = None
     provider = await get_provider_impl(config, deps)
     try:
         batch = await run(
@@ -95,11 +99,12 @@ async def test_a_moderation_without_a_model_needs_a_default_in_the_stack(
         await provider.shutdown()
 
 
+@needs_safety
 async def test_a_moderation_model_of_two_shields_is_refused_as_the_safety_api_would(
     config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
 ) -> None:
     deps = stack_deps(files, inference, models)
-    shields: FakeShields = deps[Api.shields]
+    shields: FakeShields = deps[Api("shields")]
     shields.shields = [*shields.shields, shields.shields[0].model_copy(update={"identifier": "guard-2"})]
     provider = await get_provider_impl(config, deps)
     try:
@@ -152,6 +157,7 @@ async def test_a_batch_whose_api_the_stack_lost_since_its_create_fails_validatio
     assert "needs the stack's Responses API" in parsed.errors[0].message
 
 
+@needs_safety
 async def test_a_moderation_with_an_empty_or_null_model_uses_the_default_and_its_capacity(
     provider: BatchesService, files: FakeFiles
 ) -> None:

@@ -1,6 +1,9 @@
 import asyncio
 import threading
 
+import pytest
+
+from llama_stack_provider_batches.stack import PROVIDERS_BUILT_ON_SERVING_LOOP
 from llama_stack_provider_batches.startup import start_on_serving_loop
 
 
@@ -12,6 +15,7 @@ class ModelsTable:
         self.refreshes += 1
 
 
+@pytest.mark.skipif(PROVIDERS_BUILT_ON_SERVING_LOOP, reason="OGX builds providers on the serving loop")
 async def test_start_waits_for_a_refresh_on_another_loop() -> None:
     table = ModelsTable()
     starts: list[int] = []
@@ -25,6 +29,16 @@ async def test_start_waits_for_a_refresh_on_another_loop() -> None:
     thread.join()
     assert starts == [1]
     assert table.refreshes == 2
+
+
+@pytest.mark.skipif(not PROVIDERS_BUILT_ON_SERVING_LOOP, reason="llama-stack builds providers on a loop of their own")
+async def test_on_ogx_the_first_refresh_on_the_serving_loop_starts() -> None:
+    table = ModelsTable()
+    starts: list[int] = []
+    start_on_serving_loop(table, lambda: starts.append(1))
+    assert starts == []  # not while the provider is being built
+    await table.refresh()  # the stack's refresh right after building its providers, on the same loop
+    assert starts == [1]
 
 
 async def test_a_table_without_refresh_is_left_alone() -> None:

@@ -5,12 +5,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from llama_stack_api import BatchNotFoundError, BatchObject
 
 from llama_stack_provider_batches.lifecycle import transition
 from llama_stack_provider_batches.ownership import Owner, scope_of
 from llama_stack_provider_batches.results import ResultEntry, decode_results, encode_results
 from llama_stack_provider_batches.sql_store import SQLBatchStore
+from llama_stack_provider_batches.stack import BatchNotFoundError, BatchObject
 from llama_stack_provider_batches.store import BatchStore, StoredBatch
 from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from llama_stack_api.internal.kvstore import KVStore
 from openai.types.batch_request_counts import BatchRequestCounts
 
 from llama_stack_provider_batches.ownership import Owner, scope_of
 from llama_stack_provider_batches.results import ResultEntry, decode_results, encode_results
 from llama_stack_provider_batches.sql_store import SQLBatchStore
+from llama_stack_provider_batches.stack import KVStore
 from llama_stack_provider_batches.store import StoredBatch
 from tests.unit.backends import KV_BACKENDS, SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch

@@ -6,9 +6,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from llama_stack.core.datatypes import User
-from llama_stack.core.request_headers import RequestProviderDataContext
 
+from llama_stack_provider_batches.stack import RequestProviderDataContext, User
 from llama_stack_provider_batches.user_limits import LimitReachedError, count_requests
 from tests.unit.helpers import CHAT, chat_line, hold_requests, jsonl, provider_with, wait_for_status
 

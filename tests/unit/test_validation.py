@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llama_stack_api import OpenAIFilePurpose
 
+from llama_stack_provider_batches.stack import OpenAIFilePurpose
 from llama_stack_provider_batches.validation import (
     MAX_BATCH_ID_CHARS,
     MAX_IDEMPOTENCY_KEY_CHARS,

@@ -1,0 +1,289 @@
+"""The stack this provider runs in, llama-stack 0.7 or OGX 1.x, and every name it takes from that stack.
+
+OGX is llama-stack renamed (`llama_stack` is `ogx`, `llama_stack_api` is `ogx_api`): its APIs, request
+models and storage are the same but for the package prefix. Every other module imports stack names
+from here, never from `llama_stack*` or `ogx*`, so that one package runs on both. What differs beyond
+the names is below the imports, each difference in one function.
+
+Which stack: the one that has loaded its own modules before it loaded this provider; otherwise
+(tests, tools) the one installed, llama-stack first. No version is compared anywhere.
+"""
+
+import importlib.util
+import sys
+from typing import Any, Literal
+
+StackName = Literal["llama-stack", "ogx"]
+
+
+def _detect() -> StackName:
+    if "ogx" in sys.modules:
+        return "ogx"
+    if "llama_stack" in sys.modules or importlib.util.find_spec("llama_stack") is not None:
+        return "llama-stack"
+    return "ogx"
+
+
+STACK: StackName = _detect()
+
+if STACK == "llama-stack":
+    from llama_stack.core.access_control.access_control import AccessDeniedError, is_action_allowed
+    from llama_stack.core.access_control.datatypes import AccessRule, Action, RouteAccessRule, Scope
+    from llama_stack.core.datatypes import User
+    from llama_stack.core.request_headers import (
+        PROVIDER_DATA_VAR,
+        RequestProviderDataContext,
+        get_authenticated_user,
+    )
+    from llama_stack.core.server import fastapi_router_registry
+    from llama_stack.core.server.auth import RouteAuthorizationMiddleware as _RouteMiddleware
+    from llama_stack.core.stack import replace_env_vars
+    from llama_stack.core.storage.datatypes import (
+        KVStoreReference,
+        PostgresKVStoreConfig,
+        PostgresSqlStoreConfig,
+        RedisKVStoreConfig,
+        SqlAlchemySqlStoreConfig,
+        SqliteKVStoreConfig,
+        SqliteSqlStoreConfig,
+        SqlStoreReference,
+    )
+    from llama_stack.core.storage.kvstore import kvstore_impl, register_kvstore_backends
+    from llama_stack.core.storage.sqlstore import sqlstore as _sqlstore
+    from llama_stack.core.storage.sqlstore.sqlstore import register_sqlstore_backends
+    from llama_stack.log import get_logger
+    from llama_stack_api import (
+        Api,
+        Batches,
+        BatchNotFoundError,
+        BatchObject,
+        CancelBatchRequest,
+        ConflictError,
+        CreateBatchRequest,
+        CreateResponseRequest,
+        Files,
+        GetModelRequest,
+        Inference,
+        InlineProviderSpec,
+        ListBatchesRequest,
+        ListBatchesResponse,
+        ListFilesRequest,
+        ModelNotFoundError,
+        Models,
+        OpenAIChatCompletion,
+        OpenAIChatCompletionRequestWithExtraBody,
+        OpenAICompletionRequestWithExtraBody,
+        OpenAIEmbeddingsRequestWithExtraBody,
+        OpenAIFilePurpose,
+        Order,
+        Responses,
+        RetrieveBatchRequest,
+        RetrieveFileContentRequest,
+        RetrieveFileRequest,
+        RunModerationRequest,
+        Safety,
+        Shields,
+        UploadFileRequest,
+    )
+    from llama_stack_api.batches.fastapi_routes import create_router
+    from llama_stack_api.common.errors import ResourceNotFoundError, ResponseNotFoundError
+    from llama_stack_api.internal.kvstore import KVStore
+
+    OpenAIFileUploadPurpose = OpenAIFilePurpose  # one enum for uploads and listings in llama-stack
+else:
+    from ogx.core.access_control.access_control import AccessDeniedError, is_action_allowed
+    from ogx.core.access_control.datatypes import AccessRule, Action, RouteAccessRule, Scope
+    from ogx.core.access_control.route_access import is_route_allowed as _is_route_allowed
+    from ogx.core.datatypes import User
+    from ogx.core.request_headers import PROVIDER_DATA_VAR, RequestProviderDataContext, get_authenticated_user
+    from ogx.core.server import fastapi_router_registry
+    from ogx.core.stack import replace_env_vars
+    from ogx.core.storage.datatypes import (
+        KVStoreReference,
+        PostgresKVStoreConfig,
+        PostgresSqlStoreConfig,
+        RedisKVStoreConfig,
+        SqlAlchemySqlStoreConfig,
+        SqliteKVStoreConfig,
+        SqliteSqlStoreConfig,
+        SqlStoreReference,
+    )
+    from ogx.core.storage.kvstore import kvstore_impl, register_kvstore_backends
+    from ogx.core.storage.sqlstore import sqlstore as _sqlstore
+    from ogx.core.storage.sqlstore.sqlstore import register_sqlstore_backends
+    from ogx.log import get_logger
+    from ogx_api import (
+        Api,
+        Batches,
+        BatchNotFoundError,
+        BatchObject,
+        CancelBatchRequest,
+        ConflictError,
+        CreateBatchRequest,
+        CreateResponseRequest,
+        Files,
+        GetModelRequest,
+        Inference,
+        InlineProviderSpec,
+        ListBatchesRequest,
+        ListBatchesResponse,
+        ListFilesRequest,
+        ModelNotFoundError,
+        Models,
+        OpenAIChatCompletion,
+        OpenAIChatCompletionRequestWithExtraBody,
+        OpenAICompletionRequestWithExtraBody,
+        OpenAIEmbeddingsRequestWithExtraBody,
+        OpenAIFilePurpose,
+        OpenAIFileUploadPurpose,
+        Order,
+        Responses,
+        RetrieveBatchRequest,
+        RetrieveFileContentRequest,
+        RetrieveFileRequest,
+        UploadFileRequest,
+    )
+    from ogx_api.batches.fastapi_routes import create_router
+    from ogx_api.common.errors import ResourceNotFoundError, ResponseNotFoundError
+    from ogx_api.internal.kvstore import KVStore
+
+    # OGX has no Safety API (moderations): the provider never gets one, and `/v1/moderations` is refused
+    # as on a llama-stack without `safety` in its run.yaml. These stand for the absent types.
+    class Safety:
+        """The Safety API, which OGX does not have."""
+
+    class Shields:
+        """The Shields API, which OGX does not have."""
+
+    RunModerationRequest: Any = None
+
+__all__ = [
+    "PROVIDER_DATA_VAR",
+    "STACK",
+    "AccessDeniedError",
+    "AccessRule",
+    "Action",
+    "Api",
+    "BatchNotFoundError",
+    "BatchObject",
+    "Batches",
+    "CancelBatchRequest",
+    "ConflictError",
+    "CreateBatchRequest",
+    "CreateResponseRequest",
+    "Files",
+    "GetModelRequest",
+    "Inference",
+    "InlineProviderSpec",
+    "KVStore",
+    "KVStoreReference",
+    "ListBatchesRequest",
+    "ListBatchesResponse",
+    "ListFilesRequest",
+    "ModelNotFoundError",
+    "Models",
+    "OpenAIChatCompletion",
+    "OpenAIChatCompletionRequestWithExtraBody",
+    "OpenAICompletionRequestWithExtraBody",
+    "OpenAIEmbeddingsRequestWithExtraBody",
+    "OpenAIFilePurpose",
+    "OpenAIFileUploadPurpose",
+    "Order",
+    "PostgresKVStoreConfig",
+    "PostgresSqlStoreConfig",
+    "RedisKVStoreConfig",
+    "RequestProviderDataContext",
+    "ResourceNotFoundError",
+    "ResponseNotFoundError",
+    "Responses",
+    "RetrieveBatchRequest",
+    "RetrieveFileContentRequest",
+    "RetrieveFileRequest",
+    "RouteAccessRule",
+    "RunModerationRequest",
+    "Safety",
+    "Scope",
+    "Shields",
+    "SqlAlchemySqlStoreConfig",
+    "SqlStoreReference",
+    "SqliteKVStoreConfig",
+    "SqliteSqlStoreConfig",
+    "UploadFileRequest",
+    "User",
+    "create_router",
+    "fastapi_router_registry",
+    "get_authenticated_user",
+    "get_logger",
+    "is_action_allowed",
+    "kvstore_impl",
+    "register_kvstore_backends",
+    "register_sqlstore_backends",
+    "replace_env_vars",
+]
+
+
+# --- what differs beyond the names ---------------------------------------------------------------
+
+
+def optional_apis() -> list[Any]:
+    """The APIs the provider uses where the stack has them: Responses, and Safety with its shields."""
+    names = ("responses", "safety", "shields")
+    return [Api(name) for name in names if name in Api.__members__]
+
+
+def sql_engine_url(reference: SqlStoreReference) -> Any:
+    """The SQLAlchemy URL (a string, or a `sqlalchemy.URL` on OGX) of the backend `reference` names.
+
+    The provider runs its own engine on it (database.py). llama-stack builds the backend object
+    synchronously; OGX builds it only asynchronously, so its registered configuration is read.
+    """
+    if STACK == "llama-stack":
+        config = getattr(_sqlstore.sqlstore_impl(reference), "config", None)
+    else:
+        config = _sqlstore._SQLSTORE_BACKENDS.get(reference.backend)
+    if not isinstance(config, SqlAlchemySqlStoreConfig):
+        raise ValueError(f"The batches sql_store backend {reference.backend!r} is not a SQLite or PostgreSQL one.")
+    return config.engine_str
+
+
+def user(principal: str, attributes: dict[str, list[str]] | None, tenant_id: str | None = None) -> User:
+    """A stack user; OGX's have a tenant (llama-stack's have none, and `tenant_id` is then None)."""
+    if STACK == "ogx":
+        return User(principal, attributes, tenant_id=tenant_id)
+    return User(principal, attributes)
+
+
+def tenant_of(stack_user: Any) -> str | None:
+    return getattr(stack_user, "tenant_id", None)
+
+
+async def response_bytes(response: Any) -> bytes:
+    """The body of a Files API content response, whether whole (`body`) or streamed (`body_iterator`,
+    as OGX's S3 files provider answers)."""
+    iterator = getattr(response, "body_iterator", None)
+    if iterator is None:
+        return bytes(response.body)
+    parts = []
+    async for part in iterator:
+        parts.append(part if isinstance(part, bytes) else str(part).encode())
+    return b"".join(parts)
+
+
+def route_allowed(route: str, stack_user: Any, route_policy: list[RouteAccessRule]) -> bool:
+    """Whether the stack's route policy lets `stack_user` use `route`. OGX has a function for it;
+    llama-stack judges it in its route middleware only."""
+    if not route_policy:
+        return True
+    if STACK == "ogx":
+        return _is_route_allowed(route, stack_user, route_policy)
+    middleware = _RouteMiddleware(app=None, route_policy=route_policy)  # type: ignore[arg-type]
+    return middleware._is_route_allowed(route, stack_user)
+
+
+# The environment variable naming the run config the server was started with.
+CONFIG_VARIABLE = "OGX_CONFIG" if STACK == "ogx" else "LLAMA_STACK_CONFIG"
+
+
+# llama-stack builds providers in a temporary event loop, closed before serving starts; OGX builds them
+# on the serving loop (startup.py starts background work accordingly).
+PROVIDERS_BUILT_ON_SERVING_LOOP = STACK == "ogx"

@@ -1,12 +1,13 @@
 """Starting background work on the server's event loop, without waiting for a first request.
 
 OGX builds its providers on the serving loop and refreshes its routing tables right after, on that
-loop: background work starts at that first refresh of the models table. llama-stack builds its providers inside a temporary event loop (`asyncio.run` in a worker thread) that is closed
-before the server starts serving, so a task created while the provider is built dies with that
-loop. Right after start-up, on the serving loop, the stack refreshes its routing tables, the models
-table among them, which the provider receives as a dependency. Wrapping that table's `refresh`
-gives the provider a first call on the serving loop; the API methods call `start` too, for stacks
-that would not refresh.
+loop: background work starts at that first refresh of the models table. llama-stack builds its
+providers inside a temporary event loop (`asyncio.run` in a worker thread) that is closed before the
+server starts serving, so a task created while the provider is built dies with that loop. Right
+after start-up, on the serving loop, the stack refreshes its routing tables, the models table among
+them, which the provider receives as a dependency. Wrapping that table's `refresh` gives the
+provider a first call on the serving loop; the API methods call `start` too, for stacks that would
+not refresh.
 """
 
 import asyncio

@@ -13,9 +13,9 @@ from .http_errors import use_openai_error_routes
 from .ownership import RouteGuard
 from .service import BatchesService
 from .sql_store import SQLBatchStore
-from .stack import Api, kvstore_impl
+from .stack import DEPENDENCIES_SHUT_DOWN_FIRST, Api, inference_providers, kvstore_impl
 from .stack_apis import StackAPIs
-from .startup import start_on_serving_loop
+from .startup import start_on_serving_loop, stop_before
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
 
@@ -48,5 +48,8 @@ async def get_provider_impl(
     service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files], apis=apis)
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
+    if DEPENDENCIES_SHUT_DOWN_FIRST:  # OGX: requests in flight finish before the inference clients close
+        for dependency in inference_providers(deps[Api.inference]):
+            stop_before(dependency, runner.shutdown)
     use_openai_error_routes()
     return service

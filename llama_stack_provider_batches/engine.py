@@ -178,6 +178,8 @@ class BatchRunner:
         Running jobs stop dispatching, give their requests in flight `shutdown_grace_seconds`, store
         every result they have, and release their leases; so do parked batches.
         """
+        if self._stopping.is_set():  # stopped already (before the stack's inference: startup.stop_before)
+            return
         self._stopping.set()
         self._wake.set()
         if self._governing is not None:

@@ -287,3 +287,12 @@ CONFIG_VARIABLE = "OGX_CONFIG" if STACK == "ogx" else "LLAMA_STACK_CONFIG"
 # llama-stack builds providers in a temporary event loop, closed before serving starts; OGX builds them
 # on the serving loop (startup.py starts background work accordingly).
 PROVIDERS_BUILT_ON_SERVING_LOOP = STACK == "ogx"
+# OGX shuts providers down in the order it built them: a provider's dependencies before it.
+DEPENDENCIES_SHUT_DOWN_FIRST = STACK == "ogx"
+
+
+def inference_providers(router: Any) -> list[Any]:
+    """The inference router and the providers it routes to (each holds a client to its backend)."""
+    table = getattr(router, "routing_table", None)
+    providers = getattr(table, "impls_by_provider_id", None) or {}
+    return [router, *providers.values()]

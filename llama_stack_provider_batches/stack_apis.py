@@ -12,7 +12,7 @@ access policy and the batch owner's identity apply as they do to a client's requ
 from dataclasses import dataclass
 from typing import Any
 
-from .stack import Inference, Models, Responses, Safety, Shields
+from .stack import STACK, Api, Inference, Models, Responses, Safety, Shields
 
 # The endpoints OpenAI's Batch API accepts that this provider runs, with the stack API serving each.
 ENDPOINT_APIS: dict[str, str] = {
@@ -37,6 +37,8 @@ class EndpointUnavailableError(Exception):
 def unavailable_message(endpoint: str) -> str:
     """What a create, a validation or a request of `endpoint` says when the stack lacks its API."""
     api = ENDPOINT_APIS[endpoint]
+    if api not in Api.__members__:  # OGX has no Safety API at all
+        return f"The endpoint '{endpoint}' needs a {API_NAMES[api]} API, which this stack ({STACK}) does not have."
     return (
         f"The endpoint '{endpoint}' needs the stack's {API_NAMES[api]} API, which this stack does not serve "
         f"(add `{api}` to the apis and providers of its run.yaml)."

@@ -31,3 +31,21 @@ def start_on_serving_loop(models_table: Any, start: Callable[[], None]) -> None:
         return await refresh(*args, **kwargs)
 
     models_table.refresh = refresh_then_start
+
+
+def stop_before(dependency: Any, stop: Callable[[], Awaitable[None]]) -> None:
+    """Have `stop()` run before `dependency` shuts down.
+
+    OGX shuts its providers down in the order it built them, the inference router before the batches
+    provider: its clients would close under the requests still in flight, which would then run again
+    after a restart. Stopping the batches first gives them their grace period.
+    """
+    shutdown: Callable[[], Awaitable[Any]] | None = getattr(dependency, "shutdown", None)
+    if shutdown is None:
+        return
+
+    async def stop_then_shut_down() -> Any:
+        await stop()
+        return await shutdown()
+
+    dependency.shutdown = stop_then_shut_down

@@ -50,6 +50,9 @@ def test_make_run_refuses_busy_ports_and_stops_cleanly(tmp_path: Path) -> None:
     first = start_serve(tmp_path, port, standin_port, "first")
     try:
         wait_healthy(port)
+        deadline = time.monotonic() + 30  # serve.py says so once it has seen the stack answer too
+        while "Serving on" not in (tmp_path / "first.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         second = start_serve(tmp_path, port, standin_port, "second")
         assert second.wait(60) == 1
         said = (tmp_path / "second.log").read_text()

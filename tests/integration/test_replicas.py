@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,7 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
     provider down, which stores what is in flight and releases the lease: taken over at once,
     nothing repeated."""
     standin.configure(latency_mean=0.05)
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")  # the log's time format, to the second
     running = start_batch(cluster, requests=2000, until_completed=400)
     lines = running.lines
 
@@ -262,7 +264,7 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
     shards_done_by = Counter(
         server.url
         for server in [*cluster.servers, running.runner]
-        for run in server.shard_runs(running.batch_id)
+        for run in server.shard_runs(running.batch_id, since=started)
         if run["stop"] == "done"
     )
     record(

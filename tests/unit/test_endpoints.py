@@ -163,7 +163,7 @@ async def test_an_endpoint_whose_api_the_stack_lacks_fails_its_request_with_a_40
         await call_endpoint(only_inference(FakeInference()), endpoint, {"model": "m", "input": "x"})
     line = json.loads(result_for_exception(REQUEST, raised.value))
     assert line["response"]["status_code"] == 400
-    assert f"needs the stack's {api} API" in line["response"]["body"]["error"]["message"]
+    assert f"{api} API" in line["response"]["body"]["error"]["message"]
 
 
 class RouterWithStore:

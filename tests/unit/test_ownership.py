@@ -15,11 +15,13 @@ from llama_stack_provider_batches.ownership import (
     acting_as,
     carries_request_credentials,
     check_may_create,
+    current_owner,
     may,
     scope_of,
 )
 from llama_stack_provider_batches.stack import (
     PROVIDER_DATA_VAR,
+    STACK,
     AccessDeniedError,
     AccessRule,
     Action,
@@ -29,6 +31,7 @@ from llama_stack_provider_batches.stack import (
     User,
     get_authenticated_user,
 )
+from llama_stack_provider_batches.stack import user as stack_user
 from tests.unit.conftest import FakeFiles
 from tests.unit.helpers import CHAT, chat_line, jsonl
 
@@ -50,6 +53,24 @@ def owner(user: User) -> Owner:
 def test_scopes_separate_principals_and_unowned_batches() -> None:
     assert scope_of(None) == "_"
     assert scope_of(owner(ALICE)) == scope_of(owner(ALICE)) != scope_of(owner(BOB))
+
+
+def test_tenants_separate_owners_of_one_name() -> None:
+    in_a, in_b = Owner(principal="alice", tenant_id="a"), Owner(principal="alice", tenant_id="b")
+    assert len({scope_of(in_a), scope_of(in_b), scope_of(Owner(principal="alice"))}) == 3
+    # Without tenants (llama-stack) a scope is what it always was: stored batches keep their scope.
+    assert scope_of(Owner(principal="alice")) == scope_of(owner(ALICE))
+
+
+@pytest.mark.skipif(STACK != "ogx", reason="only OGX users have a tenant")
+def test_an_ogx_callers_tenant_is_the_owners_and_runs_with_the_batch() -> None:
+    caller = stack_user("alice", {"teams": ["red"]}, tenant_id="acme")
+    with signed_in(caller):
+        found = current_owner()
+    assert found is not None and found.tenant_id == "acme"
+    assert found.as_user().tenant_id == "acme"
+    with acting_as(found):
+        assert get_authenticated_user().tenant_id == "acme"
 
 
 def test_default_policy_owner_or_shared_attribute() -> None:

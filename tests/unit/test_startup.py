@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from llama_stack_provider_batches.stack import PROVIDERS_BUILT_ON_SERVING_LOOP
-from llama_stack_provider_batches.startup import start_on_serving_loop
+from llama_stack_provider_batches.startup import start_on_serving_loop, stop_before
 
 
 class ModelsTable:
@@ -45,3 +45,19 @@ async def test_a_table_without_refresh_is_left_alone() -> None:
     table = object()
     start_on_serving_loop(table, lambda: None)
     assert not hasattr(table, "refresh")
+
+
+async def test_stop_before_runs_the_stop_first_then_the_dependencys_shutdown() -> None:
+    order: list[str] = []
+
+    class Router:
+        async def shutdown(self) -> None:
+            order.append("router")
+
+    async def stop() -> None:
+        order.append("batches")
+
+    router = Router()
+    stop_before(router, stop)
+    await router.shutdown()
+    assert order == ["batches", "router"]

@@ -1,7 +1,9 @@
-"""llama-stack-provider-batches: a production-grade OpenAI Batch API provider for llama-stack.
+"""llama-stack-provider-batches: a production-grade OpenAI Batch API provider for llama-stack 0.7
+and OGX 1.x (stack.py tells them apart).
 
 Enable it by adding `module: llama_stack_provider_batches` to the batches provider of run.yaml.
-The stack then calls `provider.get_provider_spec()` and `get_provider_impl(config, deps, policy)`.
+The stack then calls `provider.get_provider_spec()` and `get_provider_impl(config, deps, policy)`
+(OGX adds its `route_policy`).
 """
 
 from typing import Any

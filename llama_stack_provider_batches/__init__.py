@@ -41,8 +41,8 @@ async def get_provider_impl(
         inference=deps[Api.inference],
         models=deps[Api.models],
         responses=deps.get(Api.responses),
-        safety=deps.get(Api("safety")) if "safety" in Api.__members__ else None,
-        shields=deps.get(Api("shields")) if "shields" in Api.__members__ else None,
+        safety=deps.get(Api.__members__.get("safety")),  # OGX's Api has no safety nor shields
+        shields=deps.get(Api.__members__.get("shields")),
     )
     runner = BatchRunner(store, config, apis, deps[Api.files])
     # OGX passes its route policy; llama-stack does not, and it is read from the run config instead.

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import formats, telemetry
 from .input_file import RequestLine
-from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds, status_code_of
 from .stack import (
     CreateResponseRequest,
     Inference,
@@ -310,9 +310,8 @@ def _line_for_exception(custom_id: str, exc: BaseException) -> str:
     if isinstance(exc, ValidationError):  # pydantic's own text quotes the input and links its docs
         problems = [(tuple(e["loc"]), e["msg"]) for e in exc.errors(include_url=False, include_input=False)]
         return formats.http_error_line(custom_id, 400, formats.invalid_body_error(problems))
-    status_code = getattr(exc, "status_code", None)  # the stack's own errors carry an httpx.codes member
-    if isinstance(status_code, int) and not isinstance(status_code, bool) and 400 <= status_code < 600:
-        status_code = int(status_code)
+    status_code = status_code_of(exc)
+    if status_code is not None and 400 <= status_code < 600:
         error_type = "invalid_request_error" if status_code < 500 else "server_error"
         code = getattr(exc, "code", None)
         error = {"message": str(exc), "type": error_type, "code": code if isinstance(code, str) else None}

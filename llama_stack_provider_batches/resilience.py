@@ -32,8 +32,9 @@ MAX_RETRY_AFTER_SECONDS = 600.0
 
 
 def status_code_of(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries, as a plain int (the stack's own errors carry an httpx.codes member)."""
     status = getattr(exc, "status_code", None)
-    return status if isinstance(status, int) else None
+    return int(status) if isinstance(status, int) and not isinstance(status, bool) else None
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span
 
 from .lifecycle import is_terminal
+from .resilience import status_code_of
 from .stack import BatchObject
 
 PREFIX = "llama_stack.batches."
@@ -115,9 +116,9 @@ def outcome_of(exc: BaseException | None) -> str:
     """A failure's kind, in few values: `succeeded`, `http_<status>`, `timeout`, `connection_error` or `error`."""
     if exc is None:
         return "succeeded"
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
-        return f"http_{int(status)}"
+    status = status_code_of(exc)
+    if status is not None and 100 <= status < 600:
+        return f"http_{status}"
     if isinstance(exc, TimeoutError | openai.APITimeoutError | httpx.TimeoutException):
         return "timeout"
     if isinstance(exc, ConnectionError | openai.APIConnectionError | httpx.TransportError):

@@ -15,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl
+from tests.processes import interrupt_when
 from tools.harness import ServerProcess, StandInControl, free_port
 
 
@@ -144,19 +145,8 @@ def test_interrupted_run_leaves_the_batch_running_and_the_same_command_reattache
             text=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        try:
-            deadline = time.monotonic() + 30
-            # The first progress line ("batch_...: validating"): the batch exists and the command follows it.
-            while not following(stderr_path.read_text()):
-                assert process.poll() is None, stderr_path.read_text()
-                assert time.monotonic() < deadline, stderr_path.read_text()
-                time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        # The first progress line ("batch_...: validating"): the batch exists and the command follows it.
+        interrupt_when(process, stderr_path, following)
     first = stderr_path.read_text()
 
     assert process.returncode == 130, first

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +25,7 @@ from llama_batches import client as api
 from llama_batches.console import Console
 from llama_batches.progress import BatchProgress
 from llama_batches.session import follow
+from tests.processes import interrupt_when
 
 URL = "http://127.0.0.1:9/v1"
 
@@ -381,18 +381,8 @@ def test_ctrl_c_while_waiting_exits_130_with_how_to_follow_again(server: FakeBat
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("w") as stderr:
         process = start(server, "wait", "batch_1", stderr=stderr)
-        try:
-            deadline = time.monotonic() + 30
-            while "batch_1: in_progress" not in stderr_path.read_text():  # the progress line: it is following
-                assert process.poll() is None, stderr_path.read_text()
-                assert time.monotonic() < deadline, stderr_path.read_text()
-                time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        # The progress line: it is following.
+        interrupt_when(process, stderr_path, lambda said: "batch_1: in_progress" in said)
     said = stderr_path.read_text()
 
     assert process.returncode == 130, said

@@ -9,15 +9,15 @@ The stack then calls `provider.get_provider_spec()` and `get_provider_impl(confi
 from typing import Any
 
 from . import telemetry
+from .api.http_errors import use_openai_error_routes
+from .api.service import BatchesService
 from .config import BatchesProviderConfig
-from .engine import BatchRunner
-from .http_errors import use_openai_error_routes
-from .ownership import RouteGuard
-from .service import BatchesService
-from .sql_store import SQLBatchStore
+from .domain.ownership import RouteGuard
+from .engine.runner import BatchRunner
+from .engine.startup import start_on_serving_loop, stop_before
+from .requests.stack_apis import StackAPIs
 from .stack import DEPENDENCIES_SHUT_DOWN_FIRST, Api, inference_providers, kvstore_impl
-from .stack_apis import StackAPIs
-from .startup import start_on_serving_loop, stop_before
+from .storage.sql_store import SQLBatchStore
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
 

@@ -16,7 +16,7 @@ from .stack import KVStoreReference, SqlStoreReference
 # Batches running side by side in one process when `max_concurrent_batches` is unset: each holds its
 # input file in memory while it runs, so even "no limit" needs one.
 BATCHES_SIDE_BY_SIDE = 32
-# One slot in this many is kept for owners with no batch running in the process (engine.py).
+# One slot in this many is kept for owners with no batch running in the process (runner.py).
 NEW_OWNER_SHARE = 4
 
 

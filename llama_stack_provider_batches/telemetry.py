@@ -26,8 +26,8 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span
 
-from .lifecycle import is_terminal
-from .resilience import status_code_of
+from .domain.errors import status_code_of
+from .domain.lifecycle import is_terminal
 from .stack import BatchObject
 
 PREFIX = "llama_stack.batches."

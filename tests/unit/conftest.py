@@ -12,7 +12,6 @@ import pytest
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
-from llama_stack_provider_batches.sql_store import SQLBatchStore
 from llama_stack_provider_batches.stack import (
     Api,
     KVStoreReference,
@@ -23,6 +22,7 @@ from llama_stack_provider_batches.stack import (
     kvstore_impl,
     register_kvstore_backends,
 )
+from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
 from tests.unit.backends import sql_reference
 
 

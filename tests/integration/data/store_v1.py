@@ -88,7 +88,9 @@ def move_to_now(state: Path, manifest: dict[str, Any]) -> int:
     try:
         for table, columns in SQL_TIME_COLUMNS.items():
             for column in columns:
-                connection.execute(f'UPDATE "{table}" SET "{column}" = "{column}" + ? WHERE "{column}" IS NOT NULL', (seconds,))
+                connection.execute(
+                    f'UPDATE "{table}" SET "{column}" = "{column}" + ? WHERE "{column}" IS NOT NULL', (seconds,)
+                )
         connection.commit()
     finally:
         connection.close()

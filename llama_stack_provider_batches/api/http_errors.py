@@ -1,0 +1,141 @@
+"""The API's errors as OpenAI writes them, `{"error": {"message", "type", "param", "code"}}`, so that a
+client reads `e.code` and `e.param` as it does against OpenAI.
+
+The stack answers an exception from a route with its own handler, whose error object holds a
+message and nothing else. So the `/v1/batches` routes the stack serves are its own routes (its
+`create_router`, unchanged) of a route class that answers errors itself: `use_openai_error_routes`
+has the stack build them so. This covers the provider's errors and the stack's validation of the
+request body (a `completion_window` other than `24h`, metadata of the wrong type), which FastAPI
+raises inside the same route handler. The provider object stays as it is and raises: Python
+callers, the stack's library client included (it calls the routes' functions, not their HTTP
+handlers), get exceptions with `param` and `code` attributes.
+
+Client errors that a retry cannot fix carry `x-should-retry: false`, which the OpenAI SDK obeys;
+without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable.
+"""
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..domain.errors import InvalidParameterError, LimitReachedError
+from ..stack import (
+    AccessDeniedError,
+    Api,
+    BatchNotFoundError,
+    ConflictError,
+    create_router,
+    fastapi_router_registry,
+    get_logger,
+)
+
+logger = get_logger(name=__name__, category="providers")
+
+NO_RETRY = {"x-should-retry": "false"}
+
+
+@dataclass(frozen=True)
+class OpenAIError:
+    """An error answer: its HTTP status and OpenAI's error object."""
+
+    status: int
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return NO_RETRY if self.status != 429 else {}
+
+
+def openai_error(exc: Exception) -> OpenAIError | None:
+    """The answer to an error a route raised; None for one the stack's handler should answer (a 5xx)."""
+    if isinstance(exc, RequestValidationError):
+        return request_body_error(exc)
+    if isinstance(exc, InvalidParameterError):
+        return OpenAIError(400, exc.message, "invalid_request_error", exc.param, exc.code)
+    if isinstance(exc, LimitReachedError):  # before ConflictError, of which it is a kind
+        return OpenAIError(429, str(exc), "requests", None, exc.code)
+    if isinstance(exc, BatchNotFoundError):
+        return OpenAIError(404, str(exc), "invalid_request_error")
+    if isinstance(exc, ConflictError):
+        param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+        return OpenAIError(409, str(exc), "invalid_request_error", param, code)
+    if isinstance(exc, AccessDeniedError):
+        return OpenAIError(403, str(exc), "invalid_request_error")
+    return None
+
+
+def answer(exc: Exception) -> JSONResponse:
+    """`exc` as the response FastAPI sends; re-raises what the stack's handler should answer."""
+    error = openai_error(exc)
+    if error is None:
+        raise exc
+    # One line, not the traceback the stack's handler prints: the client sent something to refuse.
+    logger.info("Refused a batches request", status=error.status, code=error.code, message=error.message[:200])
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def request_body_error(exc: RequestValidationError) -> OpenAIError:
+    """The stack's validation of a request, as OpenAI answers a bad parameter: its first problem, named."""
+    problem = exc.errors()[0] if exc.errors() else {}
+    if problem.get("type") == "json_invalid":  # OpenAI's words
+        return OpenAIError(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")]
+    param = location[0] if location else None
+    if problem.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        return OpenAIError(400, message, "invalid_request_error", param, "missing_required_parameter")
+    message = f"Invalid value for '{param}': {problem.get('msg', 'not accepted')}."
+    return OpenAIError(400, message, "invalid_request_error", param, "invalid_value")
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors are answered in OpenAI's shape (`answer`) rather than by the stack's handler."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answering(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return answer(exc)
+
+        return answering
+
+
+def routes_answering_openai_errors(impl: Any) -> APIRouter:
+    """The stack's own `/v1/batches` routes over `impl`, answering their errors in OpenAI's shape."""
+    router = create_router(impl)
+    for route in router.routes:
+        if type(route) is APIRoute:
+            route.__class__ = OpenAIErrorRoute  # the same route; only how its handler answers errors changes
+    return router
+
+
+def use_openai_error_routes() -> bool:
+    """Have the stack build its `/v1/batches` routes with routes_answering_openai_errors; whether it could.
+
+    The stack looks its route factories up in a registry when it builds the app, after the
+    providers are built: replacing the entry for batches here changes nothing else. A stack without
+    that registry keeps its own routes, and errors keep its shape (a message only).
+    """
+    factories = getattr(fastapi_router_registry, "_ROUTER_FACTORIES", None)
+    current = factories.get(Api.batches.value) if isinstance(factories, dict) else None
+    if current is routes_answering_openai_errors:  # a second provider built in this process
+        return True
+    if current is not create_router:
+        logger.warning("The stack's batches routes are not the expected ones; errors keep the stack's shape")
+        return False
+    factories[Api.batches.value] = routes_answering_openai_errors  # type: ignore[index]
+    return True

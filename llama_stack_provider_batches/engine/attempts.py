@@ -1,0 +1,107 @@
+"""Attempts at one batch's job: an unexpected failure is tried again, a bounded number of times.
+
+A job that raises (a store or files outage, a bug, a record that breaks something) keeps its stored
+results and is run again after a pause that doubles from `job_retry_initial_seconds` up to
+`job_retry_max_seconds`, still holding its slot and lease; the log shows the traceback once per
+attempt. Failures are counted in the batch record (`processing_failures`), so the count goes on
+across restarts and replicas. At `max_job_attempts` the batch gives up (job.py): it ends `failed`
+(or `cancelled`, if that was asked) with an `errors` entry naming the last error, keeping its
+results in its files. Should even that fail, the batch is set aside (runner.py).
+"""
+
+import asyncio
+from collections.abc import Callable
+from enum import Enum
+
+from ..config import BatchesProviderConfig
+from ..domain.records import StoredBatch
+from ..stack import get_logger
+from ..storage.leases import wait_at_most
+from ..storage.store import BatchStore, Lease, LeaseLostError
+from .job import BatchJob
+
+logger = get_logger(name=__name__, category="providers")
+
+MAX_CAUSE_CHARS = 500
+
+
+class Ending(Enum):
+    """How the attempts at a job ended."""
+
+    DONE = "done"  # the job ran to its end, or stopped (server stop, lease lost) as it should
+    GAVE_UP = "gave_up"  # the batch ended failed after too many failures
+    SET_ASIDE = "set_aside"  # it failed too often and could not even be marked failed
+
+
+def failure_cause(failures: int, exc: BaseException) -> str:
+    """The `errors` message of a batch that failed for good: how often, and the last error, bounded."""
+    detail = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_CHARS].encode("utf-8", "replace").decode()
+    return f"Processing the batch failed {failures} times; the last error was {detail}"
+
+
+class JobAttempts:
+    """Runs a batch's job until it ends, within `max_job_attempts`."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        config: BatchesProviderConfig,
+        stopping: asyncio.Event,
+        make_job: Callable[[Lease, asyncio.Event], BatchJob],
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._stopping = stopping
+        self._make_job = make_job
+
+    def delay(self, failures: int) -> float:
+        """The pause after the `failures`-th failure (1-based)."""
+        return min(self._config.job_retry_max_seconds, self._config.job_retry_initial_seconds * 2 ** (failures - 1))
+
+    async def run(self, lease: Lease, lost: asyncio.Event) -> Ending:
+        failures_here = 0
+        while not self._stopping.is_set() and not lost.is_set():
+            try:
+                await self._make_job(lease, lost).run()
+                return Ending.DONE
+            except LeaseLostError:  # a write was refused: another server holds the batch now
+                lost.set()
+                return Ending.DONE
+            except Exception as exc:
+                failures_here += 1
+                failures = await self._count_failure(lease, lost, failures_here)
+                if lost.is_set():  # another server has the batch now: ending it is not ours to do
+                    return Ending.DONE
+                if failures >= self._config.max_job_attempts:
+                    logger.exception("Batch processing failed for the last time", batch_id=lease.batch_id)
+                    return await self._give_up(lease, lost, failure_cause(failures, exc))
+                delay = self.delay(failures)
+                logger.exception("Batch processing failed; results kept", batch_id=lease.batch_id, retry_in=delay)
+                await wait_at_most(self._stopping, delay)
+        return Ending.DONE
+
+    async def _count_failure(self, lease: Lease, lost: asyncio.Event, failures_here: int) -> int:
+        """Add one to the batch's stored count of failures; return the count (this run's if the store refuses)."""
+
+        def one_more(stored: StoredBatch) -> StoredBatch:
+            return stored.model_copy(update={"processing_failures": stored.processing_failures + 1})
+
+        try:
+            stored = await self._store.update_record(lease.batch_id, one_more, lease)
+        except LeaseLostError:
+            lost.set()
+            return failures_here
+        except Exception:
+            logger.exception("Cannot count a failure of a batch", batch_id=lease.batch_id)
+            return failures_here
+        return max(stored.processing_failures, failures_here)
+
+    async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str) -> Ending:
+        try:
+            await self._make_job(lease, lost).give_up(cause)
+        except LeaseLostError:
+            lost.set()
+        except Exception:
+            logger.exception("Cannot end a failing batch; set aside until the server stops", batch_id=lease.batch_id)
+            return Ending.SET_ASIDE
+        return Ending.GAVE_UP

@@ -1,0 +1,97 @@
+"""The durable log of one shard's results: finished results go to the store in chunks as they come.
+
+A result is added the moment its request finishes; a writer task stores everything added so far as
+one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write (group commit).
+Under load a chunk carries the results of one interval; when results trickle in, each is stored
+at once. A request counts as done, in `request_counts`, only once its result is stored: after a
+crash, the requests to repeat are those in flight and those of at most one unwritten interval.
+Chunks are written under the shard's lease epoch (store.ResultChunks), numbered on from
+`stored_chunks`; the tally of the stored results goes into the shard's row, whose sums are the
+batch's progress (shards.py).
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from .. import telemetry
+from ..domain.results import ResultEntry, Tally
+from ..storage.shards import ShardLease
+from ..storage.store import BatchStore, LeaseLostError
+
+MIN_FLUSH_INTERVAL_SECONDS = 0.01
+PROGRESS_INTERVAL_SECONDS = 0.5
+
+
+class ResultLog:
+    """Buffers a shard's finished results and stores them; keeps the tally of the stored ones."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        lease: ShardLease,
+        stored_chunks: int = 0,
+        tally: Tally | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._lease = lease
+        self._clock = clock
+        self.chunks = stored_chunks
+        self.tally = tally or Tally()  # of stored results only
+        self._pending: list[ResultEntry] = []
+        self._pending_tally = Tally()
+        self._added = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._last_progress = -PROGRESS_INTERVAL_SECONDS
+        self._unreported = False
+
+    def add_success(self, entry: ResultEntry, input_tokens: int, output_tokens: int) -> None:
+        self._pending.append(entry)
+        self._pending_tally.add_success(input_tokens, output_tokens)
+        self._added.set()
+
+    def add_failure(self, entry: ResultEntry) -> None:
+        self._pending.append(entry)
+        self._pending_tally.add_failure()
+        self._added.set()
+
+    async def write_continuously(self) -> None:
+        """The writer task: store results as they are added, and report progress, until cancelled."""
+        while True:
+            # With stored results not yet reported, wake up in time to report them even if no more come.
+            wait = None if not self._unreported else max(0.0, self._next_progress_at() - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._added.wait(), wait)
+            self._added.clear()
+            # Shielded: cancelling the writer must not drop results it has taken from the buffer.
+            await asyncio.shield(self.flush())
+            if self._unreported and self._clock() >= self._next_progress_at():
+                await asyncio.shield(self.report_progress())
+            await asyncio.sleep(MIN_FLUSH_INTERVAL_SECONDS)
+
+    def _next_progress_at(self) -> float:
+        return self._last_progress + PROGRESS_INTERVAL_SECONDS
+
+    async def flush(self) -> None:
+        """Store every result added so far."""
+        async with self._write_lock:
+            if not self._pending:
+                return
+            entries, tally = self._pending, self._pending_tally
+            self._pending, self._pending_tally = [], Tally()
+            lease = self._lease
+            started = time.perf_counter()
+            await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
+            telemetry.results_committed(time.perf_counter() - started)
+            self.chunks += 1
+            self.tally.merge(tally)
+            self._unreported = True
+
+    async def report_progress(self) -> None:
+        """Write the counts and usage of the stored results into the shard's row."""
+        self._last_progress = self._clock()
+        self._unreported = False
+        if not await self._store.shards.save_progress(self._lease, self.tally):
+            raise LeaseLostError(self._lease.batch_id)

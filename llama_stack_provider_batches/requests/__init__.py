@@ -1,0 +1,11 @@
+"""Batch requests: the input file's format, and sending each request through the stack API that
+serves its endpoint.
+
+    input_file     JSONL lines into an index of requests, or OpenAI's validation errors (pure)
+    input_reader   reading the input file and its models through the stack's Files and Models APIs
+    endpoints      one request sent through the stack, its outcome turned into a result line
+    resilience     which failures to retry, backoff, adaptive capacity, pacing
+    stack_apis     the stack's APIs and the endpoints each serves
+
+May use: domain, config, telemetry, stack. Never api, engine or storage.
+"""

@@ -1,0 +1,12 @@
+"""Storage and leases: everything the provider keeps, in one SQL database shared by every worker
+and replica, and the lease protocol that lets one process at a time run a batch or a shard.
+
+    store       the small interface the engine and the API use (BatchStore), with result chunks and ids
+    sql_store   its implementation over SQLAlchemy (SQLite or PostgreSQL)
+    shards      shard rows: creation, leases, progress
+    database    the tables, connections and the database's clock
+    leases      keeping a lease while work runs, and stopping at store-call boundaries
+    upgrade     moving an earlier release's kvstore data into the database, once
+
+May use: domain, config, telemetry, stack. Never api, engine or requests.
+"""

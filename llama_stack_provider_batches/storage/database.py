@@ -1,0 +1,265 @@
+"""The SQL database that holds everything the provider stores: its tables, its connections, its clock.
+
+Three tables, named after `sql_store.table_name` (`batches` unless set):
+
+    <name>          one row per batch: its record, list order, idempotency key, status and lease (sql_store.py)
+    <name>_shards   one row per range of a running batch's requests: its lease and progress (shards.py)
+    <name>_chunks   key -> text: result chunks and custom_id lists of unfinished batches (store.py)
+
+The database is the stack's `sql_default` backend unless configured otherwise: SQLite on one host
+(every worker process of a server, and every server on that host, shares the file safely) or
+PostgreSQL across hosts. Statements run with SQLAlchemy, the stack's own SQL layer, on an engine of
+this provider's own, because compare-and-set needs the number of rows an update matched, which the
+stack's SqlStore interface does not report.
+"""
+
+import asyncio
+import hashlib
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    Executable,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    cast,
+    delete,
+    event,
+    extract,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..domain.ownership import scope_of
+from ..domain.records import StoredBatch
+from ..stack import SqlStoreReference, sql_engine_url
+
+CREATE_ATTEMPTS = 5  # worker processes starting together race to create the tables
+STATEMENT_DRAIN_SECONDS = 5.0  # at close, how long statements under way may still finish
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a write did: how many rows it matched, and the rows it returned."""
+
+    rowcount: int
+    rows: list[Row[Any]]
+
+
+def lease_columns() -> list[Column[Any]]:
+    """A lease (of a batch or a shard): its token (none: nobody holds it), holder, epoch and expiry."""
+    return [
+        Column("lease_token", String(64), nullable=True),
+        Column("lease_holder", String(256), nullable=True),
+        Column("lease_epoch", Integer, nullable=False, default=0),
+        Column("lease_expires_at", Float, nullable=True),
+    ]
+
+
+def define_tables(name: str) -> tuple[Table, Table, Table]:
+    """The batches, shards and chunks tables (created if missing at start-up)."""
+    metadata = MetaData()
+    batches = Table(
+        name,
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("scope", String(64), nullable=False),
+        Column("created_ns", BigInteger, nullable=False),
+        Column("idempotency_ref", String(128), nullable=True, unique=True),
+        Column("status", String(32), nullable=False),
+        Column("record", Text, nullable=False),
+        Column("version", Integer, nullable=False),
+        *lease_columns(),
+    )
+    Index(f"{name}_by_scope", batches.c.scope, batches.c.created_ns)
+    Index(f"{name}_by_status", batches.c.status, batches.c.created_ns)
+    shards = Table(
+        f"{name}_shards",
+        metadata,
+        Column("batch_id", String(64), primary_key=True),
+        Column("shard", Integer, primary_key=True),
+        Column("first", Integer, nullable=False),
+        Column("end", Integer, nullable=False),
+        Column("batch_created_ns", BigInteger, nullable=False),
+        Column("shareable", Boolean, nullable=False),  # False: only the batch's own job may run it
+        Column("expires_at", Float, nullable=True),  # the batch's: no shard is claimed after it
+        Column("done", Boolean, nullable=False, default=False),
+        *lease_columns(),
+        Column("completed", Integer, nullable=False, default=0),
+        Column("failed", Integer, nullable=False, default=0),
+        Column("input_tokens", BigInteger, nullable=False, default=0),
+        Column("output_tokens", BigInteger, nullable=False, default=0),
+    )
+    Index(f"{name}_shards_open", shards.c.done, shards.c.batch_created_ns)
+    chunks = Table(
+        f"{name}_chunks",
+        metadata,
+        Column("key", String(256), primary_key=True),
+        Column("value", Text, nullable=False),
+    )
+    return batches, shards, chunks
+
+
+def idempotency_ref(scope: str, key: str) -> str:
+    """The unique `idempotency_ref` of a batch created with key `key` in an owner's scope."""
+    return f"{scope}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def batch_row(stored: StoredBatch, created_ns: int) -> dict[str, Any]:
+    """The row of a new batch that nobody holds a lease on."""
+    scope = scope_of(stored.owner)
+    key = stored.idempotency_key
+    return {
+        "id": stored.batch.id,
+        "scope": scope,
+        "created_ns": created_ns,
+        "idempotency_ref": idempotency_ref(scope, key) if key is not None else None,
+        "status": stored.batch.status,
+        "record": stored.model_dump_json(),
+        "version": 1,
+        "lease_epoch": 0,
+    }
+
+
+def _sqlite_pragmas(connection: Any, _: Any) -> None:
+    # WAL lets readers run beside the one writer, across processes too; busy_timeout makes a writer
+    # wait for the lock instead of failing at once when another process writes.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at every checkpoint; WAL keeps commits atomic
+    cursor.close()
+
+
+class Database:
+    """Connections to the provider's SQL database, made for the running event loop."""
+
+    def __init__(self, reference: SqlStoreReference) -> None:
+        self.url = make_url(sql_engine_url(reference))
+        self.batches, self.shards, self.chunks = define_tables(reference.table_name)
+        self._engine: AsyncEngine | None = None
+        self._engine_loop: asyncio.AbstractEventLoop | None = None
+        self._statements: set[asyncio.Task[Any]] = set()
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.get_backend_name() == "postgresql"
+
+    def engine(self) -> AsyncEngine:
+        """The engine of the running event loop (the stack starts providers in a loop of its own)."""
+        loop = asyncio.get_running_loop()
+        if self._engine is None or self._engine_loop is not loop:
+            is_sqlite = self.url.get_backend_name() == "sqlite"
+            engine = create_async_engine(
+                self.url, pool_pre_ping=True, connect_args={"timeout": 15.0} if is_sqlite else {}
+            )
+            if is_sqlite:
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            self._engine, self._engine_loop = engine, loop
+        return self._engine
+
+    def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT of this database's dialect, which has `on_conflict_do_nothing` and `_do_update`."""
+        return (postgresql if self.is_postgres else sqlite).insert(table)
+
+    def now(self) -> ColumnElement[Any]:
+        """The database's clock, in seconds since the epoch: leases never depend on servers' clocks."""
+        if self.is_postgres:
+            return cast(extract("epoch", func.clock_timestamp()), Float)
+        return (func.julianday("now") - 2440587.5) * 86400.0
+
+    async def create_tables(self) -> None:
+        """Create the tables that are missing; another process creating them at the same time is fine."""
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                async with self.engine().begin() as connection:
+                    await connection.run_sync(self.batches.metadata.create_all, checkfirst=True)
+                return
+            except DatabaseError:
+                if attempt == CREATE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def read(self, statement: Executable) -> list[Row[Any]]:
+        """The rows a query returns."""
+        return await self._uncancelled(self._read(statement))
+
+    async def write(self, statement: Executable) -> Written:
+        """Run one statement in a transaction of its own."""
+        return await self._uncancelled(self._write(statement))
+
+    async def _read(self, statement: Executable) -> list[Row[Any]]:
+        async with self.engine().connect() as connection:
+            return list((await connection.execute(statement)).all())
+
+    async def _write(self, statement: Executable) -> Written:
+        async with self.engine().begin() as connection:
+            result = await connection.execute(statement)
+            rows = list(result.all()) if result.returns_rows else []
+            return Written(result.rowcount, rows)
+
+    async def _uncancelled[T](self, work: Coroutine[Any, Any, T]) -> T:
+        # A statement cancelled half-way (a caller's timeout) can leave its connection inside an open
+        # transaction, holding SQLite's write lock from every other process: statements always finish,
+        # and a cancelled caller just stops waiting for the answer.
+        task = asyncio.ensure_future(work)
+        self._statements.add(task)
+        task.add_done_callback(self._statements.discard)
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        if self._statements:
+            await asyncio.wait(set(self._statements), timeout=STATEMENT_DRAIN_SECONDS)
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+
+class SqlChunks:
+    """Key-value access to the chunks table, as store.ResultChunks and store.RequestIds use it."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def get(self, key: str) -> str | None:
+        table = self._db.chunks
+        rows = await self._db.read(select(table.c.value).where(table.c.key == key))
+        return rows[0].value if rows else None
+
+    async def set(self, key: str, value: str) -> None:
+        """Write `value` under `key`, replacing what is there."""
+        table = self._db.chunks
+        insert = self._db.insert(table).values(key=key, value=value)
+        upsert = insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
+        await self._db.write(upsert)
+
+    async def delete_under(self, prefix: str) -> None:
+        """Delete every key that starts with `prefix`."""
+        table = self._db.chunks
+        await self._db.write(delete(table).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+
+    async def keys_under(self, prefix: str) -> list[str]:
+        """Every key that starts with `prefix`."""
+        table = self._db.chunks
+        rows = await self._db.read(select(table.c.key).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+        return [row.key for row in rows]
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching what starts with `prefix` (batch ids hold `_`, a LIKE wildcard)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

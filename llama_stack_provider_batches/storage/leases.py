@@ -1,0 +1,84 @@
+"""Keeping a lease while a batch runs, and stopping background tasks between store calls.
+
+While a job runs, `keep_lease` renews its lease about every second. Renewing returns the batch's
+status, so a cancel made through another replica reaches the job within a heartbeat; a lease that
+cannot be renewed before it runs out ends the job at once (`lost`): another server may hold the
+batch by then.
+"""
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from ..stack import get_logger
+
+logger = get_logger(name=__name__, category="providers")
+
+MAX_HEARTBEAT_SECONDS = 1.0
+STORE_CALL_SECONDS = 2.0  # how long a background task stopping is given to finish its store call
+
+
+def server_name() -> str:
+    """Who holds a lease: readable in the store, unique per server process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def heartbeat_seconds(lease_seconds: float) -> float:
+    """How often a lease is renewed: several times within its length, at least every second."""
+    return min(MAX_HEARTBEAT_SECONDS, lease_seconds / 5)
+
+
+async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` have passed; return whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
+
+
+async def finish_or_cancel(task: asyncio.Task[None], seconds: float) -> None:
+    """Let a task that was told to stop finish what it is doing; cancel it if that takes too long.
+
+    Cancelling a store call half-way leaves the driver's worker thread to answer a loop that may be
+    gone by then, so background tasks are stopped between calls whenever possible.
+    """
+    _, late = await asyncio.wait({task}, timeout=seconds)
+    for unfinished in late:
+        unfinished.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def keep_lease(
+    renew: Callable[[], Awaitable[str | None]],
+    lease_seconds: float,
+    lost: asyncio.Event,
+    finished: asyncio.Event,
+    on_cancelling: Callable[[], None],
+    batch_id: str,
+) -> None:
+    """Renew a lease (of a batch or a shard: `renew` returns the batch's status, None once the lease is
+    gone) until `finished`; call `on_cancelling` when the batch is being cancelled; set `lost` once
+    the lease may be gone."""
+    every = heartbeat_seconds(lease_seconds)
+    valid_until = time.monotonic() + lease_seconds
+    while not await wait_at_most(finished, every):
+        sent = time.monotonic()
+        try:
+            # Bounded: a renewal that stalls past the lease must not let the job run on without it.
+            status = await asyncio.wait_for(renew(), max(0.0, valid_until - sent))
+        except Exception:
+            logger.exception("Cannot renew a lease", batch_id=batch_id)
+            # Past the last renewal's expiry another server may already run the batch.
+            if time.monotonic() + every >= valid_until:
+                lost.set()
+                return
+            continue
+        if status is None:
+            lost.set()
+            return
+        valid_until = sent + lease_seconds
+        if status == "cancelling":
+            on_cancelling()

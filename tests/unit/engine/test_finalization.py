@@ -1,0 +1,56 @@
+"""The end of a batch: its last status, and the lines of the requests that never ran."""
+
+import json
+from typing import Any
+
+import pytest
+
+from llama_stack_provider_batches import BatchesProviderConfig
+from llama_stack_provider_batches.domain.formats import expired_line
+from llama_stack_provider_batches.engine.finalization import final_status, unrun_entries
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.helpers import chat_line, make_batch, provider_with, read_lines, run_batch
+
+
+@pytest.mark.parametrize("outcome", ["completed", "expired", "failed"])
+def test_a_cancel_asked_for_wins_over_any_other_end(outcome: str) -> None:
+    assert final_status(make_batch(status="cancelling"), outcome) == "cancelled"  # type: ignore[arg-type]
+    assert final_status(make_batch(status="in_progress"), outcome) == outcome  # type: ignore[arg-type]
+
+
+def test_unrun_requests_get_their_custom_id_where_it_is_known() -> None:
+    entries = unrun_entries([0, 2, 5], ["a", "b", "c"], expired_line)
+    assert [entry.position for entry in entries] == [0, 2, 5]
+    assert not any(entry.ok for entry in entries)
+    lines = [json.loads(entry.line_json) for entry in entries]
+    assert [line["custom_id"] for line in lines] == ["a", "c", None]  # 5: stored by no earlier release
+    assert {line["error"]["code"] for line in lines} == {"batch_expired"}
+
+
+async def test_a_close_interrupted_after_an_upload_does_not_upload_a_second_file(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = await provider_with(config, files, inference, models, job_retry_initial_seconds=0.01)
+    store = provider._store
+    real_update = store.update_record
+    interrupted: list[str] = []
+
+    async def die_after_the_upload(batch_id: str, change: Any, lease: Any = None) -> Any:
+        probe = change(await store.get(batch_id))
+        if probe.uploaded_files and not interrupted:  # the file is up, its id not recorded yet
+            interrupted.append(batch_id)
+            raise ConnectionError("the store went away")
+        return await real_update(batch_id, change, lease)
+
+    monkeypatch.setattr(store, "update_record", die_after_the_upload)
+    batch = await run_batch(provider, files, [chat_line(f"r{i}") for i in range(5)])
+    assert interrupted == [batch.id]
+    assert batch.status == "completed"
+    outputs = [file_id for file_id, name in files.names.items() if name == f"{batch.id}_output.jsonl"]
+    assert outputs == [batch.output_file_id]
+    assert len(read_lines(files, batch.output_file_id)) == 5
+    await provider.shutdown()

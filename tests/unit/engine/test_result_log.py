@@ -1,0 +1,88 @@
+import asyncio
+
+from openai.types.batch_request_counts import BatchRequestCounts
+
+from llama_stack_provider_batches.domain.records import StoredBatch
+from llama_stack_provider_batches.domain.results import ResultEntry, decode_results
+from llama_stack_provider_batches.engine.result_log import ResultLog
+from llama_stack_provider_batches.storage.shards import ShardLease
+from llama_stack_provider_batches.storage.store import BatchStore
+from tests.unit.helpers import make_batch
+
+
+async def stored_entries(store: BatchStore, batch_id: str) -> list[ResultEntry]:
+    return [entry async for chunk in store.results.read(batch_id) for entry in decode_results(chunk)]
+
+
+async def running(store: BatchStore, batch_id: str, total: int = 10) -> ShardLease:
+    """A new in-progress batch of one shard, and this server's lease on that shard."""
+    counts = BatchRequestCounts(total=total, completed=0, failed=0)
+    batch = make_batch(batch_id, status="in_progress", request_counts=counts)
+    await store.create(StoredBatch(batch=batch))
+    await store.shards.create(batch, [(0, total)], 1, shareable=True)
+    lease = await store.shards.claim("this-server", 30, batch_id=batch_id)
+    assert lease is not None
+    return lease
+
+
+async def test_results_are_stored_soon_after_they_are_added(store: BatchStore) -> None:
+    log = ResultLog(store, await running(store, "batch_l"))
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 3, 4)
+    for _ in range(100):
+        if log.chunks:
+            break
+        await asyncio.sleep(0.01)
+    assert [entry.position for entry in await stored_entries(store, "batch_l")] == [0]
+    log.add_failure(ResultEntry(2, False, "{}"))
+    await asyncio.sleep(0.2)
+    writer.cancel()
+    assert [entry.position for entry in await stored_entries(store, "batch_l")] == [0, 2]
+    assert (log.tally.completed, log.tally.failed, log.tally.input_tokens) == (1, 1, 3)
+
+
+async def test_counts_cover_only_stored_results(store: BatchStore) -> None:
+    log = ResultLog(store, await running(store, "batch_c"))
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    assert (await store.get_batch("batch_c")).request_counts.completed == 0
+    await log.flush()
+    await log.report_progress()
+    batch = await store.get_batch("batch_c")
+    assert (batch.request_counts.total, batch.request_counts.completed) == (10, 1)
+    assert batch.usage.total_tokens == 2
+
+
+async def test_a_resumed_log_numbers_new_chunks_after_the_stored_ones(store: BatchStore) -> None:
+    lease = await running(store, "batch_r")
+    first = ResultLog(store, lease)
+    first.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    await first.flush()
+    second = ResultLog(store, lease, stored_chunks=first.chunks)
+    second.add_success(ResultEntry(1, True, "{}"), 0, 0)
+    await second.flush()
+    assert [entry.position for entry in await stored_entries(store, "batch_r")] == [0, 1]
+
+
+async def test_cancelling_the_writer_mid_write_loses_nothing(store: BatchStore) -> None:
+    log = ResultLog(store, await running(store, "batch_x", total=50))
+    writer = asyncio.create_task(log.write_continuously())
+    for position in range(50):
+        log.add_success(ResultEntry(position, True, "{}"), 0, 0)
+        if position % 7 == 0:
+            await asyncio.sleep(0)
+            writer.cancel()
+            writer = asyncio.create_task(log.write_continuously())
+    writer.cancel()
+    await log.flush()
+    assert sorted(entry.position for entry in await stored_entries(store, "batch_x")) == list(range(50))
+
+
+async def test_progress_is_reported_within_the_interval_even_when_results_stop_coming(store: BatchStore) -> None:
+    log = ResultLog(store, await running(store, "batch_p"))
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    await asyncio.sleep(0.1)
+    log.add_success(ResultEntry(1, True, "{}"), 0, 0)  # stored at once, reported at most 0.5 s later
+    await asyncio.sleep(0.8)
+    writer.cancel()
+    assert (await store.get_batch("batch_p")).request_counts.completed == 2

@@ -1,0 +1,165 @@
+"""Shards: a batch split into ranges that any process with a free slot runs under a lease of its own.
+Two providers on one store stand for two worker processes (each with its own Inference fake, to
+tell who sent what)."""
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llama_stack_provider_batches import BatchesProviderConfig
+from llama_stack_provider_batches.domain.records import StoredBatch
+from llama_stack_provider_batches.storage.shards import split
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.helpers import CHAT, chat_line, jsonl, make_batch, provider_with, read_lines, wait_for_status
+
+
+@given(total=st.integers(min_value=0, max_value=100_000), size=st.integers(min_value=1, max_value=5_000))
+def test_shards_cover_every_request_once_in_order(total: int, size: int) -> None:
+    ranges = split(total, size)
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(end == next_first for (_, end), (next_first, _) in itertools.pairwise(ranges))
+    assert all(0 < end - first <= size for first, end in ranges) or total == 0
+    assert len(ranges) == max(1, -(-total // size))
+
+
+async def two_processes(
+    config: BatchesProviderConfig, files: FakeFiles, models: FakeModels, **settings: Any
+) -> tuple[list[Any], list[FakeInference]]:
+    inferences = [FakeInference(), FakeInference()]
+    servers = [await provider_with(config, files, inference, models, **settings) for inference in inferences]
+    return servers, inferences
+
+
+async def start_distinct(provider: Any, files: FakeFiles, requests: int) -> Any:
+    """A batch of requests r0, r1, ... whose prompts differ, so that the model's calls can be told apart."""
+    file_id = files.add(jsonl([chat_line(f"r{i}", f"question {i}") for i in range(requests)]))
+    return await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+
+
+async def until(condition: Any, seconds: float = 10) -> None:
+    """Wait until `condition()` holds; fail after `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition did not hold in time")
+
+
+def slow(seconds: float) -> Any:
+    async def wait(_: dict[str, Any]) -> None:
+        await asyncio.sleep(seconds)
+
+    return wait
+
+
+async def test_one_batch_runs_on_both_processes_and_every_request_once(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    servers, inferences = await two_processes(replica_config, files, models, requests_per_shard=10)
+    for inference in inferences:
+        inference.behaviour = slow(0.05)  # 200 requests, 4 at a time: 2.5 s on one process
+    batch = await start_distinct(servers[0], files, 200)
+    servers[1].start()
+    final = await wait_for_status(servers[0], batch.id, "completed", seconds=30)
+    assert final.status == "completed"
+    assert (final.request_counts.completed, final.request_counts.failed, final.request_counts.total) == (200, 0, 200)
+    assert final.usage.input_tokens == 200 * 3
+    lines = read_lines(files, final.output_file_id)
+    assert [line["custom_id"] for line in lines] == [f"r{i}" for i in range(200)]  # once each, in input order
+    sent = Counter(str(call["messages"]) for inference in inferences for call in inference.calls)
+    assert len(sent) == 200 and max(sent.values()) == 1
+    assert all(len(inference.calls) >= 10 for inference in inferences)  # both ran shards
+    for server in servers:
+        await server.shutdown()
+
+
+async def test_a_cancel_reaches_the_shards_another_process_runs(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    servers, inferences = await two_processes(
+        replica_config, files, models, requests_per_shard=10, cancel_grace_seconds=0.2
+    )
+    for inference in inferences:
+        inference.behaviour = slow(0.05)
+    batch = await start_distinct(servers[0], files, 400)
+    servers[1].start()
+    await until(lambda: inferences[1].calls)  # the other process helps
+    await servers[1].cancel_batch(batch.id)  # through the other process, as through any replica
+    cancelled = await wait_for_status(servers[0], batch.id, "cancelled", seconds=5)
+    assert cancelled.status == "cancelled"
+    sent_after = [len(inference.calls) for inference in inferences]
+    await asyncio.sleep(0.5)
+    assert [len(inference.calls) for inference in inferences] == sent_after  # nobody sends any more
+    done = cancelled.request_counts.completed
+    assert done < 400 and len(read_lines(files, cancelled.output_file_id)) == done
+    for server in servers:
+        await server.shutdown()
+
+
+async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_completes_once(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels, monkeypatch: Any
+) -> None:
+    servers, inferences = await two_processes(replica_config, files, models, requests_per_shard=20)
+    inferences[0].behaviour = slow(0.05)
+    inferences[1].stall_after(3)  # the helper's requests hang from the fourth on, as in a frozen process
+    batch = await start_distinct(servers[0], files, 200)
+    servers[1].start()
+    await until(lambda: len(inferences[1].calls) >= 5)  # 3 answered, the others hang
+
+    async def unreachable(*_: Any, **__: Any) -> None:
+        raise ConnectionError("this process is cut off")
+
+    # As a process that died: its lease (1 s here) runs out, and it claims nothing more.
+    monkeypatch.setattr(servers[1]._store.shards, "renew", unreachable)
+    monkeypatch.setattr(servers[1]._store.shards, "claim", unreachable)
+    monkeypatch.setattr(servers[1]._store, "claim", unreachable)
+    final = await wait_for_status(servers[0], batch.id, "completed", seconds=15)
+    assert final.status == "completed" and final.request_counts.completed == 200
+    lines = read_lines(files, final.output_file_id)
+    assert [line["custom_id"] for line in lines] == [f"r{i}" for i in range(200)]
+    sent = Counter(str(call["messages"]) for inference in inferences for call in inference.calls)
+    assert len(sent) == 200
+    repeated = sum(sent.values()) - 200  # those the frozen helper had in flight
+    assert 0 < repeated <= replica_config.max_concurrent_requests_per_batch
+    for server in servers:
+        await server.shutdown()
+
+
+async def test_a_cancelled_batch_closes_only_after_the_other_processes_stored_what_they_had_in_flight(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    servers, inferences = await two_processes(
+        replica_config, files, models, requests_per_shard=10, cancel_grace_seconds=5
+    )
+    inferences[0].behaviour = slow(0.05)
+    inferences[1].behaviour = slow(1.0)  # the helper's requests are still in flight at the cancel
+    batch = await start_distinct(servers[0], files, 200)
+    servers[1].start()
+    await until(lambda: inferences[1].calls)
+    await servers[0].cancel_batch(batch.id)
+    cancelled = await wait_for_status(servers[0], batch.id, "cancelled", seconds=10)
+    assert cancelled.status == "cancelled"
+    answered = sum(len(inference.calls) for inference in inferences)  # every request sent was answered in the grace
+    assert cancelled.request_counts.completed == answered
+    assert len(read_lines(files, cancelled.output_file_id)) == answered
+    assert await servers[0]._store.results._chunks.keys_under(f"results/{batch.id}/") == []  # nothing written late
+    for server in servers:
+        await server.shutdown()
+
+
+async def test_no_shard_is_claimed_once_its_batch_is_past_its_deadline(
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> None:
+    server = await provider_with(replica_config, files, FakeInference(), models)
+    store = server._store
+    batch = make_batch("batch_late", status="in_progress", expires_at=int(time.time()) - 1)
+    await store.create(StoredBatch(batch=batch))
+    await store.shards.create(batch, [(0, 5)], 1, shareable=True)
+    assert await store.shards.claim("a-server", 30) is None
+    assert await store.shards.claim("a-server", 30, batch_id="batch_late") is None
+    await server.shutdown()

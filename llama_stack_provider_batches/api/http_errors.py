@@ -14,7 +14,7 @@ Client errors that a retry cannot fix carry `x-should-retry: false`, which the O
 without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable.
 """
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..domain.errors import InvalidParameterError, LimitReachedError
+from ..domain.errors import InvalidParameterError, LimitReachedError, shown
 from ..stack import (
     AccessDeniedError,
     Api,
@@ -34,6 +34,7 @@ from ..stack import (
     fastapi_router_registry,
     get_logger,
 )
+from .validation import invalid_type
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -85,16 +86,43 @@ def answer(exc: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
+# Pydantic's errors for a value of the wrong JSON type, with the type the field expected.
+EXPECTED_TYPES = {
+    "string_type": "a string",
+    "dict_type": "an object",
+    "list_type": "an array",
+    "int_type": "an integer",
+    "float_type": "a decimal",
+    "bool_type": "a boolean",
+}
+
+
+def param_path(location: Sequence[Any]) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: `metadata.tags`, `data[0].id`; caller text shortened."""
+    if location and location[0] in ("body", "query", "path"):  # where FastAPI found it, not part of the name
+        location = location[1:]
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{shown(part)}" if path else shown(part)
+    return path or None
+
+
 def request_body_error(exc: RequestValidationError) -> OpenAIError:
     """The stack's validation of a request, as OpenAI answers a bad parameter: its first problem, named."""
     problem = exc.errors()[0] if exc.errors() else {}
     if problem.get("type") == "json_invalid":  # OpenAI's words
         return OpenAIError(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-    location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")]
-    param = location[0] if location else None
+    param = param_path(problem.get("loc", ()))
     if problem.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
         return OpenAIError(400, message, "invalid_request_error", param, "missing_required_parameter")
+    expected = EXPECTED_TYPES.get(problem.get("type", ""))
+    if expected is not None and param is not None:  # the same answer as the provider's own check (validation.py)
+        refusal = invalid_type(param, expected, problem.get("input"))
+        return OpenAIError(400, refusal.message, "invalid_request_error", refusal.param, refusal.code)
     message = f"Invalid value for '{param}': {problem.get('msg', 'not accepted')}."
     return OpenAIError(400, message, "invalid_request_error", param, "invalid_value")
 

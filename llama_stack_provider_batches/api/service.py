@@ -20,7 +20,7 @@ from openai.types.batch_request_counts import BatchRequestCounts
 from .. import telemetry
 from ..config import BatchesProviderConfig
 from ..domain.errors import InvalidParameterError, shown
-from ..domain.lifecycle import is_terminal, transition
+from ..domain.lifecycle import BatchNotCancellableError, is_terminal, transition
 from ..domain.ownership import (
     BatchResource,
     Owner,
@@ -42,7 +42,6 @@ from ..stack import (
     BatchNotFoundError,
     BatchObject,
     CancelBatchRequest,
-    ConflictError,
     CreateBatchRequest,
     ListBatchesRequest,
     ListBatchesResponse,
@@ -56,6 +55,7 @@ from . import idempotency
 from .idempotency import CreateParams
 from .user_limits import UserLimits
 from .validation import (
+    SUPPORTED_ENDPOINTS,
     validate_create_params,
     validate_idempotency_key,
     validate_input_file_purpose,
@@ -101,6 +101,8 @@ class BatchesService(Batches):
         self._runner = runner
         self._clock = clock
         self._limits = UserLimits(config, store, files)
+        # What a refused endpoint's message lists: OpenAI's batch endpoints that this stack has the APIs for.
+        self._served_endpoints = tuple(e for e in SUPPORTED_ENDPOINTS if apis is None or apis.serves(e))
 
     async def initialize(self) -> None:
         """Prepare the store; background work starts later, on the serving loop (startup.py)."""
@@ -135,7 +137,7 @@ class BatchesService(Batches):
             completion_window, metadata = request.completion_window, request.metadata
             idempotency_key = request.idempotency_key
         key = idempotency_key if idempotency_key is not None else idem_tok
-        validate_create_params(input_file_id, endpoint, completion_window, metadata)
+        validate_create_params(input_file_id, endpoint, completion_window, metadata, self._served_endpoints)
         if self._apis is not None and not self._apis.serves(endpoint):  # type: ignore[arg-type]  # validated
             raise InvalidParameterError("endpoint", unavailable_message(endpoint))  # type: ignore[arg-type]
         validate_idempotency_key(key)
@@ -231,7 +233,7 @@ class BatchesService(Batches):
             if batch.status in ("cancelling", "cancelled"):
                 return stored
             if is_terminal(batch.status):
-                raise ConflictError(f"Cannot cancel a batch with status '{batch.status}'.")
+                raise BatchNotCancellableError(batch_id, batch.status)
             return stored.model_copy(update={"batch": transition(batch, "cancelling", int(self._clock()))})
 
         # The access check runs inside the update, on the record it changes: one read, no race.

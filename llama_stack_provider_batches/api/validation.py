@@ -11,7 +11,7 @@ JSON answer meeting one fails or mangles it, so they are refused up front and ne
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..domain.errors import InvalidParameterError, is_valid_unicode, quoted, shown
@@ -48,15 +48,24 @@ _INPUT_FILE_ID = re.compile(r"[!-~]+")  # printable ASCII, no whitespace
 
 
 def validate_create_params(
-    input_file_id: Any, endpoint: Any, completion_window: Any, metadata: Mapping[str, Any] | None
+    input_file_id: Any,
+    endpoint: Any,
+    completion_window: Any,
+    metadata: Mapping[str, Any] | None,
+    served_endpoints: Sequence[str] = SUPPORTED_ENDPOINTS,
 ) -> None:
-    """Check the parameters of a create call; raise InvalidParameterError on the first bad one."""
+    """Check the parameters of a create call; raise InvalidParameterError on the first bad one.
+
+    `served_endpoints` are those of SUPPORTED_ENDPOINTS the running stack serves: an endpoint OpenAI
+    does not batch is refused with that list, so that it names only what this stack accepts. One that
+    OpenAI batches but the stack does not serve passes here, for the caller to refuse with the reason
+    (stack_apis.unavailable_message).
+    """
     validate_input_file_id(input_file_id)
     if not isinstance(endpoint, str) or endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidParameterError(
             "endpoint",
-            f"Invalid value for 'endpoint': {quoted(endpoint)}. "
-            f"Supported values are: {', '.join(SUPPORTED_ENDPOINTS)}.",
+            f"Invalid value for 'endpoint': {quoted(endpoint)}. Supported values are: {', '.join(served_endpoints)}.",
         )
     if not isinstance(completion_window, str) or completion_window not in SUPPORTED_COMPLETION_WINDOWS:
         raise InvalidParameterError(
@@ -102,17 +111,50 @@ def validate_idempotency_key(key: Any) -> None:
         )
 
 
+def json_type_name(value: Any) -> str:
+    """The JSON type of a value as OpenAI's "Invalid type" messages name it: "a string", "an array", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int, of which bool is a kind
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return f"a value of type {type(value).__name__}"
+
+
+def invalid_type(param: str, expected: str, value: Any) -> InvalidParameterError:
+    """OpenAI's refusal of a parameter of the wrong JSON type, naming the type it got (never the value)."""
+    message = f"Invalid type for '{param}': expected {expected}, but got {json_type_name(value)} instead."
+    return InvalidParameterError(param, message, "invalid_type")
+
+
+def metadata_param(key: Any) -> str:
+    """The `param` of an error about one metadata pair, `metadata.<key>` as OpenAI names it (the key shortened)."""
+    return f"metadata.{shown(key)}"
+
+
 def validate_metadata(metadata: Any) -> None:
     """OpenAI's metadata rules: at most 16 string pairs, keys <= 64 chars, values <= 512 chars; valid Unicode."""
     if not isinstance(metadata, Mapping):
-        raise InvalidParameterError("metadata", "'metadata' must be an object of string keys and values.")
+        raise invalid_type("metadata", "an object", metadata)
     if len(metadata) > MAX_METADATA_PAIRS:
         raise InvalidParameterError(
             "metadata", f"'metadata' may hold at most {MAX_METADATA_PAIRS} pairs; got {len(metadata)}."
         )
     for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidParameterError("metadata", "'metadata' keys and values must be strings.")
+        if not isinstance(key, str):  # only from Python callers: JSON object keys are strings
+            message = f"Invalid type for a key of 'metadata': expected a string, but got {json_type_name(key)} instead."
+            raise InvalidParameterError("metadata", message, "invalid_type")
+        if not isinstance(value, str):
+            raise invalid_type(metadata_param(key), "a string", value)
         if len(key) > MAX_METADATA_KEY_CHARS:
             raise InvalidParameterError(
                 "metadata", f"'metadata' key {quoted(key)} is longer than {MAX_METADATA_KEY_CHARS} characters."

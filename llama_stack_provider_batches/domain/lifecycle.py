@@ -49,12 +49,32 @@ TIMESTAMP_FIELD: dict[BatchStatus, str] = {
 
 
 class IllegalTransitionError(ConflictError):
-    """A status change that the table above does not allow (HTTP 409 if it reaches a client)."""
+    """A status change that the table above does not allow (HTTP 409 if it reaches a client).
 
-    def __init__(self, batch_id: str, current: str, target: str) -> None:
-        super().__init__(f"Batch '{batch_id}' cannot move from status '{current}' to '{target}'.")
+    `param` and `code` are the fields of OpenAI's error object the API answers with (http_errors.py).
+    """
+
+    param: str | None = None
+    code: str | None = None
+
+    def __init__(self, batch_id: str, current: str, target: str, message: str | None = None) -> None:
+        super().__init__(message or f"Batch '{batch_id}' cannot move from status '{current}' to '{target}'.")
         self.current = current
         self.target = target
+
+
+class BatchNotCancellableError(IllegalTransitionError):
+    """A cancel of a batch that has ended (completed, failed or expired): HTTP 409 in OpenAI's words.
+
+    OpenAI documents no code for it; this one names the refusal, so that a client can tell it from
+    the other 409 (a reused idempotency key) without matching the message. No `param`: the request
+    holds nothing to correct, the batch is done.
+    """
+
+    code = "batch_not_cancellable"
+
+    def __init__(self, batch_id: str, current: str) -> None:
+        super().__init__(batch_id, current, "cancelling", f"Cannot cancel a batch with status '{current}'.")
 
 
 def can_move(current: str, target: BatchStatus) -> bool:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.api.http_errors import openai_error, use_openai_error_routes
 from llama_stack_provider_batches.api.idempotency import IdempotencyConflictError
+from llama_stack_provider_batches.api.validation import SUPPORTED_ENDPOINTS
 from llama_stack_provider_batches.domain.errors import InvalidParameterError, LimitReachedError
+from llama_stack_provider_batches.domain.lifecycle import BatchNotCancellableError
 from llama_stack_provider_batches.stack import (
     AccessDeniedError,
     Api,
@@ -23,6 +25,7 @@ from llama_stack_provider_batches.stack import (
     CreateBatchRequest,
     fastapi_router_registry,
 )
+from tests.unit.conftest import HAS_SAFETY
 
 
 @pytest.fixture
@@ -55,7 +58,7 @@ async def test_a_refused_parameter_is_a_400_with_param_code_and_type_as_fields(
     ("change", "param", "code"),
     [
         ({"completion_window": "48h"}, "completion_window", "invalid_value"),
-        ({"metadata": "not an object"}, "metadata", "invalid_value"),
+        ({"metadata": "not an object"}, "metadata", "invalid_type"),
         ({"input_file_id": None}, "input_file_id", "missing_required_parameter"),
     ],
 )
@@ -66,6 +69,21 @@ async def test_what_the_stack_refuses_before_the_provider_runs_is_shaped_too(
     error = error_of(await http.post("/v1/batches", json=body), 400)
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     assert "not an object" not in error["message"]  # the caller's value is not echoed
+
+
+@pytest.mark.parametrize(("value", "got"), [(["a", "b"], "an array"), (3, "an integer"), (None, "null")])
+async def test_a_metadata_value_that_is_not_a_string_is_named_by_its_key_as_openai_does(
+    http: httpx.AsyncClient, sample_batch_data: dict[str, Any], value: Any, got: str
+) -> None:
+    # The stack's own validation of the body refuses it before the provider runs: the same answer as the provider's.
+    body = {**sample_batch_data, "metadata": {"source": "cli", "tags": value}}
+    error = error_of(await http.post("/v1/batches", json=body), 400)
+    assert error == {
+        "message": f"Invalid type for 'metadata.tags': expected a string, but got {got} instead.",
+        "type": "invalid_request_error",
+        "param": "metadata.tags",
+        "code": "invalid_type",
+    }
 
 
 async def test_a_body_that_is_not_json_is_a_400_in_openai_shape(http: httpx.AsyncClient) -> None:
@@ -112,6 +130,31 @@ async def test_python_callers_of_the_routes_and_the_provider_still_get_exception
         await idle_provider.create_batch(changed)
 
 
+@pytest.mark.parametrize("status", ["completed", "failed", "expired"])
+async def test_cancelling_a_finished_batch_is_a_409_with_a_code(
+    http: httpx.AsyncClient, idle_provider: BatchesService, sample_batch_data: dict[str, Any], status: str
+) -> None:
+    batch = await idle_provider.create_batch(**sample_batch_data)
+    await idle_provider._store.update(batch.id, lambda b: b.model_copy(update={"status": status}))
+    response = await http.post(f"/v1/batches/{batch.id}/cancel")
+    assert error_of(response, 409) == {
+        "message": f"Cannot cancel a batch with status '{status}'.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "batch_not_cancellable",
+    }
+    assert response.headers["x-should-retry"] == "false"
+
+
+async def test_an_unknown_endpoint_lists_only_the_endpoints_this_stack_serves(
+    http: httpx.AsyncClient, sample_batch_data: dict[str, Any]
+) -> None:
+    response = await http.post("/v1/batches", json={**sample_batch_data, "endpoint": "/v1/images/generations"})
+    listed = error_of(response, 400)["message"].split("Supported values are: ")[1].rstrip(".").split(", ")
+    # The unit stack serves every endpoint its APIs allow: moderations only where the stack has a Safety API.
+    assert listed == [endpoint for endpoint in SUPPORTED_ENDPOINTS if endpoint != "/v1/moderations" or HAS_SAFETY]
+
+
 def test_registering_the_routes_twice_changes_nothing() -> None:
     assert use_openai_error_routes()
     assert use_openai_error_routes()
@@ -121,7 +164,8 @@ def test_each_error_gets_its_status_and_only_a_429_stays_retryable() -> None:
     cases = {
         InvalidParameterError("after", "bad cursor", "invalid_request"): (400, "after", "invalid_request"),
         BatchNotFoundError("batch_x"): (404, None, None),
-        ConflictError("Cannot cancel a batch with status 'completed'."): (409, None, None),
+        ConflictError("A conflict the provider did not name."): (409, None, None),
+        BatchNotCancellableError("batch_x", "completed"): (409, None, "batch_not_cancellable"),
         LimitReachedError("too many"): (429, None, "rate_limit_exceeded"),
         AccessDeniedError(): (403, None, None),
     }

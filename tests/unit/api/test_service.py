@@ -5,12 +5,13 @@ from typing import Any
 
 import pytest
 
-from llama_stack_provider_batches import BatchesService
+from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
 from llama_stack_provider_batches.domain.errors import InvalidParameterError
 from llama_stack_provider_batches.stack import (
     AccessDeniedError,
     AccessRule,
     Action,
+    Api,
     BatchNotFoundError,
     CancelBatchRequest,
     ConflictError,
@@ -21,7 +22,7 @@ from llama_stack_provider_batches.stack import (
     Scope,
     User,
 )
-from tests.unit.conftest import FakeFiles
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
 from tests.unit.helpers import chat_line, jsonl
 
 
@@ -136,8 +137,24 @@ async def test_cancel_of_a_finished_batch_is_a_conflict(
 ) -> None:
     batch = await idle_provider.create_batch(**sample_batch_data)
     await idle_provider._store.update(batch.id, lambda b: b.model_copy(update={"status": status}))
-    with pytest.raises(ConflictError, match=f"status '{status}'"):
+    with pytest.raises(ConflictError, match=f"status '{status}'") as refused:
         await idle_provider.cancel_batch(batch.id)
+    assert (refused.value.status_code, refused.value.code) == (409, "batch_not_cancellable")  # type: ignore[attr-defined]
+
+
+async def test_an_unknown_endpoint_lists_what_a_stack_without_responses_and_safety_serves(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> None:
+    provider = await get_provider_impl(config, {Api.files: files, Api.inference: inference, Api.models: models})
+    try:
+        with pytest.raises(InvalidParameterError) as refused:
+            await provider.create_batch(input_file_id="file-1", endpoint="/v1/images", completion_window="24h")
+        assert refused.value.message == (
+            "Invalid value for 'endpoint': '/v1/images'. "
+            "Supported values are: /v1/chat/completions, /v1/completions, /v1/embeddings."
+        )
+    finally:
+        await provider.shutdown()
 
 
 async def test_list_pages_newest_first(idle_provider: BatchesService, sample_batch_data: dict[str, Any]) -> None:

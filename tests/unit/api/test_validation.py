@@ -39,7 +39,7 @@ def test_supported_endpoints_pass(endpoint: str) -> None:
         ({"completion_window": "48h"}, "completion_window"),
         ({"input_file_id": ""}, "input_file_id"),
         ({"input_file_id": None}, "input_file_id"),
-        ({"metadata": {"k": 1}}, "metadata"),
+        ({"metadata": {"k": 1}}, "metadata.k"),
     ],
 )
 def test_bad_create_params_name_the_param(change: dict, param: str) -> None:
@@ -63,6 +63,45 @@ def test_metadata_limits_are_openais() -> None:
     ):
         with pytest.raises(InvalidParameterError):
             validate_metadata(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        (["a", "b"], "an array"),
+        ({"x": "y"}, "an object"),
+        (1, "an integer"),
+        (1.5, "a decimal"),
+        (True, "a boolean"),
+        (None, "null"),
+    ],
+)
+def test_a_metadata_value_of_another_type_is_named_by_its_key_as_openai_does(value: Any, got: str) -> None:
+    with pytest.raises(InvalidParameterError) as refused:
+        validate_metadata({"source": "cli", "tags": value})
+    assert (refused.value.param, refused.value.code) == ("metadata.tags", "invalid_type")
+    assert refused.value.message == f"Invalid type for 'metadata.tags': expected a string, but got {got} instead."
+
+
+def test_metadata_that_is_not_an_object_and_a_long_or_odd_key_are_named_without_echoing_values() -> None:
+    with pytest.raises(InvalidParameterError) as refused:
+        validate_metadata(["tags", "a"])
+    assert (refused.value.param, refused.value.code) == ("metadata", "invalid_type")
+    assert refused.value.message == "Invalid type for 'metadata': expected an object, but got an array instead."
+    with pytest.raises(InvalidParameterError) as refused:
+        validate_metadata({"k" * 1000 + "\n": 1})
+    assert refused.value.param == f"metadata.{'k' * MAX_QUOTED_CHARS}..."  # bounded, as every quote of caller text
+
+
+def test_an_unknown_endpoint_is_refused_with_the_endpoints_this_stack_serves() -> None:
+    served = ("/v1/chat/completions", "/v1/embeddings")
+    with pytest.raises(InvalidParameterError) as refused:
+        validate_create_params(**{**GOOD, "endpoint": "/v1/images/generations"}, served_endpoints=served)
+    assert refused.value.message == (
+        "Invalid value for 'endpoint': '/v1/images/generations'. "
+        "Supported values are: /v1/chat/completions, /v1/embeddings."
+    )
+    validate_create_params(**{**GOOD, "endpoint": "/v1/moderations"}, served_endpoints=served)  # the caller's to refuse
 
 
 @pytest.mark.parametrize("limit", [1, 20, 100])

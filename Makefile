@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8321
 
-.PHONY: setup run demo test unit integration lint bench dist clean setup-ogx run-ogx test-ogx
+.PHONY: setup run demo test unit integration lint bench dist clean setup-ogx run-ogx test-ogx docs
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
@@ -56,6 +56,9 @@ integration: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: setup  ## serve the documentation site (docs/, mkdocs.yml) on 127.0.0.1:8001, rebuilt on every change
+	$(VENV)/bin/mkdocs serve -a 127.0.0.1:8001
 
 dist: setup  ## build the wheel and sdist into dist/ (pip install dist/*.whl elsewhere)
 	$(PY) -m build --outdir dist .

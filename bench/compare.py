@@ -3,7 +3,7 @@ built-in `inline::reference`, and print the figures side by side.
 
     .venv/bin/python bench/compare.py                              # every workload, both providers
     .venv/bin/python bench/compare.py --workloads latency,cpu --providers ours
-    .venv/bin/python bench/compare.py --workloads latency,failures --chart bench/compare.png
+    .venv/bin/python bench/compare.py --workloads latency,failures --chart docs/images/compare.png
 
 Workloads (requests go to the stand-in model server, started here):
     latency      600 chat requests, log-normal latency (mean 200 ms, sigma 0.6), concurrency 10;

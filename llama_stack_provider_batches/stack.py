@@ -11,6 +11,8 @@ Which stack: the one that has loaded its own modules before it loaded this provi
 
 import importlib.util
 import sys
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 StackName = Literal["llama-stack", "ogx"]
@@ -291,8 +293,38 @@ PROVIDERS_BUILT_ON_SERVING_LOOP = STACK == "ogx"
 DEPENDENCIES_SHUT_DOWN_FIRST = STACK == "ogx"
 
 
+def _providers_by_id(router: Any) -> dict[str, Any]:
+    table = getattr(router, "routing_table", None)
+    return getattr(table, "impls_by_provider_id", None) or {}
+
+
 def inference_providers(router: Any) -> list[Any]:
     """The inference router and the providers it routes to (each holds a client to its backend)."""
-    table = getattr(router, "routing_table", None)
-    providers = getattr(table, "impls_by_provider_id", None) or {}
-    return [router, *providers.values()]
+    return [router, *_providers_by_id(router).values()]
+
+
+@dataclass(frozen=True)
+class ModelBackend:
+    """The model server behind one remote inference provider (an OpenAI-compatible one: vLLM, Ollama...)."""
+
+    provider_id: str
+    base_url: str
+    # Asks the server for its model ids (GET {base_url}/models) as the stack does at start-up; raises
+    # what the provider's client raises when the server does not answer or refuses.
+    list_model_ids: Callable[[], Awaitable[Iterable[str]]]
+
+
+def model_backend(router: Any, provider_id: str) -> ModelBackend | None:
+    """The model server of the inference provider run.yaml names `provider_id`; None when there is no
+    such provider or it is not a remote one that lists its models (both stacks' OpenAI-compatible
+    providers have `get_base_url` and `list_provider_model_ids`)."""
+    provider = _providers_by_id(router).get(provider_id)
+    get_base_url = getattr(provider, "get_base_url", None)
+    list_model_ids = getattr(provider, "list_provider_model_ids", None)
+    if not callable(get_base_url) or not callable(list_model_ids):
+        return None
+    try:
+        base_url = str(get_base_url())
+    except Exception:  # a provider whose URL comes from each request's provider data, say
+        return None
+    return ModelBackend(provider_id, base_url, list_model_ids)

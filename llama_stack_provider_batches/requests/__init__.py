@@ -3,6 +3,7 @@ serves its endpoint.
 
     input_file     JSONL lines into an index of requests, or OpenAI's validation errors (pure)
     input_reader   reading the input file and its models through the stack's Files and Models APIs
+    model_hints    why a model is unknown: a missing provider prefix, a near miss, a backend not answering
     endpoints      one request sent through the stack, its outcome turned into a result line
     resilience     which failures to retry, backoff, adaptive capacity, pacing
     stack_apis     the stack's APIs and the endpoints each serves

@@ -25,6 +25,7 @@ from ..stack import (
     response_bytes,
 )
 from .input_file import MAX_FILE_BYTES, MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error, parse_input
+from .model_hints import model_hints
 from .stack_apis import StackAPIs, unavailable_message
 
 
@@ -96,11 +97,11 @@ def model_not_found(model: str | None, line: int, hint: str = "") -> BatchError:
 
 
 MORE_UNKNOWN = "More models may be unknown; they are not listed."
-PREFIX_HINT = " Models are named '<provider_id>/<model>', as GET /v1/models lists them."
 
 
 async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, int]) -> list[BatchError]:
-    """A model_not_found error for each distinct model the Models API does not know, at the first line naming it.
+    """A model_not_found error for each distinct model the Models API does not know, at the first line naming it,
+    with a hint at why where there is one (model_hints.py).
 
     The lookups stop at MAX_LISTED_ERRORS unknown models: a file naming thousands of made-up models
     must not hold a batch slot for a lookup each, nor fill `errors` with them.
@@ -115,28 +116,11 @@ async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, 
             await apis.models.get_model(GetModelRequest(model_id=model or ""))
         except Exception:
             unknown.append((model, line))
-    hints = await prefix_hints(apis, [model for model, _ in unknown])
+    hints = await model_hints(apis, [model for model, _ in unknown])
     errors = [model_not_found(model, line, hints.get(model, "")) for model, line in unknown]
     if more:
         errors.append(file_error(MORE_UNKNOWN, "model_not_found", None))
     return errors
-
-
-async def prefix_hints(apis: StackAPIs, unknown: list[str | None]) -> dict[str | None, str]:
-    """For unknown models named without a provider prefix, a hint at it: the stack names models
-    `<provider_id>/<model>` (`local/m-chat`), and a bare `m-chat` is the commonest mistake."""
-    bare = [model for model in unknown if model and "/" not in model]
-    if not bare:
-        return {}
-    try:
-        known = [model.identifier for model in (await apis.models.list_models()).data]
-    except Exception:  # a hint is not worth failing validation for
-        known = []
-    hints: dict[str | None, str] = {}
-    for model in bare:
-        matches = [name for name in known if name.endswith("/" + model)]
-        hints[model] = PREFIX_HINT + (f" Did you mean {quoted(matches[0])}?" if matches else "")
-    return hints
 
 
 async def unknown_moderation_models(

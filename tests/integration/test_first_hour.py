@@ -93,6 +93,38 @@ def test_a_wrong_model_url_is_named_in_error_lines_and_logged(stack_with_a_wrong
     assert "Batch finished" in log and "failed=2" in log
 
 
+def test_a_model_of_a_backend_that_does_not_answer_fails_validation_naming_the_backend(
+    stack_with_a_wrong_model_url: ServerProcess,
+) -> None:
+    # The stack could not list the backend's models when it started: it knows only run.yaml's own.
+    stack = stack_with_a_wrong_model_url
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+    lines = chat_lines(2)
+    for line in lines:
+        line["body"]["model"] = "local/llama3.2:3b"
+    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    assert batch.status == "failed"
+    [error] = batch.errors.data
+    assert (error.code, error.line, error.param) == ("model_not_found", 1, "body.model")
+    closed_url = stack.closed_url  # type: ignore[attr-defined]
+    assert f"the model backend at {closed_url} did not answer (Connection error.)" in error.message
+    assert error.message.startswith("The provided model 'local/llama3.2:3b' is not supported by the Batch API.")
+
+
+def test_a_misspelt_model_gets_a_did_you_mean(stack: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+    lines = chat_lines(1)
+    lines[0]["body"]["model"] = "local/m-chta"
+    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    assert batch.status == "failed"
+    assert [(e.code, e.message) for e in batch.errors.data] == [
+        (
+            "model_not_found",
+            "The provided model 'local/m-chta' is not supported by the Batch API. Did you mean 'local/m-chat'?",
+        )
+    ]
+
+
 def test_a_model_without_its_prefix_gets_a_hint_and_refusals_log_one_line(stack: ServerProcess) -> None:
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
     lines = chat_lines(1)

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 import openai
+from openai.types import Batch
 
 from llama_batches import client as api
 from llama_batches import jsonl
@@ -35,6 +36,7 @@ from llama_batches.output import (
     note,
     print_batch,
     print_batches,
+    say_first_failure,
 )
 from llama_batches.progress import counts, status_line
 from llama_batches.session import Interrupted, announce, follow, plan_batch, read_input, start_batch
@@ -257,9 +259,22 @@ def wait(conn: api.Connection, batch_id: str, as_json: bool) -> int:
         click.echo(status_line(batch))
     if batch.status == "failed":
         raise api.CliError(f"batch {batch.id} failed: {batch_errors(batch)}")
+    failed = counts(batch)[1]
+    if failed:
+        say_first_failure(first_failure(conn, batch))
     if batch.status != "completed":
         note(f"error: batch {batch.id} {batch.status} before all its requests ran")
-    return exit_code_for(batch, counts(batch)[1])
+    return exit_code_for(batch, failed)
+
+
+def first_failure(conn: api.Connection, batch: Batch) -> str | None:
+    """The first line of a batch's error file, summarised; None if it cannot be read now (the wait itself
+    succeeded: a failed download must not turn its answer into an error)."""
+    try:
+        line = api.first_line(conn.client, batch.error_file_id)
+    except openai.OpenAIError:
+        return None
+    return jsonl.failure_summary(line) if line else None
 
 
 @cli.command()

@@ -149,6 +149,17 @@ def download_lines(client: OpenAI, file_id: str | None) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def first_line(client: OpenAI, file_id: str | None) -> str | None:
+    """The first non-blank line of a result file, read as a stream: the rest of a large file is not downloaded."""
+    if not file_id:
+        return None
+    with client.files.with_streaming_response.content(file_id) as response:
+        for line in response.iter_lines():
+            if line.strip():
+                return line
+    return None
+
+
 def transient(error: openai.OpenAIError) -> bool:
     """Whether a failed call may succeed if tried later: no connection or no answer in time, the server's
     own trouble (5xx) or its rate limit (429). A refusal of the request itself (4xx) will not pass."""

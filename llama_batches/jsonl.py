@@ -207,3 +207,33 @@ def is_success(line: str) -> bool:
         and isinstance(response.get("status_code"), int)
         and (200 <= response["status_code"] < 300)
     )
+
+
+MAX_FAILURE_CHARS = 300  # a server's message may be long (a backend's whole answer): the summary is one screen line
+
+
+def failure_summary(line: str) -> str | None:
+    """A failed result line in one line, "<custom_id>: <code>: <message>"; None for a success.
+
+    The code is the error's own; for a request the model refused with an HTTP status, that status
+    comes first ("HTTP 400 invalid_request_error: ..."), as the code alone (often null) may say nothing.
+    """
+    if is_success(line):
+        return None
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return f"an unreadable result line: {' '.join(line.split())[:MAX_FAILURE_CHARS]}"
+    if not isinstance(data, dict):
+        return "a result line that is not a JSON object"
+    error, response = data.get("error"), data.get("response")
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if not (isinstance(error, dict) and error) and isinstance(response, dict):
+        body = response.get("body")
+        error = body.get("error", body) if isinstance(body, dict) else {"message": body}
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code") or error.get("type")
+    what = " ".join(str(part) for part in (f"HTTP {status}" if status else None, code) if part) or "error"
+    message = " ".join(str(error.get("message") or "no message").split())
+    summary = f"{data.get('custom_id')}: {what}: {message}"
+    return summary if len(summary) <= MAX_FAILURE_CHARS else summary[: MAX_FAILURE_CHARS - 3] + "..."

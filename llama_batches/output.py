@@ -55,6 +55,7 @@ class Outcome:
     failed: int  # requests without a successful result, missing ones included
     missing: int
     lines: int
+    first_failure: str | None = None  # the first failed request in input order, as jsonl.failure_summary says it
 
 
 def errors_path(output: Path) -> Path:
@@ -108,7 +109,8 @@ def save_results(
             errors_output = errors_path(output)
             write_lines(errors_output, jsonl.failures_in_input_order(ids, output_lines, error_lines))
     write_lines(output, written)
-    return Outcome(output, errors_output, succeeded, total - succeeded, missing, len(written))
+    first_failure = next(filter(None, map(jsonl.failure_summary, counted)), None)
+    return Outcome(output, errors_output, succeeded, total - succeeded, missing, len(written), first_failure)
 
 
 def _ids_of(lines: Sequence[str]) -> list[str]:
@@ -124,16 +126,23 @@ def _ids_of(lines: Sequence[str]) -> list[str]:
 # Reporting outcomes.
 
 
-def batch_errors(batch: Batch, limit: int = 3) -> str:
-    """A failed batch's first validation errors, as "line N: message (code)"."""
+def batch_errors(batch: Batch) -> str:
+    """Why a batch failed, in one line: its first error, "line N: code: message", and how many more it has."""
     errors = batch.errors.data if batch.errors and batch.errors.data else []
-    parts = []
-    for error in errors[:limit]:
-        where = f"line {error.line}: " if error.line else ""
-        parts.append(f"{where}{error.message or 'error'}" + (f" ({error.code})" if error.code else ""))
-    if len(errors) > limit:
-        parts.append(f"{len(errors) - limit} more")
-    return "; ".join(parts) or "the server gave no reason"
+    if not errors:
+        return "the server gave no reason"
+    first = errors[0]
+    where = f"line {first.line}: " if first.line else ""
+    code = f"{first.code}: " if first.code else ""
+    message = " ".join((first.message or "no message").split())  # one line, whatever the server wrote
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{where}{code}{message}{more}"
+
+
+def say_first_failure(summary: str | None) -> None:
+    """On stderr, why requests failed: the first failure's custom_id, code and message (jsonl.failure_summary)."""
+    if summary:
+        note(f"First failure: {summary}")
 
 
 def report(batch: Batch, outcome: Outcome | None, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -160,6 +169,8 @@ def report(batch: Batch, outcome: Outcome | None, as_json: bool, extra: dict[str
             f"Batch {batch.id} {batch.status}: {outcome.succeeded} succeeded, {outcome.failed} failed. "
             f"Wrote {outcome.lines} lines to {outcome.output}{where}."
         )
+    if outcome.failed:
+        say_first_failure(outcome.first_failure)
     if batch.status != "completed":
         note(f"error: batch {batch.id} {batch.status}: {outcome.missing} of its requests have no result")
     return exit_code_for(batch, outcome.failed)

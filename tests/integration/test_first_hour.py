@@ -1,6 +1,7 @@
 """A new user's first hour: `make run` (tools/serve.py) on busy ports and stopped cleanly, a wrong
 MODEL_URL, a model named without its provider prefix, and what the server log says meanwhile."""
 
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,42 @@ def test_a_model_of_a_backend_that_does_not_answer_fails_validation_naming_the_b
     closed_url = stack.closed_url  # type: ignore[attr-defined]
     assert f"the model backend at {closed_url} did not answer (Connection error.)" in error.message
     assert error.message.startswith("The provided model 'local/llama3.2:3b' is not supported by the Batch API.")
+
+
+def run_cli(base_url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "none"}
+    env.pop("LLAMA_BATCHES_DEBUG", None)
+    command = [sys.executable, "-m", "llama_batches", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
+    stack_with_a_wrong_model_url: ServerProcess, tmp_path: Path
+) -> None:
+    stack = stack_with_a_wrong_model_url
+    closed_url = stack.closed_url  # type: ignore[attr-defined]
+    source = tmp_path / "questions.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in chat_lines(5)))
+
+    failing = run_cli(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl")
+
+    assert failing.returncode == 1, failing.stderr
+    assert ": 0 succeeded, 5 failed." in failing.stdout
+    [why] = [line for line in failing.stderr.splitlines() if line.startswith("First failure: ")]
+    assert why.startswith("First failure: req-0: connection_error: ")
+    assert f"Cannot reach the model backend at {closed_url}/chat/completions." in why
+
+    lines = chat_lines(5)
+    for line in lines:
+        line["body"]["model"] = "local/llama3.2:3b"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    refused = run_cli(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl")
+
+    assert refused.returncode == 2, refused.stderr
+    last = refused.stderr.splitlines()[-1]
+    assert last.startswith("error: batch batch_") and " failed: line 1: model_not_found: The provided model" in last
+    assert f"the model backend at {closed_url} did not answer" in last
 
 
 def test_a_misspelt_model_gets_a_did_you_mean(stack: ServerProcess) -> None:

@@ -17,6 +17,7 @@ from llama_batches.jsonl import (
     InputError,
     check_input,
     endpoint_of,
+    failure_summary,
     failures_in_input_order,
     idempotency_key,
     is_success,
@@ -285,6 +286,30 @@ def test_is_success_needs_a_2xx_response_and_no_error() -> None:
     assert not is_success(missing_result_line("a"))
     assert not is_success("not json")
     assert not is_success("[]")
+
+
+def test_a_failure_is_summarised_as_its_custom_id_code_and_message_in_one_line() -> None:
+    no_answer = {"code": "connection_error", "message": "Connection error.\nCannot reach the model backend."}
+    assert failure_summary(json.dumps({"custom_id": "a", "response": None, "error": no_answer})) == (
+        "a: connection_error: Connection error. Cannot reach the model backend."
+    )
+    refused = {"message": "Unknown model.", "type": "invalid_request_error", "code": "model_not_found"}
+    line = {"custom_id": "b", "response": {"status_code": 404, "body": {"error": refused}}, "error": None}
+    assert failure_summary(json.dumps(line)) == "b: HTTP 404 model_not_found: Unknown model."
+    assert failure_summary(error_line("c")) == "c: HTTP 400: bad"  # no code, no type: the status says it
+    assert failure_summary(missing_result_line("d")) == (
+        "d: missing_result: The batch returned no result for this request."
+    )
+    assert failure_summary(output_line("e")) is None
+
+
+def test_a_failure_summary_is_bounded_and_never_raises() -> None:
+    long_message = {"custom_id": "a", "response": None, "error": {"code": "x", "message": "word " * 1000}}
+    assert len(failure_summary(json.dumps(long_message)) or "") == 300
+    assert failure_summary("not json") == "an unreadable result line: not json"
+    assert failure_summary("[]") == "a result line that is not a JSON object"
+    text_body = {"custom_id": "f", "response": {"status_code": 502, "body": "Bad Gateway"}, "error": None}
+    assert failure_summary(json.dumps(text_body)) == "f: HTTP 502: Bad Gateway"
 
 
 def test_the_command_line_does_not_import_llama_stack() -> None:

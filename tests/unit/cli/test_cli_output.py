@@ -1,0 +1,159 @@
+"""What `llama-batches` says about a finished batch (llama_batches/output.py): why requests failed (the first
+failure's custom_id, code and message) and why a batch failed validation (its first error), in one line
+each on stderr. The real commands, in a subprocess, against a fake Batch API serving one batch and its files."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from openai.types import Batch
+
+from llama_batches.output import batch_errors
+
+CONNECTION_ERROR = {"code": "connection_error", "message": "Connection error. Cannot reach the model backend at x."}
+
+
+def failure_line(custom_id: str) -> str:
+    return json.dumps({"id": f"r-{custom_id}", "custom_id": custom_id, "response": None, "error": CONNECTION_ERROR})
+
+
+def batch_body(status: str, completed: int, failed: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "batch_1",
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in",
+        "completion_window": "24h",
+        "status": status,
+        "created_at": 1_700_000_000,
+        "request_counts": {"completed": completed, "failed": failed, "total": completed + failed},
+        **extra,
+    }
+
+
+class FakeBatchAPI(ThreadingHTTPServer):
+    """GET /v1/batches/batch_1 answers `batch`; GET /v1/files/<id>/content answers `files[<id>]`."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.batch: dict[str, Any] = {}
+        self.files: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    server: FakeBatchAPI
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/v1/batches/batch_1":
+            self.answer(200, "application/json", json.dumps(self.server.batch))
+        elif path.startswith("/v1/files/") and path.endswith("/content"):
+            content = self.server.files.get(path.split("/")[3])
+            self.answer(200 if content is not None else 404, "application/octet-stream", content or "")
+        else:
+            self.answer(404, "application/json", json.dumps({"error": {"message": "no such route"}}))
+
+    def answer(self, status: int, content_type: str, text: str) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-should-retry", "false")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[FakeBatchAPI]:
+    fake = FakeBatchAPI()
+    thread = threading.Thread(target=fake.serve_forever, daemon=True)
+    thread.start()
+    yield fake
+    fake.shutdown()
+    fake.server_close()
+    thread.join()
+
+
+def llama_batches(server: FakeBatchAPI, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "none"}
+    env.pop("LLAMA_BATCHES_DEBUG", None)
+    command = [sys.executable, "-m", "llama_batches", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_results_of_failed_requests_say_the_first_failures_code_and_message(
+    server: FakeBatchAPI, tmp_path: Path
+) -> None:
+    server.batch = batch_body("completed", 0, 5, error_file_id="file-err")
+    server.files["file-err"] = "\n".join(failure_line(f"req-{i}") for i in range(5)) + "\n"
+
+    result = llama_batches(server, "results", "batch_1", "-o", tmp_path / "out.jsonl")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("Batch batch_1 completed: 0 succeeded, 5 failed.")
+    assert result.stderr.splitlines() == [
+        "First failure: req-0: connection_error: Connection error. Cannot reach the model backend at x."
+    ]
+
+
+def test_wait_for_a_batch_with_failed_requests_says_the_first_failure(server: FakeBatchAPI) -> None:
+    server.batch = batch_body("completed", 3, 2, output_file_id="file-out", error_file_id="file-err")
+    server.files["file-err"] = f"{failure_line('req-3')}\n{failure_line('req-4')}\n"
+
+    result = llama_batches(server, "wait", "batch_1")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == "batch_1: completed (5/5 done, 2 failed)\n"
+    assert result.stderr.splitlines()[-1] == (
+        "First failure: req-3: connection_error: Connection error. Cannot reach the model backend at x."
+    )
+
+
+def test_wait_says_nothing_more_when_the_error_file_cannot_be_read(server: FakeBatchAPI) -> None:
+    server.batch = batch_body("completed", 3, 2, error_file_id="file-gone")
+
+    result = llama_batches(server, "wait", "batch_1")
+
+    assert (result.returncode, result.stdout) == (1, "batch_1: completed (5/5 done, 2 failed)\n")
+    assert "First failure" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_batch_that_failed_validation_says_its_first_errors_code_and_message(server: FakeBatchAPI) -> None:
+    errors = [
+        {"code": "model_not_found", "line": 1, "param": "body.model", "message": "The provided model 'x' is unknown."},
+        {"code": "model_not_found", "line": 4, "param": "body.model", "message": "The provided model 'y' is unknown."},
+    ]
+    server.batch = batch_body("failed", 0, 0, errors={"object": "list", "data": errors})
+
+    result = llama_batches(server, "wait", "batch_1")
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "error: batch batch_1 failed: line 1: model_not_found: The provided model 'x' is unknown. (and 1 more error)"
+    )
+
+
+def test_a_failed_batchs_reason_is_one_line_whatever_its_errors() -> None:
+    def failed(*errors: dict[str, Any]) -> Batch:
+        return Batch.model_validate(batch_body("failed", 0, 0, errors={"object": "list", "data": list(errors)}))
+
+    file_error = {"code": "invalid_request", "line": None, "message": "The input file is empty.\n"}
+    assert batch_errors(failed(file_error)) == "invalid_request: The input file is empty."
+    assert batch_errors(failed(*[file_error] * 3)) == "invalid_request: The input file is empty. (and 2 more errors)"
+    assert batch_errors(failed({"line": 2})) == "line 2: no message"
+    assert batch_errors(failed()) == "the server gave no reason"

@@ -6,14 +6,18 @@ that a first batch completes on any machine; it says so loudly.
 """
 
 import argparse
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +62,44 @@ def answers(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+BACKEND_CHECK_SECONDS = 3.0
+RESTART_ADVICE = "the stack lists a backend's models when it starts: fix that, then restart this server"
+
+
+def backend_trouble(model_url: str, api_key: str | None, timeout: float = BACKEND_CHECK_SECONDS) -> str | None:
+    """One line saying what is wrong with the model server at `model_url`, or None if it lists models.
+
+    Asks GET {model_url}/models as the stack does when it starts (with the same key): a server that
+    does not answer then leaves the stack without its models, so that every batch naming one fails
+    validation with `model_not_found` until the stack restarts.
+    """
+    said = f"*** MODEL_URL {model_url}"
+    not_openai = "is it an OpenAI-compatible server?"
+    request = urllib.request.Request(
+        model_url.rstrip("/") + "/models", headers={"Authorization": f"Bearer {api_key or 'none'}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            listing = json.loads(response.read())
+    except urllib.error.HTTPError as refusal:  # before OSError, of which it is a kind
+        return f"{said} answered GET /models with HTTP {refusal.code} (MODEL_API_KEY?); {RESTART_ADVICE}."
+    except OSError as failure:  # refused, unknown host, no answer in time
+        reason = getattr(failure, "reason", failure)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        return f"{said} does not answer ({reason}); {RESTART_ADVICE}."
+    except ValueError:
+        return f"{said} answered GET /models with something other than JSON: {not_openai}"
+    except http.client.HTTPException as failure:  # something listens there, but does not speak HTTP
+        return f"{said} does not answer as an HTTP server ({type(failure).__name__}): {not_openai}"
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(models, list):
+        return f"{said} answered GET /models without a model list: {not_openai}"
+    if not models:
+        return f"{said} lists no models (pull or load one there); {RESTART_ADVICE}."
+    return None
 
 
 def main() -> None:
@@ -106,6 +148,10 @@ def main() -> None:
                 flush=True,
             )
         if not stopping:
+            # Asked while the stack starts (it asks too, once, then keeps what it got); told with the banner.
+            checker = ThreadPoolExecutor(max_workers=1)
+            backend_check = checker.submit(backend_trouble, env["MODEL_URL"], env.get("MODEL_API_KEY"))
+            checker.shutdown(wait=False)
             command = stack_command(RUN_YAML, args.port)  # llama-stack's, or OGX's where that is installed
             stack = subprocess.Popen(command, env=env, start_new_session=True)
             children.insert(0, stack)  # stopped first: it may still be sending to the stand-in
@@ -118,6 +164,9 @@ def main() -> None:
                     "Ctrl-C stops.",
                     flush=True,
                 )
+                trouble = backend_check.result()  # long done: its timeouts are shorter than a stack's start
+                if trouble:
+                    print(trouble, flush=True)
             code = stack.wait()
     finally:
         for child in children:

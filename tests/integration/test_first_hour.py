@@ -20,7 +20,10 @@ from tools.harness import REPO, ServerProcess, free_port, start_stack
 SERVE = REPO / "tools" / "serve.py"
 
 
-def start_serve(tmp_path: Path, port: int, standin_port: int, name: str) -> subprocess.Popen[str]:
+def start_serve(
+    tmp_path: Path, port: int, standin_port: int, name: str, model_url: str | None = None
+) -> subprocess.Popen[str]:
+    """tools/serve.py in a process of its own, its output in <name>.log; with the stand-in unless `model_url`."""
     env = {
         **os.environ,
         "PORT": str(port),
@@ -28,6 +31,8 @@ def start_serve(tmp_path: Path, port: int, standin_port: int, name: str) -> subp
         "STATE_DIR": str(tmp_path / "state"),
     }
     env.pop("MODEL_URL", None)
+    if model_url is not None:
+        env["MODEL_URL"] = model_url
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(
         [sys.executable, str(SERVE)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
@@ -69,6 +74,31 @@ def test_make_run_refuses_busy_ports_and_stops_cleanly(tmp_path: Path) -> None:
     assert f"Serving on http://127.0.0.1:{port}" in said
     with pytest.raises(httpx.ConnectError):  # both servers are gone
         httpx.get(f"http://127.0.0.1:{standin_port}/health", timeout=2)
+
+
+def test_make_run_says_when_model_url_does_not_answer_and_serves_anyway(tmp_path: Path) -> None:
+    port, closed = free_port(), f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    serve = start_serve(tmp_path, port, free_port(), "closed", model_url=closed)
+    log = tmp_path / "closed.log"
+    try:
+        wait_healthy(port)
+        deadline = time.monotonic() + 30
+        while "MODEL_URL" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    said = log.read_text().splitlines()
+    banner = next(n for n, line in enumerate(said) if line.startswith(f"*** Serving on http://127.0.0.1:{port}"))
+    [warning] = [line for line in said if line.startswith("*** MODEL_URL")]
+    assert said.index(warning) > banner  # told with the banner, once the stack serves
+    assert warning == (
+        f"*** MODEL_URL {closed} does not answer ([Errno 111] Connection refused); "
+        "the stack lists a backend's models when it starts: fix that, then restart this server."
+    )
+    assert "Traceback" not in "\n".join(said)
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ setup: $(STAMP)
 run: setup  ## serve on $(PORT); starts the stand-in model server when MODEL_URL is unset
 	$(PY) tools/serve.py --port $(PORT)
 
-demo: setup  ## submit a small batch to the server of `make run` and print its results
-	$(PY) tools/demo.py
+demo: setup  ## submit small batches to the server of `make run` on $(PORT) (or at LLAMA_STACK_URL) and print the results
+	$(PY) tools/demo.py --port $(PORT)
 
 test: setup  ## lint, unit and integration tests
 	$(VENV)/bin/ruff check .

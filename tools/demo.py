@@ -1,10 +1,13 @@
 """Submit small batches to a running stack with the OpenAI SDK, follow them, and print the results:
 chat completions, then Responses and moderations where the stack serves them.
 
-make demo        (the stack from `make run` on 127.0.0.1:8321; LLAMA_STACK_URL to point elsewhere,
-                  DEMO_MODEL to choose the chat model)
+make demo        (the stack of `make run` on 127.0.0.1:$PORT, 8321 by default; LLAMA_STACK_URL, a
+                  whole URL, points elsewhere; DEMO_MODEL chooses the chat model)
+
+A stack it cannot reach, or that refuses it, is one line on stderr and exit status 1.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -67,9 +70,34 @@ def response_text(body: dict[str, Any]) -> str:
     )
 
 
+def stack_url(port: int) -> str:
+    """The stack to talk to: LLAMA_STACK_URL if set, else the one `make run` serves on `port` (on STACK_HOST,
+    as serve.py binds it, unless that means every address)."""
+    if os.environ.get("LLAMA_STACK_URL"):
+        return os.environ["LLAMA_STACK_URL"].rstrip("/")
+    host = os.environ.get("STACK_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def main() -> None:
-    base_url = os.environ.get("LLAMA_STACK_URL", "http://127.0.0.1:8321").rstrip("/") + "/v1"
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("LLAMA_STACK_API_KEY", "none"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8321), help="the port of `make run`")
+    url = stack_url(parser.parse_args().port)
+    try:
+        demo(OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LLAMA_STACK_API_KEY", "none")))
+    except openai.APIConnectionError:  # APITimeoutError too: the SDK's own retries have been used up
+        sys.exit(
+            f"error: cannot reach the stack at {url}: is `make run` serving there? "
+            "(PORT=<port> make demo for another port of `make run`, LLAMA_STACK_URL=<url> for another stack)"
+        )
+    except openai.APIStatusError as refusal:
+        sys.exit(f"error: the stack at {url} answered {refusal.status_code}: {' '.join(refusal.message.split())}")
+
+
+def demo(client: OpenAI) -> None:
+    """Chat completions with the first chat model the stack serves, then Responses and moderations."""
     llms = [
         m.id for m in client.models.list() if (getattr(m, "custom_metadata", None) or {}).get("model_type") == "llm"
     ]

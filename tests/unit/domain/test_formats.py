@@ -1,30 +1,11 @@
 import json
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama_stack_provider_batches.domain import formats
-
-ODD_CHARACTERS = ['"', "\\", "\n", "\t", "\x00", "\x85", "\u2028", "\u2029", "\ud800", "\udfff", "\ud83d", "\ude00"]
-any_text = st.text(st.characters(exclude_categories=()) | st.sampled_from(ODD_CHARACTERS))
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
-    max_leaves=20,
-)
-
-
-def assert_result_line(line: str) -> dict[str, Any]:
-    """A result line is one line of JSON that encodes to UTF-8 and reads back as valid Unicode; returns it parsed."""
-    assert isinstance(line, str)
-    assert len(line.splitlines()) == 1, "one line, even for readers splitting at U+2028"
-    line.encode("utf-8")
-    data = json.loads(line)
-    json.dumps(data, ensure_ascii=False).encode("utf-8")  # no lone surrogate escape either
-    assert isinstance(data, dict) and set(data) == {"id", "custom_id", "response", "error"}
-    return data
+from tests.unit.result_lines import any_text, assert_result_line, json_values
 
 
 def test_success_line_has_openai_shape_with_body_as_object() -> None:

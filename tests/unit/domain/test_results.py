@@ -13,7 +13,7 @@ from llama_stack_provider_batches.domain.results import (
     encode_results,
     success_tokens,
 )
-from tests.unit.test_formats import any_text, json_values
+from tests.unit.result_lines import any_text, json_values
 
 
 def success(position: int, prompt_tokens: int = 2, completion_tokens: int = 3) -> ResultEntry:

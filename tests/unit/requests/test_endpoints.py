@@ -30,7 +30,7 @@ from llama_stack_provider_batches.stack import (
     ResponseNotFoundError,
 )
 from tests.unit.conftest import HAS_SAFETY, FakeInference, FakeModels, FakeResponses, FakeSafety
-from tests.unit.test_formats import any_text, assert_result_line, json_values
+from tests.unit.result_lines import any_text, assert_result_line, json_values
 
 REQUEST = RequestLine(line=1, custom_id="c1", body={"model": "m", "messages": []})
 

@@ -40,7 +40,9 @@ def create_chat_batch(client: OpenAI, lines: list[dict[str, Any]] | bytes, **opt
     )
 
 
-def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 60, until: set[str] = TERMINAL) -> Batch:
+def wait_for_batch(
+    client: OpenAI, batch_id: str, timeout: float = 60, until: set[str] = TERMINAL, poll_seconds: float = 0.1
+) -> Batch:
     deadline = time.monotonic() + timeout
     while True:
         batch = client.batches.retrieve(batch_id)
@@ -48,7 +50,7 @@ def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 60, until: se
             return batch
         if time.monotonic() > deadline:
             raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout} s")
-        time.sleep(0.1)
+        time.sleep(poll_seconds)
 
 
 def read_result_file(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:

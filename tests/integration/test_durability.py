@@ -27,8 +27,11 @@ from tools.harness import (
 )
 
 WINDOW = 10
-REQUESTS = 3000
+# Three shards: a stop a third of the way through lands inside the second, with requests in flight.
+REQUESTS_PER_SHARD = 300
+REQUESTS = 3 * REQUESTS_PER_SHARD
 LATENCY = 0.05
+FINALIZED_REQUESTS = 1200  # the batch a crash interrupts while it is finalizing
 
 
 @dataclass
@@ -58,7 +61,11 @@ def restartable(run_dir: Path, standin_server: ServerProcess, request: pytest.Fi
     if backend == "postgres" and not server_up(5432):
         pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
     name = f"{request.node.name}-{uuid.uuid4().hex[:6]}".replace("[", "-").replace("]", "")
-    env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW), "BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
+    env = {
+        "BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW),
+        "BATCHES_REQUESTS_PER_SHARD": str(REQUESTS_PER_SHARD),
+        "BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}",
+    }
     stack = Restartable(
         run_dir, run_dir / name, f"{standin_server.url}/v1", env, run_yaml_with_sql_store(run_dir, backend)
     )
@@ -100,7 +107,7 @@ def stop_a_third_through(restartable: Restartable, standin: StandInControl, sig:
     client = restartable.start()
     lines = chat_lines(REQUESTS)
     batch = create_chat_batch(client, lines)
-    # Mid-shard (shards of 1,000): a stop at a shard's end would find nothing in flight.
+    # Mid-shard: a stop at a shard's end would find nothing in flight.
     done_at_stop = wait_until_completed(client, batch.id, REQUESTS // 3 + REQUESTS // 10)
     restartable.stop(sig)
     return batch, lines, done_at_stop
@@ -145,11 +152,14 @@ def test_a_crash_while_finalizing_leaves_one_output_and_one_error_file(
     attempts = 0
     while attempts < 5:
         attempts += 1
-        lines = chat_lines(4000)
+        # Long prompts (the stand-in echoes them) make result files, and so finalizing, take long
+        # enough to be caught, with few requests to send.
+        lines = chat_lines(FINALIZED_REQUESTS, suffix=" " + "padding " * 128)
         for line in lines[:20]:
             line["body"]["messages"][0]["content"] += " [[status:400]]"
         batch = create_chat_batch(client, lines)
-        status = wait_for_batch(client, batch.id, timeout=120, until={"finalizing", "completed"}).status
+        until = {"finalizing", "completed"}
+        status = wait_for_batch(client, batch.id, timeout=120, until=until, poll_seconds=0.02).status
         if status == "finalizing":
             break
         # Finalizing was too quick to catch: try again with a new batch.

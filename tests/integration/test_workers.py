@@ -45,6 +45,9 @@ from tools.harness import (
 
 WORKERS = 2
 WINDOW = 10  # requests of one batch in flight (max_concurrent_requests_per_batch)
+REQUESTS_PER_SHARD = 300  # a batch of 2 * REQUESTS_PER_SHARD runs as two shards, one per worker
+REQUESTS = 2 * REQUESTS_PER_SHARD
+CREATES = 200  # batches created at once from 16 threads, racing both workers' claim loops
 LEASE_SECONDS = 3  # how soon a batch held by a killed worker may be taken over
 
 
@@ -54,7 +57,7 @@ def start_workers_stack(run_dir: Path, model_url: str, lease_seconds: float | No
     directory = run_dir / f"workers-{tag}"
     directory.mkdir()
     run_yaml = run_yaml_with_workers(directory, WORKERS)
-    env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW)}
+    env = {"BATCHES_MAX_CONCURRENT_REQUESTS": str(WINDOW), "BATCHES_REQUESTS_PER_SHARD": str(REQUESTS_PER_SHARD)}
     if lease_seconds is not None:
         env["BATCHES_LEASE_SECONDS"] = f"{lease_seconds:g}"
     stack = start_stack(run_dir, directory / "state", model_url, env, run_yaml=run_yaml)
@@ -134,9 +137,9 @@ def test_a_batch_on_two_workers_is_sent_once_per_request_and_completes(
     workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
 ) -> None:
     assert len(worker_pids(workers_stack)) == WORKERS
-    standin.configure(latency_mean=0.02, latency_sigma=0)  # 2 shards of 1,000 requests: about 2 s each
+    standin.configure(latency_mean=0.02, latency_sigma=0)  # 2 shards of 300 requests: about 0.6 s each
     client = client_of(workers_stack)
-    lines = chat_lines(2000)
+    lines = chat_lines(REQUESTS)
     started = time.monotonic()
     batch = create_chat_batch(client, lines)
     final = wait_for_batch(client, batch.id, timeout=180)
@@ -144,13 +147,13 @@ def test_a_batch_on_two_workers_is_sent_once_per_request_and_completes(
     record(run_dir, "workers.json", "two_workers", figures)
 
     assert final.status == "completed", figures
-    assert (final.request_counts.completed, final.request_counts.failed) == (2000, 0), figures
-    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == 2000, figures
+    assert (final.request_counts.completed, final.request_counts.failed) == (REQUESTS, 0), figures
+    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == REQUESTS, figures
     assert figures["output_matches_input"], figures
-    assert figures["model_requests"] == 2000 and figures["most_sends_of_one_request"] == 1, figures
+    assert figures["model_requests"] == REQUESTS and figures["most_sends_of_one_request"] == 1, figures
     processes = Counter(run["process"] for run in workers_stack.shard_runs(batch.id) if run["stop"] == "done")
     record(run_dir, "workers.json", "two_workers_shards", dict(processes))
-    assert sum(processes.values()) == 2, processes  # 2 shards of 1,000 requests, each run once
+    assert sum(processes.values()) == 2, processes  # 2 shards, each run once
     assert len(processes) == 2, processes  # one batch, on both workers
 
 
@@ -158,9 +161,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in
     short_lease_workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
 ) -> None:
     stack = short_lease_workers_stack
-    standin.configure(latency_mean=0.1, latency_sigma=0)  # 2,000 requests, 10 at a time: about 20 s
+    standin.configure(latency_mean=0.1, latency_sigma=0)  # 600 requests, 10 at a time: about 6 s
     client = client_of(stack)
-    lines = chat_lines(2000)
+    lines = chat_lines(REQUESTS)
     batch = create_chat_batch(client, lines)
     done_at_kill = wait_for_progress(client, batch.id, len(lines) // 3, timeout=60)
 
@@ -183,8 +186,8 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in
 
     assert set(survivors) <= set(figures["workers_after"]), "the other worker died too"
     assert final.status == "completed", figures
-    assert (final.request_counts.completed, final.request_counts.failed) == (2000, 0), figures
-    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == 2000, figures
+    assert (final.request_counts.completed, final.request_counts.failed) == (REQUESTS, 0), figures
+    assert figures["output_lines"] == figures["distinct_custom_ids_in_output"] == REQUESTS, figures
     assert figures["output_matches_input"], figures
     assert figures["never_sent"] == 0, figures
     # Repeated at most: the requests in flight in the killed worker, and one unwritten group of results.
@@ -209,7 +212,7 @@ def test_hundreds_of_creates_from_many_threads_on_two_workers_all_end_and_list_o
                         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
                     ).id
                 ),
-                range(300),
+                range(CREATES),
             )
         )
     finals = [wait_for_batch(client, batch_id, timeout=240) for batch_id in created]
@@ -226,6 +229,6 @@ def test_hundreds_of_creates_from_many_threads_on_two_workers_all_end_and_list_o
         "listed": len(listed),
         "listed_distinct": len(set(listed)),
     }
-    record(run_dir, "workers.json", "two_workers_300_creates", figures)
-    assert figures["statuses"] == {"completed": 300}, figures
+    record(run_dir, "workers.json", f"two_workers_{CREATES}_creates", figures)
+    assert figures["statuses"] == {"completed": CREATES}, figures
     assert set(created) <= set(listed) and len(listed) == len(set(listed)), figures

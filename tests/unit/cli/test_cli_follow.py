@@ -3,14 +3,12 @@ out (llama_batches/client.py `follow`), Ctrl-C, periodic progress lines without 
 that quits early (`| head`). Fake clients for the logic; a fake Batch API server for the real commands."""
 
 import io
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +23,7 @@ from llama_batches import client as api
 from llama_batches.console import Console
 from llama_batches.progress import BatchProgress
 from llama_batches.session import follow
+from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
 from tests.processes import interrupt_when
 
 URL = "http://127.0.0.1:9/v1"
@@ -281,61 +280,41 @@ def test_usage_errors_and_help_keep_their_status_out_of_standalone_mode(
 # The real commands, in a subprocess, against a fake Batch API server.
 
 
-class FakeBatchAPI(ThreadingHTTPServer):
+class FakeBatchAPI(FakeServer):
     """The part of a Batch API these commands read: GET /v1/batches (`listed`) and GET /v1/batches/{id},
     answered from `answers` (a status, or an HTTP error status; the last one repeats)."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), FakeBatchHandler)
+        super().__init__(FakeBatchHandler)
         self.listed: list[dict[str, Any]] = []
         self.answers: list[str | int] = ["completed"]
         self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def next_answer(self) -> str | int:
         with self.lock:
             return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
 
 
-class FakeBatchHandler(BaseHTTPRequestHandler):
+class FakeBatchHandler(FakeHandler):
     server: FakeBatchAPI
+    answer_headers = NO_RETRY
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/v1/batches":
-            self.answer(200, {"object": "list", "data": self.server.listed, "has_more": False})
+            self.answer_json(200, {"object": "list", "data": self.server.listed, "has_more": False})
             return
         answer = self.server.next_answer()
         if isinstance(answer, int):
-            self.answer(answer, {"error": {"message": "the server is restarting"}})
+            self.answer_json(answer, {"error": {"message": "the server is restarting"}})
         else:
-            self.answer(200, batch_body(path.rsplit("/", 1)[-1], answer))
-
-    def answer(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-should-retry", "false")  # the SDK's own retries would only make the tests slower
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+            self.answer_json(200, batch_body(path.rsplit("/", 1)[-1], answer))
 
 
 @pytest.fixture
 def server() -> Iterator[FakeBatchAPI]:
-    fake = FakeBatchAPI()
-    thread = threading.Thread(target=fake.serve_forever, daemon=True)
-    thread.start()
-    yield fake
-    fake.shutdown()
-    fake.server_close()
-    thread.join()
+    with serving(FakeBatchAPI()) as fake:
+        yield fake
 
 
 def start(server: FakeBatchAPI, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Any:

@@ -6,9 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +15,7 @@ import pytest
 from openai.types import Batch
 
 from llama_batches.output import batch_errors
+from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
 
 CONNECTION_ERROR = {"code": "connection_error", "message": "Connection error. Cannot reach the model backend at x."}
 
@@ -39,54 +38,34 @@ def batch_body(status: str, completed: int, failed: int, **extra: Any) -> dict[s
     }
 
 
-class FakeBatchAPI(ThreadingHTTPServer):
+class FakeBatchAPI(FakeServer):
     """GET /v1/batches/batch_1 answers `batch`; GET /v1/files/<id>/content answers `files[<id>]`."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), FakeHandler)
+        super().__init__(FakeBatchHandler)
         self.batch: dict[str, Any] = {}
         self.files: dict[str, str] = {}
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-
-class FakeHandler(BaseHTTPRequestHandler):
+class FakeBatchHandler(FakeHandler):
     server: FakeBatchAPI
+    answer_headers = NO_RETRY
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/v1/batches/batch_1":
-            self.answer(200, "application/json", json.dumps(self.server.batch))
+            self.answer_json(200, self.server.batch)
         elif path.startswith("/v1/files/") and path.endswith("/content"):
             content = self.server.files.get(path.split("/")[3])
             self.answer(200 if content is not None else 404, "application/octet-stream", content or "")
         else:
-            self.answer(404, "application/json", json.dumps({"error": {"message": "no such route"}}))
-
-    def answer(self, status: int, content_type: str, text: str) -> None:
-        data = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-should-retry", "false")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+            self.answer_json(404, {"error": {"message": "no such route"}})
 
 
 @pytest.fixture
 def server() -> Iterator[FakeBatchAPI]:
-    fake = FakeBatchAPI()
-    thread = threading.Thread(target=fake.serve_forever, daemon=True)
-    thread.start()
-    yield fake
-    fake.shutdown()
-    fake.server_close()
-    thread.join()
+    with serving(FakeBatchAPI()) as fake:
+        yield fake
 
 
 def llama_batches(server: FakeBatchAPI, *args: str | Path) -> subprocess.CompletedProcess[str]:

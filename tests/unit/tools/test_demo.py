@@ -1,18 +1,15 @@
 """`make demo` (tools/demo.py): the stack of `make run` on PORT, LLAMA_STACK_URL for another one, and a
 stack it cannot reach or that refuses it told in one line, not in the SDK's chained tracebacks."""
 
-import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
+from tests.fake_http import FakeHandler, FakeServer, serving
 from tools.harness import REPO
 
 DEMO = REPO / "tools" / "demo.py"
@@ -49,27 +46,15 @@ def test_llama_stack_url_overrides_the_port() -> None:
     assert result.stderr.startswith(f"error: cannot reach the stack at http://127.0.0.1:{elsewhere}:")
 
 
-class Refusing(BaseHTTPRequestHandler):
+class Refusing(FakeHandler):
     def do_GET(self) -> None:
-        body = json.dumps({"error": {"message": "Invalid API key.", "type": "invalid_request_error"}}).encode()
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer_json(401, {"error": {"message": "Invalid API key.", "type": "invalid_request_error"}})
 
 
 @pytest.fixture
 def refusing_stack() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving(FakeServer(Refusing)) as server:
+        yield server.port
 
 
 def test_a_refusal_is_one_line_too(refusing_stack: int) -> None:

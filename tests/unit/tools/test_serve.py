@@ -1,64 +1,47 @@
 """`make run` (tools/serve.py) asks the model server at MODEL_URL for its models when it starts, and says
 in one line what is wrong when it does not answer, refuses, or lists none; fake model servers here."""
 
+import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
+from tests.fake_http import FakeHandler, FakeServer, serving
 from tools.serve import RESTART_ADVICE, backend_trouble
 
 
-class FakeModelServer(ThreadingHTTPServer):
+class FakeModelServer(FakeServer):
     """GET /v1/models answers `status` with `body` (after `delay` seconds); it records the Authorization header."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), FakeModelsHandler)
+        super().__init__(FakeModelsHandler)
         self.status = 200
         self.body: Any = {"object": "list", "data": [{"id": "llama3.2:3b", "object": "model"}]}
         self.delay = 0.0
         self.authorization: str | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-
-class FakeModelsHandler(BaseHTTPRequestHandler):
+class FakeModelsHandler(FakeHandler):
     server: FakeModelServer
 
     def do_GET(self) -> None:
         self.server.authorization = self.headers.get("Authorization")
         time.sleep(self.server.delay)
-        body = self.server.body if isinstance(self.server.body, bytes) else json.dumps(self.server.body).encode()
+        body = self.server.body if isinstance(self.server.body, bytes) else json.dumps(self.server.body)
         status = self.server.status if self.path == "/v1/models" else 404
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except BrokenPipeError:  # the check gave up waiting (the slow server's test)
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        with contextlib.suppress(BrokenPipeError):  # the check gave up waiting (the slow server's test)
+            self.answer(status, "application/json", body)
 
 
 @pytest.fixture
 def model_server() -> Iterator[FakeModelServer]:
-    server = FakeModelServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(FakeModelServer()) as server:
+        yield server
 
 
 def closed_url() -> str:

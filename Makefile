@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8321
+# pytest-xdist workers: tests mostly wait on servers, so a few more workers than cores keep both busy.
+TEST_WORKERS ?= 3
+PYTEST := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup run demo test unit integration lint bench dist clean setup-ogx run-ogx test-ogx docs
 
@@ -11,8 +14,8 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
 		{ echo "llama-stack 0.7 needs Python >= 3.12; $(PYTHON) is older (set PYTHON=/path/to/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[llama-stack,test,responses,cli]'
+	$(PY) -m pip install --quiet uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[llama-stack,test,responses,cli]'
 	$(PY) tools/tiktoken_cache.py
 	touch $(STAMP)
 
@@ -23,8 +26,8 @@ STAMP_OGX := $(VENV_OGX)/.installed
 
 $(STAMP_OGX): pyproject.toml
 	$(PYTHON) -m venv $(VENV_OGX)
-	$(PY_OGX) -m pip install --quiet --upgrade pip
-	$(PY_OGX) -m pip install --quiet -e '.[ogx,test,responses,cli]'
+	$(PY_OGX) -m pip install --quiet uv
+	$(VENV_OGX)/bin/uv pip install --quiet --python $(PY_OGX) -e '.[ogx,test,responses,cli]'
 	$(PY_OGX) tools/tiktoken_cache.py
 	touch $(STAMP_OGX)
 
@@ -38,7 +41,7 @@ demo: setup  ## submit small batches to the server of `make run` on $(PORT) (or 
 
 test: setup  ## lint, unit and integration tests
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) $(PYTEST)
 
 setup-ogx: $(STAMP_OGX)
 
@@ -46,13 +49,13 @@ run-ogx: setup-ogx  ## serve run-ogx.yaml with OGX 1.x on $(PORT)
 	$(PY_OGX) tools/serve.py --port $(PORT)
 
 test-ogx: setup-ogx  ## the unit suite, and the integration tests of tests/integration/ogx_subset.txt, on OGX
-	$(PY_OGX) -m pytest -q -p no:cacheprovider tests/unit $$(cat tests/integration/ogx_subset.txt)
+	$(PY_OGX) $(PYTEST) tests/unit $$(cat tests/integration/ogx_subset.txt)
 
 unit: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) $(PYTEST) tests/unit
 
 integration: setup
-	$(PY) -m pytest -q tests/integration
+	$(PY) $(PYTEST) tests/integration
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -10,12 +10,30 @@ from openai import OpenAI
 
 from tools.harness import ServerProcess, StandInControl, start_stack, start_standin, warm_up
 
+# Modules whose tests each start stacks of their own, and share nothing with each other: under
+# pytest-xdist their tests are spread over the workers one by one. Every other module's tests run in
+# one worker, so that its module-scoped stacks start once.
+SPREAD_MODULES = {"test_durability"}
+# The longest scenarios start first, so that none of them is left running alone at the end of a run.
+LONG_MODULES = ("test_workers", "test_durability", "test_replicas", "test_multi_user", "test_fairness")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.integration)
+
+    def start_order(item: pytest.Item) -> int:
+        module = Path(item.fspath).stem
+        return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
+
+    ours = [item for item in items if here in Path(item.fspath).parents]
+    for item in ours:
+        item.add_marker(pytest.mark.integration)
+        module = Path(item.fspath).stem
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+    ours.sort(key=start_order)  # stable: within a module, tests keep their order
+    others = [item for item in items if here not in Path(item.fspath).parents]
+    items[:] = ours + others
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,13 @@ def test_the_same_idempotency_key_gives_each_user_their_own_batch(auth_stack: Au
     assert again.input_file_id == for_alice.input_file_id
 
 
+RESUMED_REQUESTS = 300  # killed after 100: the rest runs after the restart
+
+
 def test_a_resumed_batch_still_runs_as_its_creator(auth_stack: AuthStack, standin: StandInControl) -> None:
     standin.configure(latency_mean=0.05)
     bob = auth_stack.client("bob-token")
-    lines = chat_lines(600)
+    lines = chat_lines(RESUMED_REQUESTS)
     batch = create_chat_batch(bob, lines)
     wait_for_batch(bob, batch.id, until={"in_progress"})
     while bob.batches.retrieve(batch.id).request_counts.completed < 100:
@@ -125,8 +128,8 @@ def test_a_resumed_batch_still_runs_as_its_creator(auth_stack: AuthStack, standi
     bob, alice = auth_stack.client("bob-token"), auth_stack.client("alice-token")
     finished = wait_for_batch(bob, batch.id, timeout=120)
     assert finished.status == "completed"
-    assert finished.request_counts.completed == 600
-    assert len(read_result_file(bob, finished.output_file_id)) == 600  # written as Bob: Bob reads it
+    assert finished.request_counts.completed == RESUMED_REQUESTS
+    assert len(read_result_file(bob, finished.output_file_id)) == RESUMED_REQUESTS  # written as Bob: Bob reads it
     with pytest.raises(openai.NotFoundError):
         alice.files.content(finished.output_file_id)
 

@@ -47,7 +47,7 @@ WORKERS = 2
 WINDOW = 10  # requests of one batch in flight (max_concurrent_requests_per_batch)
 REQUESTS_PER_SHARD = 300  # a batch of 2 * REQUESTS_PER_SHARD runs as two shards, one per worker
 REQUESTS = 2 * REQUESTS_PER_SHARD
-CREATES = 200  # batches created at once from 16 threads, racing both workers' claim loops
+CREATES = 100  # batches created at once from 16 threads, racing both workers' claim loops
 LEASE_SECONDS = 3  # how soon a batch held by a killed worker may be taken over
 
 
@@ -195,7 +195,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_at_most_what_was_in
     assert figures["most_sends_of_one_request"] <= 2, figures
 
 
-def test_hundreds_of_creates_from_many_threads_on_two_workers_all_end_and_list_once(
+def test_a_hundred_creates_from_many_threads_on_two_workers_all_end_and_list_once(
     workers_stack: ServerProcess, standin: StandInControl, run_dir: Path
 ) -> None:
     """Creates race the claim loops of both workers (each runs up to one batch and helps with none

@@ -10,12 +10,14 @@ PYTEST := -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup run demo test unit integration lint bench dist clean setup-ogx run-ogx test-ogx docs
 
+# uv installs in seconds where pip takes minutes; --compile-bytecode as pip does, so that stacks
+# started at once by parallel tests do not each compile the same modules on their first import.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
 		{ echo "llama-stack 0.7 needs Python >= 3.12; $(PYTHON) is older (set PYTHON=/path/to/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[llama-stack,test,responses,cli]'
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[llama-stack,test,responses,cli]'
 	$(PY) tools/tiktoken_cache.py
 	touch $(STAMP)
 
@@ -27,7 +29,7 @@ STAMP_OGX := $(VENV_OGX)/.installed
 $(STAMP_OGX): pyproject.toml
 	$(PYTHON) -m venv $(VENV_OGX)
 	$(PY_OGX) -m pip install --quiet uv
-	$(VENV_OGX)/bin/uv pip install --quiet --python $(PY_OGX) -e '.[ogx,test,responses,cli]'
+	$(VENV_OGX)/bin/uv pip install --quiet --compile-bytecode --python $(PY_OGX) -e '.[ogx,test,responses,cli]'
 	$(PY_OGX) tools/tiktoken_cache.py
 	touch $(STAMP_OGX)
 

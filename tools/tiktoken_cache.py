@@ -67,7 +67,10 @@ def ensure_cache() -> Path:
         data = source()
         if data is not None and is_valid(data):
             CACHE_DIR.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            # Written aside, then renamed: both environments' setups may run this at once (.ci/run).
+            partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+            partial.write_bytes(data)
+            os.replace(partial, target)
             return CACHE_DIR
     sys.exit(
         f"Cannot get tiktoken's cl100k_base encoding ({URL}) for the stack's vector stores.\n"

@@ -44,7 +44,7 @@ from tools.harness import (
 REPLICAS = 3
 LEASE_SECONDS = 3
 WINDOW = 10
-REQUESTS_PER_SHARD = 100  # a batch of 800 requests runs as 8 shards, on every replica
+REQUESTS_PER_SHARD = 250  # a batch of 2,000 requests runs as 8 shards, on every replica
 
 
 @dataclass
@@ -244,7 +244,7 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
     nothing repeated."""
     standin.configure(latency_mean=0.05)
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")  # the log's time format, to the second
-    running = start_batch(cluster, requests=8 * REQUESTS_PER_SHARD, until_completed=160)
+    running = start_batch(cluster, requests=2000, until_completed=400)
     lines = running.lines
 
     left_at = time.monotonic()

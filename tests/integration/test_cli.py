@@ -2,10 +2,8 @@
 judged by its exit status, its output file and what it says on stderr."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,19 +13,8 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl
-from tests.processes import interrupt_when
+from tests.processes import LLAMA_BATCHES, cli_env, interrupt_when, llama_batches
 from tools.harness import ServerProcess, StandInControl, free_port
-
-
-def cli_env(base_url: str) -> dict[str, str]:
-    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "none"}
-    env.pop("LLAMA_BATCHES_DEBUG", None)
-    return env
-
-
-def llama_batches(base_url: str, *args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "llama_batches", *map(str, args)]
-    return subprocess.run(command, env=cli_env(base_url), capture_output=True, text=True, timeout=timeout)
 
 
 def write_input(path: Path, lines: list[dict[str, Any]]) -> Path:
@@ -132,7 +119,7 @@ def test_interrupted_run_leaves_the_batch_running_and_the_same_command_reattache
     source = write_input(tmp_path / "long.jsonl", lines)
     output = tmp_path / "long-out.jsonl"
     stderr_path = tmp_path / "first.stderr"
-    command = [sys.executable, "-m", "llama_batches", "run", str(source), "-o", str(output), "--json"]
+    command = [*LLAMA_BATCHES, "run", str(source), "-o", str(output), "--json"]
 
     with stderr_path.open("w") as stderr:
         # SIGINT at its default in the child: a test session started in the background (`make test &` from a

@@ -4,7 +4,6 @@ real stack (the base URL swapped for the test stack's), in a directory holding t
 validation on the endpoint it names; the README's quick-start command writes every result."""
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import read_result_file, upload_jsonl, wait_for_batch
+from tests.processes import llama_batches
 from tools.harness import REPO, ServerProcess
 
 EXAMPLE_FILE = REPO / "examples" / "requests.jsonl"
@@ -73,9 +73,7 @@ def test_the_readme_quick_start_writes_every_result_in_input_order(stack: Server
     assert QUICK_START is not None
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "requests.jsonl").write_bytes(EXAMPLE_FILE.read_bytes())
-    command = [sys.executable, "-m", "llama_batches", *shlex.split(QUICK_START[1])]
-    env = {**os.environ, "OPENAI_BASE_URL": f"{stack.url}/v1", "OPENAI_API_KEY": "none"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = llama_batches(f"{stack.url}/v1", *shlex.split(QUICK_START[1]), cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     output = shlex.split(QUICK_START[1])[-1]
     results = [json.loads(raw) for raw in (tmp_path / output).read_text().splitlines()]

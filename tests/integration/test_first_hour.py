@@ -15,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
+from tests.processes import llama_batches
 from tools.harness import REPO, ServerProcess, free_port, start_stack
 
 SERVE = REPO / "tools" / "serve.py"
@@ -142,13 +143,6 @@ def test_a_model_of_a_backend_that_does_not_answer_fails_validation_naming_the_b
     assert error.message.startswith("The provided model 'local/llama3.2:3b' is not supported by the Batch API.")
 
 
-def run_cli(base_url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "none"}
-    env.pop("LLAMA_BATCHES_DEBUG", None)
-    command = [sys.executable, "-m", "llama_batches", *map(str, args)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
     stack_with_a_wrong_model_url: ServerProcess, tmp_path: Path
 ) -> None:
@@ -157,7 +151,7 @@ def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
     source = tmp_path / "questions.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in chat_lines(5)))
 
-    failing = run_cli(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl")
+    failing = llama_batches(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl", timeout=120)
 
     assert failing.returncode == 1, failing.stderr
     assert ": 0 succeeded, 5 failed." in failing.stdout
@@ -170,7 +164,7 @@ def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
         line["body"]["model"] = "local/llama3.2:3b"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
-    refused = run_cli(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl")
+    refused = llama_batches(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl", timeout=120)
 
     assert refused.returncode == 2, refused.stderr
     last = refused.stderr.splitlines()[-1]

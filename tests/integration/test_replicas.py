@@ -261,12 +261,16 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
     assert finished.request_counts.completed == len(lines)
     sent = sent_per_request(standin, lines)
     repeated = sum(count - 1 for count in sent)
-    shards_done_by = Counter(
-        server.url
+    done_runs = [
+        (server.url, run)
         for server in [*cluster.servers, running.runner]
         for run in server.shard_runs(running.batch_id, since=started)
         if run["stop"] == "done"
-    )
+    ]
+    shards_done_by = Counter(url for url, _ in done_runs)
+    # OGX redacts batch ids in its log: there the runs are told apart by time only, and a shard run of
+    # an earlier batch ending in the same second counts too, so only which shards were done is exact.
+    redacted = any(run.get("batch_id") == "<REDACTED>" for _, run in done_runs)
     record(
         run_dir,
         "replicas.json",
@@ -284,6 +288,9 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
         },
     )
     assert min(sent) >= 1 and max(sent) <= 2 and repeated <= most_repeats
-    assert sum(shards_done_by.values()) == len(lines) // REQUESTS_PER_SHARD  # each shard done once
+    shards = len(lines) // REQUESTS_PER_SHARD
+    assert {int(run["shard"]) for _, run in done_runs} == set(range(shards))  # every shard done
+    if not redacted:
+        assert sum(shards_done_by.values()) == shards  # and each once
     assert len(shards_done_by) >= 2, shards_done_by  # one batch, on several replicas
     cluster.start_replica()  # back to three for whatever runs next

@@ -3,7 +3,6 @@ out (llama_batches/client.py `follow`), Ctrl-C, periodic progress lines without 
 that quits early (`| head`). Fake clients for the logic; a fake Batch API server for the real commands."""
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from llama_batches.console import Console
 from llama_batches.progress import BatchProgress
 from llama_batches.session import follow
 from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
-from tests.processes import interrupt_when
+from tests.processes import LLAMA_BATCHES, cli_env, interrupt_when
 
 URL = "http://127.0.0.1:9/v1"
 
@@ -318,11 +317,9 @@ def server() -> Iterator[FakeBatchAPI]:
 
 
 def start(server: FakeBatchAPI, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Any:
-    env = {**os.environ, "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "none"}
-    env.pop("LLAMA_BATCHES_DEBUG", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "llama_batches", *args],
-        env=env,
+        [*LLAMA_BATCHES, *args],
+        env=cli_env(server.url),
         stdout=stdout,
         stderr=stderr,
         text=True,

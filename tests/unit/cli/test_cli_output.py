@@ -3,9 +3,6 @@ failure's custom_id, code and message) and why a batch failed validation (its fi
 each on stderr. The real commands, in a subprocess, against a fake Batch API serving one batch and its files."""
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from openai.types import Batch
 
 from llama_batches.output import batch_errors
 from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
+from tests.processes import llama_batches
 
 CONNECTION_ERROR = {"code": "connection_error", "message": "Connection error. Cannot reach the model backend at x."}
 
@@ -68,20 +66,13 @@ def server() -> Iterator[FakeBatchAPI]:
         yield fake
 
 
-def llama_batches(server: FakeBatchAPI, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "none"}
-    env.pop("LLAMA_BATCHES_DEBUG", None)
-    command = [sys.executable, "-m", "llama_batches", *map(str, args)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-
-
 def test_results_of_failed_requests_say_the_first_failures_code_and_message(
     server: FakeBatchAPI, tmp_path: Path
 ) -> None:
     server.batch = batch_body("completed", 0, 5, error_file_id="file-err")
     server.files["file-err"] = "\n".join(failure_line(f"req-{i}") for i in range(5)) + "\n"
 
-    result = llama_batches(server, "results", "batch_1", "-o", tmp_path / "out.jsonl")
+    result = llama_batches(server.url, "results", "batch_1", "-o", tmp_path / "out.jsonl")
 
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith("Batch batch_1 completed: 0 succeeded, 5 failed.")
@@ -94,7 +85,7 @@ def test_wait_for_a_batch_with_failed_requests_says_the_first_failure(server: Fa
     server.batch = batch_body("completed", 3, 2, output_file_id="file-out", error_file_id="file-err")
     server.files["file-err"] = f"{failure_line('req-3')}\n{failure_line('req-4')}\n"
 
-    result = llama_batches(server, "wait", "batch_1")
+    result = llama_batches(server.url, "wait", "batch_1")
 
     assert result.returncode == 1, result.stderr
     assert result.stdout == "batch_1: completed (5/5 done, 2 failed)\n"
@@ -106,7 +97,7 @@ def test_wait_for_a_batch_with_failed_requests_says_the_first_failure(server: Fa
 def test_wait_says_nothing_more_when_the_error_file_cannot_be_read(server: FakeBatchAPI) -> None:
     server.batch = batch_body("completed", 3, 2, error_file_id="file-gone")
 
-    result = llama_batches(server, "wait", "batch_1")
+    result = llama_batches(server.url, "wait", "batch_1")
 
     assert (result.returncode, result.stdout) == (1, "batch_1: completed (5/5 done, 2 failed)\n")
     assert "First failure" not in result.stderr and "Traceback" not in result.stderr
@@ -119,7 +110,7 @@ def test_a_batch_that_failed_validation_says_its_first_errors_code_and_message(s
     ]
     server.batch = batch_body("failed", 0, 0, errors={"object": "list", "data": errors})
 
-    result = llama_batches(server, "wait", "batch_1")
+    result = llama_batches(server.url, "wait", "batch_1")
 
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (

@@ -29,11 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in ours:
         item.add_marker(pytest.mark.integration)
         module = Path(item.fspath).stem
-        if module == "test_replicas" or "[postgres]" in item.nodeid:
-            # Three replicas hold up to about 90 of PostgreSQL's 100 connections under load (on OGX):
-            # the stacks over the shared PostgreSQL run one after the other, in one worker.
-            item.add_marker(pytest.mark.xdist_group("postgres_stacks"))
-        elif module not in SPREAD_MODULES:
+        if module not in SPREAD_MODULES:
             item.add_marker(pytest.mark.xdist_group(module))
     ours.sort(key=start_order)  # stable: within a module, tests keep their order
     others = [item for item in items if here not in Path(item.fspath).parents]

@@ -51,10 +51,7 @@ run-ogx: setup-ogx  ## serve run-ogx.yaml with OGX 1.x on $(PORT)
 	$(PY_OGX) tools/serve.py --port $(PORT)
 
 test-ogx: setup-ogx  ## the unit suite, and the integration tests of tests/integration/ogx_subset.txt, on OGX
-	$(PY_OGX) $(PYTEST) tests/unit
-	# One at a time: on OGX three replicas hold most of PostgreSQL's 100 connections under load, and
-	# beside other tests' stacks a replica then fails to connect ("too many clients").
-	$(PY_OGX) -m pytest -q -p no:cacheprovider $$(cat tests/integration/ogx_subset.txt)
+	$(PY_OGX) $(PYTEST) tests/unit $$(cat tests/integration/ogx_subset.txt)
 
 unit: setup
 	$(PY) $(PYTEST) tests/unit

@@ -18,6 +18,8 @@ SPREAD_MODULES = {"test_durability"}
 LONG_MODULES = ("test_workers", "test_durability", "test_replicas", "test_multi_user", "test_fairness")
 
 
+# First: pytest-xdist reads the xdist_group marks in a hook of its own, after this one.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
 
@@ -34,6 +36,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ours.sort(key=start_order)  # stable: within a module, tests keep their order
     others = [item for item in items if here not in Path(item.fspath).parents]
     items[:] = ours + others
+
+
+UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Notice when pytest-xdist ignores the groups: every worker would then start every stack."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            session.config.stash[UNGROUPED] = (
+                f"pytest-xdist does not group {item.nodeid} with this pytest (pytest-xdist#1386): install pytest<9.2"
+            )
+            return
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Failing here rather than in collection: a worker's collection error reaches the terminal
+    # as an INTERNALERROR without its message.
+    if UNGROUPED in item.config.stash:
+        pytest.fail(item.config.stash[UNGROUPED], pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def test_every_endpoint_runs(openai_client: OpenAI, endpoint: str, body: dict) -
 
 
 def line_with(**change: object) -> bytes:
-    line = {**chat_lines(1)[0], "custom_id": "second"}
+    line = {**chat_lines(1, tag="second")[0], "custom_id": "second"}
     for path, value in change.items():
         target = line
         *parents, leaf = path.split("__")

@@ -44,7 +44,7 @@ UNGROUPED = pytest.StashKey[str]()
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Notice when pytest-xdist ignores the groups: every worker would then start every stack."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):  # set in pytest-xdist workers only
         return
     for item in session.items:
         if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:

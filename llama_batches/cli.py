@@ -151,6 +151,35 @@ errors_option = click.option(
 )
 
 
+def batch_command(*options: Callable[..., Any], **settings: Any) -> Callable[[Callable[..., int]], click.Command]:
+    """A command on an existing batch: a BATCH_ID argument, then `options`, --json and the connection options."""
+
+    def decorate(command: Callable[..., Any]) -> click.Command:
+        for decorator in (reported, with_connection, json_option, *reversed(options), click.argument("batch_id")):
+            command = decorator(command)
+        return cli.command(**settings)(command)
+
+    return decorate
+
+
+def retrieve(conn: api.Connection, batch_id: str) -> Batch:
+    """The batch as the server has it now; a failure to get it is one readable error."""
+    with api.readable_errors(conn.base_url):
+        return api.retrieve(conn.client, batch_id)
+
+
+def emit_batch(batch: Batch, as_json: bool, show: Callable[[Batch], None] = print_batch) -> None:
+    """A batch on stdout: its JSON with --json, for scripts; otherwise as `show` prints it."""
+    if as_json:
+        emit_json(batch_json(batch))
+    else:
+        show(batch)
+
+
+def echo_status_line(batch: Batch) -> None:
+    click.echo(status_line(batch))
+
+
 @cli.command(short_help="Run INPUT as a batch, write results to OUTPUT in input order.")
 @click.argument("input_path", metavar="INPUT.jsonl")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl")
@@ -217,46 +246,25 @@ def submit(
     plan = plan_batch(input_path, endpoint, completion_window, metadata_pairs, key)
     batch, reattached = start_batch(conn, plan)
     announce(plan, batch, reattached)
-    if as_json:
-        emit_json(batch_json(batch))
-    else:
-        click.echo(batch.id)
+    emit_batch(batch, as_json, lambda created: click.echo(created.id))
     return EXIT_OK
 
 
-@cli.command()
-@click.argument("batch_id")
-@json_option
-@with_connection
-@reported
+@batch_command()
 def status(conn: api.Connection, batch_id: str, as_json: bool) -> int:
     """Show a batch."""
-    with api.readable_errors(conn.base_url):
-        batch = api.retrieve(conn.client, batch_id)
-    if as_json:
-        emit_json(batch_json(batch))
-    else:
-        print_batch(batch)
+    emit_batch(retrieve(conn, batch_id), as_json)
     return EXIT_OK
 
 
-@cli.command()
-@click.argument("batch_id")
-@json_option
-@with_connection
-@reported
+@batch_command()
 def wait(conn: api.Connection, batch_id: str, as_json: bool) -> int:
     """Follow a batch until it ends.
 
     Exit status as for `run`.
     """
-    with api.readable_errors(conn.base_url):
-        batch = api.retrieve(conn.client, batch_id)
-    batch = follow(conn, batch, f"Follow it again with: llama-batches wait {batch_id}")
-    if as_json:
-        emit_json(batch_json(batch))
-    else:
-        click.echo(status_line(batch))
+    batch = follow(conn, retrieve(conn, batch_id), f"Follow it again with: llama-batches wait {batch_id}")
+    emit_batch(batch, as_json, echo_status_line)
     if batch.status == "failed":
         raise api.CliError(f"batch {batch.id} failed: {batch_errors(batch)}")
     failed = counts(batch)[1]
@@ -277,16 +285,13 @@ def first_failure(conn: api.Connection, batch: Batch) -> str | None:
     return jsonl.failure_summary(line) if line else None
 
 
-@cli.command()
-@click.argument("batch_id")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl")
-@click.option(
-    "--input", "input_path", default=None, metavar="INPUT.jsonl", help="The batch's input: write in its order."
+@batch_command(
+    click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl"),
+    click.option(
+        "--input", "input_path", default=None, metavar="INPUT.jsonl", help="The batch's input: write in its order."
+    ),
+    errors_option,
 )
-@errors_option
-@json_option
-@with_connection
-@reported
 def results(
     conn: api.Connection, batch_id: str, output: Path, input_path: str | None, errors_mode: str, as_json: bool
 ) -> int:
@@ -302,26 +307,18 @@ def results(
             raise api.CliError(f"{input_path}: {'; '.join(problems)}")
         custom_ids = [line["custom_id"] for line in jsonl.parse_lines(content)]
     check_writable(output)
-    with api.readable_errors(conn.base_url):
-        batch = api.retrieve(conn.client, batch_id)
+    batch = retrieve(conn, batch_id)
     if batch.status not in api.TERMINAL_STATUSES:
         raise api.CliError(f"batch {batch_id} is {batch.status}: no results yet (llama-batches wait {batch_id})")
     return finish(conn, batch, custom_ids, output, errors_mode, as_json)
 
 
-@cli.command(short_help="Cancel a batch.")
-@click.argument("batch_id")
-@json_option
-@with_connection
-@reported
+@batch_command(short_help="Cancel a batch.")
 def cancel(conn: api.Connection, batch_id: str, as_json: bool) -> int:
     """Cancel a batch (requests not yet sent are dropped; results so far are kept)."""
     with api.readable_errors(conn.base_url):
         batch = api.cancel(conn.client, batch_id)
-    if as_json:
-        emit_json(batch_json(batch))
-    else:
-        click.echo(status_line(batch))
+    emit_batch(batch, as_json, echo_status_line)
     return EXIT_OK
 
 

@@ -14,15 +14,17 @@ from tools.harness import StandInControl
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-def chat_lines(count: int, tag: str | None = None, suffix: str = "") -> list[dict[str, Any]]:
-    """`count` chat requests whose prompts are unique to this call (to count them at the stand-in)."""
+def chat_lines(
+    count: int, tag: str | None = None, suffix: str = "", model: str = "local/m-chat"
+) -> list[dict[str, Any]]:
+    """`count` chat requests to `model` whose prompts are unique to this call (to count them at the stand-in)."""
     tag = tag or uuid.uuid4().hex[:8]
     return [
         {
             "custom_id": f"req-{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": "local/m-chat", "messages": [{"role": "user", "content": f"{tag} question {i}{suffix}"}]},
+            "body": {"model": model, "messages": [{"role": "user", "content": f"{tag} question {i}{suffix}"}]},
         }
         for i in range(count)
     ]

@@ -131,10 +131,7 @@ def test_a_model_of_a_backend_that_does_not_answer_fails_validation_naming_the_b
     # The stack could not list the backend's models when it started: it knows only run.yaml's own.
     stack = stack_with_a_wrong_model_url
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
-    lines = chat_lines(2)
-    for line in lines:
-        line["body"]["model"] = "local/llama3.2:3b"
-    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    batch = wait_for_batch(client, create_chat_batch(client, chat_lines(2, model="local/llama3.2:3b")).id)
     assert batch.status == "failed"
     [error] = batch.errors.data
     assert (error.code, error.line, error.param) == ("model_not_found", 1, "body.model")
@@ -159,10 +156,7 @@ def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
     assert why.startswith("First failure: req-0: connection_error: ")
     assert f"Cannot reach the model backend at {closed_url}/chat/completions." in why
 
-    lines = chat_lines(5)
-    for line in lines:
-        line["body"]["model"] = "local/llama3.2:3b"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source.write_text("".join(json.dumps(line) + "\n" for line in chat_lines(5, model="local/llama3.2:3b")))
 
     refused = llama_batches(f"{stack.url}/v1", "run", source, "-o", tmp_path / "answers.jsonl", timeout=120)
 
@@ -174,9 +168,7 @@ def test_the_cli_says_why_requests_failed_and_why_a_batch_failed_validation(
 
 def test_a_misspelt_model_gets_a_did_you_mean(stack: ServerProcess) -> None:
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
-    lines = chat_lines(1)
-    lines[0]["body"]["model"] = "local/m-chta"
-    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    batch = wait_for_batch(client, create_chat_batch(client, chat_lines(1, model="local/m-chta")).id)
     assert batch.status == "failed"
     assert [(e.code, e.message) for e in batch.errors.data] == [
         (
@@ -188,9 +180,7 @@ def test_a_misspelt_model_gets_a_did_you_mean(stack: ServerProcess) -> None:
 
 def test_a_model_without_its_prefix_gets_a_hint_and_refusals_log_one_line(stack: ServerProcess) -> None:
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
-    lines = chat_lines(1)
-    lines[0]["body"]["model"] = "m-chat"
-    batch = wait_for_batch(client, create_chat_batch(client, lines).id)
+    batch = wait_for_batch(client, create_chat_batch(client, chat_lines(1, model="m-chat")).id)
     assert batch.status == "failed"
     message = batch.errors.data[0].message
     assert "'<provider_id>/<model>'" in message and "Did you mean 'local/m-chat'?" in message

@@ -2,9 +2,10 @@
 with in-memory stand-ins for the stack's Files, Inference, Models, Responses, Safety and Shields APIs."""
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,15 @@ def stack_deps(files: FakeFiles, inference: FakeInference, models: FakeModels) -
     }
 
 
+async def provider_with(config: Any, files: Any, inference: Any, models: Any, **settings: Any) -> Any:
+    """A provider over the fakes with some settings changed."""
+    return await get_provider_impl(config.model_copy(update=settings), stack_deps(files, inference, models))
+
+
+# Builds a provider (a server of its own) over one test's fakes: `await make_provider(**settings)`.
+ProviderFactory = Callable[..., Awaitable[BatchesService]]
+
+
 @pytest.fixture
 def kvstore_reference(tmp_path: Path) -> KVStoreReference:
     register_kvstore_backends({"kv_unit": SqliteKVStoreConfig(db_path=str(tmp_path / "kv.db"))})
@@ -258,6 +268,22 @@ def config(kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreRef
 def replica_config(config: BatchesProviderConfig) -> BatchesProviderConfig:
     """The config of servers that share the store with others, with leases of 1 s."""
     return config.model_copy(update={"lease_seconds": 1.0})
+
+
+@pytest.fixture
+def make_provider(
+    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> ProviderFactory:
+    """Builds providers over the test's fakes with some settings changed; each is shut down by the test."""
+    return functools.partial(provider_with, config, files, inference, models)
+
+
+@pytest.fixture
+def make_replica(
+    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+) -> ProviderFactory:
+    """As `make_provider`, for servers that share the store with others (leases of 1 s)."""
+    return functools.partial(provider_with, replica_config, files, inference, models)
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import asyncio
 import json
 from typing import Any
 
-from llama_stack_provider_batches import get_provider_impl
+from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.stack import BatchObject
-from tests.unit.conftest import stack_deps
+from tests.unit.conftest import ProviderFactory
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -37,10 +37,15 @@ def make_batch(batch_id: str = "batch_1", status: str = "validating", **fields: 
 CHAT = "/v1/chat/completions"
 
 
+async def create_chat_batch(provider: Any, files: Any, lines: list[dict[str, Any]], **create: Any) -> BatchObject:
+    """Create a chat batch over `lines`; return at once."""
+    file_id = files.add(jsonl(lines))
+    return await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h", **create)
+
+
 async def run_batch(provider: Any, files: Any, lines: list[dict[str, Any]], **create: Any) -> BatchObject:
     """Create a chat batch over `lines` and wait until the provider's engine is idle."""
-    file_id = files.add(jsonl(lines))
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h", **create)
+    batch = await create_chat_batch(provider, files, lines, **create)
     await provider._runner.wait_idle()
     return await provider.retrieve_batch(batch.id)
 
@@ -51,15 +56,18 @@ def read_lines(files: Any, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in files.contents[file_id].splitlines()]
 
 
-async def provider_with(config: Any, files: Any, inference: Any, models: Any, **settings: Any) -> Any:
-    """A provider over the fakes with some settings changed."""
-    return await get_provider_impl(config.model_copy(update=settings), stack_deps(files, inference, models))
-
-
 async def start_batch(provider: Any, files: Any, requests: int) -> BatchObject:
     """Create a chat batch of `requests` requests with custom ids r0, r1, ...; return at once."""
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(requests)]))
-    return await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    return await create_chat_batch(provider, files, [chat_line(f"r{i}") for i in range(requests)])
+
+
+async def restarted(make_provider: ProviderFactory, **settings: Any) -> BatchesService:
+    """A new server over the same store, as after a restart: started outside any request (as on the serving
+    loop's first refresh); returns once it has run all it resumed."""
+    server = await make_provider(**settings)
+    server.start()
+    await server._runner.wait_idle()
+    return server
 
 
 async def wait_until_completed(provider: Any, batch_id: str, requests: int) -> None:
@@ -68,12 +76,14 @@ async def wait_until_completed(provider: Any, batch_id: str, requests: int) -> N
         await asyncio.sleep(0.02)
 
 
-def hold_requests(inference: Any) -> asyncio.Event:
-    """Make every request wait until the returned event is set, so that batches stay unfinished."""
+def hold_requests(inference: Any, mentioning: str = "") -> asyncio.Event:
+    """Make every request (or those whose messages mention `mentioning`) wait until the returned event is
+    set, so that batches stay unfinished."""
     gate = asyncio.Event()
 
-    async def wait(_: dict[str, Any]) -> None:
-        await gate.wait()
+    async def wait(body: dict[str, Any]) -> None:
+        if mentioning in str(body.get("messages")):
+            await gate.wait()
 
     inference.behaviour = wait
     return gate
@@ -84,12 +94,7 @@ async def occupy_the_only_slot(provider: Any, files: Any, inference: Any) -> tup
 
     For a provider with `max_concurrent_batches=1`: every batch created next waits for the slot.
     """
-    gate = asyncio.Event()
-
-    async def hold(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = hold  # every request waits, those of later batches too, until the gate opens
+    gate = hold_requests(inference)  # every request waits, those of later batches too, until the gate opens
     running = await start_batch(provider, files, 1)
     while not inference.calls:
         await asyncio.sleep(0.005)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from llama_stack_provider_batches.api.user_limits import count_requests
 from llama_stack_provider_batches.domain.errors import LimitReachedError
 from llama_stack_provider_batches.stack import RequestProviderDataContext, User
-from tests.unit.helpers import CHAT, chat_line, hold_requests, jsonl, provider_with, wait_for_status
+from tests.unit.conftest import ProviderFactory
+from tests.unit.helpers import CHAT, chat_line, hold_requests, jsonl, wait_for_status
 
 ALICE = User("alice", {"teams": ["red"]})
 BOB = User("bob", {"teams": ["blue"]})
@@ -35,9 +36,9 @@ async def create_as(
 
 
 async def test_a_user_beyond_the_unfinished_batch_limit_is_refused_with_429(
-    config: Any, files: Any, inference: Any, models: Any
+    make_provider: ProviderFactory, files: Any, inference: Any
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_active_batches_per_user=2)
+    provider = await make_provider(max_active_batches_per_user=2)
     gate = hold_requests(inference)
     first = await create_as(ALICE, provider, files, 1, key="k1")
     await create_as(ALICE, provider, files, 1)
@@ -57,9 +58,9 @@ async def test_a_user_beyond_the_unfinished_batch_limit_is_refused_with_429(
 
 
 async def test_a_user_beyond_the_queued_request_limit_is_refused_with_429(
-    config: Any, files: Any, inference: Any, models: Any
+    make_provider: ProviderFactory, files: Any, inference: Any
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_queued_requests_per_user=10)
+    provider = await make_provider(max_queued_requests_per_user=10)
     gate = hold_requests(inference)
     running = await create_as(ALICE, provider, files, 6)
     with RequestProviderDataContext(user=ALICE):
@@ -77,9 +78,9 @@ async def test_a_user_beyond_the_queued_request_limit_is_refused_with_429(
 
 
 async def test_concurrent_creates_of_one_user_stay_within_the_limit(
-    config: Any, files: Any, inference: Any, models: Any
+    make_provider: ProviderFactory, files: Any, inference: Any
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_active_batches_per_user=3)
+    provider = await make_provider(max_active_batches_per_user=3)
     gate = hold_requests(inference)
     results = await asyncio.gather(*(create_as(ALICE, provider, files, 1) for _ in range(8)), return_exceptions=True)
     assert sum(not isinstance(result, BaseException) for result in results) == 3

@@ -6,11 +6,8 @@ import io
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -22,28 +19,14 @@ from llama_batches import client as api
 from llama_batches.console import Console
 from llama_batches.progress import BatchProgress
 from llama_batches.session import follow
-from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
 from tests.processes import LLAMA_BATCHES, cli_env, interrupt_when
+from tests.unit.cli.conftest import FakeBatchAPI, batch_body
 
 URL = "http://127.0.0.1:9/v1"
 
 
-def batch_body(batch_id: str, status: str, done: int = 3, total: int = 3, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": batch_id,
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "input_file_id": "file-in",
-        "completion_window": "24h",
-        "status": status,
-        "created_at": 1_700_000_000,
-        "request_counts": {"completed": done, "failed": 0, "total": total},
-        **extra,
-    }
-
-
 def a_batch(status: str, done: int = 3, total: int = 3) -> Batch:
-    return Batch.model_validate(batch_body("batch_1", status, done, total))
+    return Batch.model_validate(batch_body("batch_1", status, done, total=total))
 
 
 def unreachable() -> openai.APIConnectionError:
@@ -277,43 +260,6 @@ def test_usage_errors_and_help_keep_their_status_out_of_standalone_mode(
 
 
 # The real commands, in a subprocess, against a fake Batch API server.
-
-
-class FakeBatchAPI(FakeServer):
-    """The part of a Batch API these commands read: GET /v1/batches (`listed`) and GET /v1/batches/{id},
-    answered from `answers` (a status, or an HTTP error status; the last one repeats)."""
-
-    def __init__(self) -> None:
-        super().__init__(FakeBatchHandler)
-        self.listed: list[dict[str, Any]] = []
-        self.answers: list[str | int] = ["completed"]
-        self.lock = threading.Lock()
-
-    def next_answer(self) -> str | int:
-        with self.lock:
-            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-
-
-class FakeBatchHandler(FakeHandler):
-    server: FakeBatchAPI
-    answer_headers = NO_RETRY
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/v1/batches":
-            self.answer_json(200, {"object": "list", "data": self.server.listed, "has_more": False})
-            return
-        answer = self.server.next_answer()
-        if isinstance(answer, int):
-            self.answer_json(answer, {"error": {"message": "the server is restarting"}})
-        else:
-            self.answer_json(200, batch_body(path.rsplit("/", 1)[-1], answer))
-
-
-@pytest.fixture
-def server() -> Iterator[FakeBatchAPI]:
-    with serving(FakeBatchAPI()) as fake:
-        yield fake
 
 
 def start(server: FakeBatchAPI, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Any:

@@ -3,17 +3,14 @@ failure's custom_id, code and message) and why a batch failed validation (its fi
 each on stderr. The real commands, in a subprocess, against a fake Batch API serving one batch and its files."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pytest
 from openai.types import Batch
 
 from llama_batches.output import batch_errors
-from tests.fake_http import NO_RETRY, FakeHandler, FakeServer, serving
 from tests.processes import llama_batches
+from tests.unit.cli.conftest import FakeBatchAPI, batch_body
 
 CONNECTION_ERROR = {"code": "connection_error", "message": "Connection error. Cannot reach the model backend at x."}
 
@@ -22,54 +19,10 @@ def failure_line(custom_id: str) -> str:
     return json.dumps({"id": f"r-{custom_id}", "custom_id": custom_id, "response": None, "error": CONNECTION_ERROR})
 
 
-def batch_body(status: str, completed: int, failed: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": "batch_1",
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "input_file_id": "file-in",
-        "completion_window": "24h",
-        "status": status,
-        "created_at": 1_700_000_000,
-        "request_counts": {"completed": completed, "failed": failed, "total": completed + failed},
-        **extra,
-    }
-
-
-class FakeBatchAPI(FakeServer):
-    """GET /v1/batches/batch_1 answers `batch`; GET /v1/files/<id>/content answers `files[<id>]`."""
-
-    def __init__(self) -> None:
-        super().__init__(FakeBatchHandler)
-        self.batch: dict[str, Any] = {}
-        self.files: dict[str, str] = {}
-
-
-class FakeBatchHandler(FakeHandler):
-    server: FakeBatchAPI
-    answer_headers = NO_RETRY
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/v1/batches/batch_1":
-            self.answer_json(200, self.server.batch)
-        elif path.startswith("/v1/files/") and path.endswith("/content"):
-            content = self.server.files.get(path.split("/")[3])
-            self.answer(200 if content is not None else 404, "application/octet-stream", content or "")
-        else:
-            self.answer_json(404, {"error": {"message": "no such route"}})
-
-
-@pytest.fixture
-def server() -> Iterator[FakeBatchAPI]:
-    with serving(FakeBatchAPI()) as fake:
-        yield fake
-
-
 def test_results_of_failed_requests_say_the_first_failures_code_and_message(
     server: FakeBatchAPI, tmp_path: Path
 ) -> None:
-    server.batch = batch_body("completed", 0, 5, error_file_id="file-err")
+    server.answers = [batch_body("batch_1", "completed", 0, 5, error_file_id="file-err")]
     server.files["file-err"] = "\n".join(failure_line(f"req-{i}") for i in range(5)) + "\n"
 
     result = llama_batches(server.url, "results", "batch_1", "-o", tmp_path / "out.jsonl")
@@ -82,7 +35,7 @@ def test_results_of_failed_requests_say_the_first_failures_code_and_message(
 
 
 def test_wait_for_a_batch_with_failed_requests_says_the_first_failure(server: FakeBatchAPI) -> None:
-    server.batch = batch_body("completed", 3, 2, output_file_id="file-out", error_file_id="file-err")
+    server.answers = [batch_body("batch_1", "completed", 3, 2, output_file_id="file-out", error_file_id="file-err")]
     server.files["file-err"] = f"{failure_line('req-3')}\n{failure_line('req-4')}\n"
 
     result = llama_batches(server.url, "wait", "batch_1")
@@ -95,7 +48,7 @@ def test_wait_for_a_batch_with_failed_requests_says_the_first_failure(server: Fa
 
 
 def test_wait_says_nothing_more_when_the_error_file_cannot_be_read(server: FakeBatchAPI) -> None:
-    server.batch = batch_body("completed", 3, 2, error_file_id="file-gone")
+    server.answers = [batch_body("batch_1", "completed", 3, 2, error_file_id="file-gone")]
 
     result = llama_batches(server.url, "wait", "batch_1")
 
@@ -108,7 +61,7 @@ def test_a_batch_that_failed_validation_says_its_first_errors_code_and_message(s
         {"code": "model_not_found", "line": 1, "param": "body.model", "message": "The provided model 'x' is unknown."},
         {"code": "model_not_found", "line": 4, "param": "body.model", "message": "The provided model 'y' is unknown."},
     ]
-    server.batch = batch_body("failed", 0, 0, errors={"object": "list", "data": errors})
+    server.answers = [batch_body("batch_1", "failed", 0, 0, errors={"object": "list", "data": errors})]
 
     result = llama_batches(server.url, "wait", "batch_1")
 
@@ -120,7 +73,9 @@ def test_a_batch_that_failed_validation_says_its_first_errors_code_and_message(s
 
 def test_a_failed_batchs_reason_is_one_line_whatever_its_errors() -> None:
     def failed(*errors: dict[str, Any]) -> Batch:
-        return Batch.model_validate(batch_body("failed", 0, 0, errors={"object": "list", "data": list(errors)}))
+        return Batch.model_validate(
+            batch_body("batch_1", "failed", 0, 0, errors={"object": "list", "data": list(errors)})
+        )
 
     file_error = {"code": "invalid_request", "line": None, "message": "The input file is empty.\n"}
     assert batch_errors(failed(file_error)) == "invalid_request: The input file is empty."

@@ -32,7 +32,7 @@ from llama_stack_provider_batches.stack import (
     get_authenticated_user,
 )
 from llama_stack_provider_batches.stack import user as stack_user
-from tests.unit.conftest import FakeFiles
+from tests.unit.conftest import FakeFiles, ProviderFactory
 from tests.unit.helpers import CHAT, chat_line, jsonl
 
 ALICE = User("alice", {"teams": ["red"]})
@@ -175,18 +175,14 @@ def test_without_a_stack_config_every_route_is_allowed(monkeypatch: pytest.Monke
 
 
 async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
-    config: Any, files: FakeFiles, inference: Any, models: Any
+    make_provider: ProviderFactory, files: FakeFiles, inference: Any
 ) -> None:
-    from tests.unit.helpers import provider_with, read_lines
+    from tests.unit.helpers import read_lines, restarted, start_batch
 
     inference.stall_after(3)
-    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
+    first = await make_provider(shutdown_grace_seconds=0.1)
     with RequestProviderDataContext({"openai_api_key": "sk-secret"}, user=ALICE):
-        batch = await first.create_batch(
-            input_file_id=files.add(jsonl([chat_line(f"r{i}") for i in range(10)])),
-            endpoint=CHAT,
-            completion_window="24h",
-        )
+        batch = await start_batch(first, files, 10)
     while len(inference.calls) < 4:
         await asyncio.sleep(0.01)
     await first.shutdown()
@@ -195,9 +191,7 @@ async def test_a_resumed_batch_never_runs_without_its_creators_credentials(
     assert "sk-secret" not in stored.model_dump_json()
 
     calls_before_restart = len(inference.calls)
-    second = await provider_with(config, files, inference, models)
-    second.start()  # as after a restart: outside any request
-    await second._runner.wait_idle()
+    second = await restarted(make_provider)  # runs the batch outside any request
     with signed_in(ALICE):
         finished = await second.retrieve_batch(batch.id)
     assert finished.status == "completed"

@@ -5,11 +5,10 @@ from typing import Any
 
 import pytest
 
-from llama_stack_provider_batches import BatchesProviderConfig
 from llama_stack_provider_batches.domain.formats import expired_line
 from llama_stack_provider_batches.engine.finalization import final_status, unrun_entries
-from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
-from tests.unit.helpers import chat_line, make_batch, provider_with, read_lines, run_batch
+from tests.unit.conftest import FakeFiles, ProviderFactory
+from tests.unit.helpers import chat_line, make_batch, read_lines, run_batch
 
 
 @pytest.mark.parametrize("outcome", ["completed", "expired", "failed"])
@@ -28,13 +27,9 @@ def test_unrun_requests_get_their_custom_id_where_it_is_known() -> None:
 
 
 async def test_a_close_interrupted_after_an_upload_does_not_upload_a_second_file(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = await provider_with(config, files, inference, models, job_retry_initial_seconds=0.01)
+    provider = await make_provider(job_retry_initial_seconds=0.01)
     store = provider._store
     real_update = store.update_record
     interrupted: list[str] = []

@@ -9,17 +9,19 @@ import httpx
 import openai
 import pytest
 
-from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
+from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.domain.formats import success_line
 from llama_stack_provider_batches.domain.results import ResultEntry, decode_results
-from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, ProviderFactory
 from tests.unit.helpers import (
     CHAT,
     chat_line,
+    create_chat_batch,
+    hold_requests,
     jsonl,
     occupy_the_only_slot,
-    provider_with,
     read_lines,
+    restarted,
     run_batch,
     start_batch,
     wait_until_completed,
@@ -118,15 +120,9 @@ async def test_the_window_is_sliding_not_lock_step(
 ) -> None:
     # One slow request must not hold back the others: with a window of 4, the 19 fast ones
     # all finish while the slow one is still running.
-    release = asyncio.Event()
-
-    async def slow_first(body: dict[str, Any]) -> None:
-        if "slow" in str(body["messages"]):
-            await release.wait()
-
-    inference.behaviour = slow_first
-    file_id = files.add(jsonl([chat_line("slow", "slow"), *(chat_line(f"f{i}") for i in range(19))]))
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    release = hold_requests(inference, mentioning="slow")
+    lines = [chat_line("slow", "slow"), *(chat_line(f"f{i}") for i in range(19))]
+    batch = await create_chat_batch(provider, files, lines)
     for _ in range(200):
         if len(inference.calls) == 20 and inference.in_flight == 1:
             break
@@ -149,8 +145,7 @@ async def test_cancel_mid_run_keeps_partial_results(
             await gate.wait()
 
     inference.behaviour = wait_after_ten
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(100)]))
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    batch = await start_batch(provider, files, 100)
     while len(inference.calls) < 14:
         await asyncio.sleep(0.01)
     cancelling = await provider.cancel_batch(batch.id)
@@ -191,8 +186,7 @@ async def test_counts_move_while_the_batch_runs(
         await asyncio.sleep(0.05)
 
     inference.behaviour = slow
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(80)]))  # about 1 s at a window of 4
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    batch = await start_batch(provider, files, 80)  # about 1 s at a window of 4
     seen: set[int] = set()
     while (current := await provider.retrieve_batch(batch.id)).status not in ("completed", "failed"):
         seen.add(current.request_counts.completed)
@@ -203,15 +197,8 @@ async def test_counts_move_while_the_batch_runs(
 async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
     provider: BatchesService, files: FakeFiles, inference: FakeInference
 ) -> None:
-    gate = asyncio.Event()
-
-    async def hold_the_last(body: dict[str, Any]) -> None:
-        if "last" in str(body["messages"]):
-            await gate.wait()
-
-    inference.behaviour = hold_the_last
-    file_id = files.add(jsonl([*(chat_line(f"r{i}") for i in range(9)), chat_line("z", "last")]))
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    gate = hold_requests(inference, mentioning="last")
+    batch = await create_chat_batch(provider, files, [*(chat_line(f"r{i}") for i in range(9)), chat_line("z", "last")])
     for _ in range(100):
         if (await provider.retrieve_batch(batch.id)).request_counts.completed == 9:
             break
@@ -224,14 +211,10 @@ async def test_results_are_stored_as_they_finish_and_dropped_at_the_end(
 
 
 async def test_expiry_writes_partial_output_and_expired_lines(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     inference.stall_after(3, seconds=30)
-    provider = await provider_with(
-        config,
-        files,
-        inference,
-        models,
+    provider = await make_provider(
         completion_window_seconds=2,  # created_at is whole seconds: at least 1 s of window
         cancel_grace_seconds=0.1,
         max_concurrent_requests_per_batch=1,
@@ -248,12 +231,11 @@ async def test_expiry_writes_partial_output_and_expired_lines(
 
 
 async def test_cancel_abandons_stuck_requests_after_the_grace_period(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     inference.stall_after(2)
-    provider = await provider_with(config, files, inference, models, cancel_grace_seconds=0.2)
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(10)]))
-    batch = await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    provider = await make_provider(cancel_grace_seconds=0.2)
+    batch = await start_batch(provider, files, 10)
     while len(inference.calls) < 6:
         await asyncio.sleep(0.01)
     await provider.cancel_batch(batch.id)
@@ -265,21 +247,18 @@ async def test_cancel_abandons_stuck_requests_after_the_grace_period(
 
 
 async def test_a_resumed_job_skips_requests_whose_results_are_stored(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     inference.stall_after(5)
-    first = await provider_with(config, files, inference, models, max_concurrent_requests_per_batch=2)
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
-    batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    first = await make_provider(max_concurrent_requests_per_batch=2)
+    batch = await start_batch(first, files, 20)
     await wait_until_completed(first, batch.id, 5)
     await first.shutdown()  # as a server stop: the batch stays in_progress
     assert (await first.retrieve_batch(batch.id)).status == "in_progress"
 
     inference.behaviour = None
     calls_before = len(inference.calls)
-    second = await provider_with(config, files, inference, models)
-    second.start()
-    await second._runner.wait_idle()
+    second = await restarted(make_provider)
     batch = await second.retrieve_batch(batch.id)
     assert batch.status == "completed"
     assert len(inference.calls) - calls_before == 15
@@ -289,17 +268,12 @@ async def test_a_resumed_job_skips_requests_whose_results_are_stored(
 
 
 async def test_a_request_whose_result_is_stored_twice_counts_once(
-    replica_config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As when a process that lost a shard's lease stored a result late: the same request in two epochs.
-    provider = await provider_with(replica_config, files, inference, models)
+    provider = await make_replica()
     monkeypatch.setattr(provider._runner, "start", lambda: None)
-    lines = [chat_line(f"r{i}") for i in range(6)]
-    batch = await provider.create_batch(input_file_id=files.add(jsonl(lines)), endpoint=CHAT, completion_window="24h")
+    batch = await start_batch(provider, files, 6)
     store = provider._store
     usage = '{"usage": {"prompt_tokens": 3, "completion_tokens": 2}, "epoch": %d}'
     await store.results.save(
@@ -325,25 +299,24 @@ async def test_a_request_whose_result_is_stored_twice_counts_once(
 
 
 async def stopped_half_way(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> tuple[str, str]:
     """A 20-request batch stopped by a server stop after 5 results; return (batch id, input file id)."""
     inference.stall_after(5)
-    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.05)
-    file_id = files.add(jsonl([chat_line(f"r{i}") for i in range(20)]))
-    batch = await first.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    first = await make_provider(shutdown_grace_seconds=0.05)
+    batch = await start_batch(first, files, 20)
     await wait_until_completed(first, batch.id, 5)
     await first.shutdown()
     inference.behaviour = None
-    return batch.id, file_id
+    return batch.id, batch.input_file_id
 
 
 async def test_a_batch_resumed_after_its_deadline_sends_nothing_and_expires(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    batch_id, _ = await stopped_half_way(config, files, inference, models)
+    batch_id, _ = await stopped_half_way(make_provider, files, inference)
     calls_before = len(inference.calls)
-    second = await provider_with(config, files, inference, models)
+    second = await make_provider()
     second._runner._clock = lambda: time.time() + 2 * 86400  # the server was down past expires_at
     second.start()
     await second._runner.wait_idle()
@@ -360,13 +333,11 @@ async def test_a_batch_resumed_after_its_deadline_sends_nothing_and_expires(
 
 
 async def test_a_batch_that_reaches_its_slot_after_its_deadline_expires_unrun(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    provider = await make_provider(max_concurrent_batches=1)
     _, gate = await occupy_the_only_slot(provider, files, inference)
-    late = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line("late", "late question")])), endpoint=CHAT, completion_window="24h"
-    )
+    late = await create_chat_batch(provider, files, [chat_line("late", "late question")])
     provider._runner._clock = lambda: time.time() + 2 * 86400
     gate.set()
     await provider._runner.wait_idle()
@@ -378,13 +349,11 @@ async def test_a_batch_that_reaches_its_slot_after_its_deadline_expires_unrun(
 
 
 async def test_a_batch_whose_input_is_deleted_accounts_for_every_request(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    batch_id, file_id = await stopped_half_way(config, files, inference, models)
+    batch_id, file_id = await stopped_half_way(make_provider, files, inference)
     del files.contents[file_id]
-    second = await provider_with(config, files, inference, models)
-    second.start()
-    await second._runner.wait_idle()
+    second = await restarted(make_provider)
     batch = await second.retrieve_batch(batch_id)
     assert batch.status == "failed"
     assert [error.code for error in batch.errors.data] == ["input_file_unavailable"]
@@ -397,10 +366,10 @@ async def test_a_batch_whose_input_is_deleted_accounts_for_every_request(
 
 
 async def test_a_cancelled_batch_ends_without_reading_its_input_again(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    batch_id, file_id = await stopped_half_way(config, files, inference, models)
-    second = await provider_with(config, files, inference, models)
+    batch_id, file_id = await stopped_half_way(make_provider, files, inference)
+    second = await make_provider()
     await second.cancel_batch(batch_id)
     files.contents[file_id] = b"[" * 5_000  # whatever the file holds now, it is not read again
     reads_before = len(files.readers)
@@ -449,9 +418,9 @@ async def two_slow_requests_in_flight(provider: BatchesService, files: FakeFiles
 
 
 async def test_requests_in_flight_at_a_cancel_get_their_grace_period(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, cancel_grace_seconds=5)
+    provider = await make_provider(cancel_grace_seconds=5)
     batch_id = await two_slow_requests_in_flight(provider, files, inference)
     await provider.cancel_batch(batch_id)
     await asyncio.wait_for(provider._runner.wait_idle(), 5)
@@ -461,9 +430,9 @@ async def test_requests_in_flight_at_a_cancel_get_their_grace_period(
 
 
 async def test_requests_in_flight_at_a_server_stop_are_stored_not_repeated(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, shutdown_grace_seconds=3)
+    provider = await make_provider(shutdown_grace_seconds=3)
     batch_id = await two_slow_requests_in_flight(provider, files, inference)
     await provider.shutdown()
     stopped = await provider._store.get(batch_id)
@@ -472,9 +441,9 @@ async def test_requests_in_flight_at_a_server_stop_are_stored_not_repeated(
 
 
 async def test_a_cancel_before_dispatching_sends_nothing(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models)
+    provider = await make_provider()
     results = provider._store.results
     real_read = results.read
     loading = asyncio.Event()
@@ -497,9 +466,9 @@ async def test_a_cancel_before_dispatching_sends_nothing(
 
 
 async def test_a_cancel_while_an_invalid_file_is_checked_is_no_processing_failure(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles
 ) -> None:
-    provider = await provider_with(config, files, inference, models)
+    provider = await make_provider()
     real = files.openai_retrieve_file_content
     reading = asyncio.Event()
 
@@ -519,11 +488,9 @@ async def test_a_cancel_while_an_invalid_file_is_checked_is_no_processing_failur
 
 
 async def test_nothing_waiting_for_the_traffic_budget_is_sent_after_the_deadline(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(
-        config, files, inference, models, completion_window_seconds=1, max_in_flight_requests=1
-    )
+    provider = await make_provider(completion_window_seconds=1, max_in_flight_requests=1)
     sent_at: list[float] = []
 
     async def first_one_slow(_: dict[str, Any]) -> None:

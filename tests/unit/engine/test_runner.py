@@ -7,19 +7,20 @@ from typing import Any
 
 import pytest
 
-from llama_stack_provider_batches import BatchesProviderConfig, BatchesService
+from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.api.idempotency import CreateParams
 from llama_stack_provider_batches.engine.parking import TooManyWaitingBatchesError
 from llama_stack_provider_batches.stack import RequestProviderDataContext, User
-from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
+from tests.unit.conftest import FakeFiles, FakeInference, ProviderFactory
 from tests.unit.helpers import (
     CHAT,
     chat_line,
+    create_chat_batch,
     hold_requests,
     jsonl,
     occupy_the_only_slot,
-    provider_with,
     read_lines,
+    restarted,
     run_batch,
     running_settles_to,
     start_batch,
@@ -29,21 +30,12 @@ from tests.unit.helpers import (
 
 
 async def test_batches_beyond_the_limit_wait_their_turn(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
-    gate = asyncio.Event()
-
-    async def hold(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = hold
-    first = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line("a")])), endpoint=CHAT, completion_window="24h"
-    )
-    second = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line("b")])), endpoint=CHAT, completion_window="24h"
-    )
+    provider = await make_provider(max_concurrent_batches=1)
+    gate = hold_requests(inference)
+    first = await create_chat_batch(provider, files, [chat_line("a")])
+    second = await create_chat_batch(provider, files, [chat_line("b")])
     await asyncio.sleep(0.2)
     assert (await provider.retrieve_batch(first.id)).status == "in_progress"
     assert (await provider.retrieve_batch(second.id)).status == "validating"
@@ -54,13 +46,9 @@ async def test_batches_beyond_the_limit_wait_their_turn(
 
 
 async def test_an_internal_error_is_retried_without_losing_results(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = await provider_with(config, files, inference, models, job_retry_initial_seconds=0.01)
+    provider = await make_provider(job_retry_initial_seconds=0.01)
     real_upload = files.openai_upload_file
     failures = []
 
@@ -97,15 +85,9 @@ def broken_file_reads(files: FakeFiles, monkeypatch: pytest.MonkeyPatch, file_id
 
 
 async def test_a_batch_that_fails_every_attempt_ends_failed_and_frees_its_slot(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = await provider_with(
-        config, files, inference, models, max_concurrent_batches=1, max_job_attempts=3, job_retry_initial_seconds=0.01
-    )
+    provider = await make_provider(max_concurrent_batches=1, max_job_attempts=3, job_retry_initial_seconds=0.01)
     poison_file = files.add(jsonl([chat_line("p")]))
     reads = broken_file_reads(files, monkeypatch, poison_file)
     poison = await provider.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
@@ -124,23 +106,19 @@ async def test_a_batch_that_fails_every_attempt_ends_failed_and_frees_its_slot(
 
 
 async def test_the_failure_count_survives_a_restart(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = {"max_job_attempts": 4, "job_retry_initial_seconds": 0.01, "job_retry_max_seconds": 0.01}
     poison_file = files.add(jsonl([chat_line("p")]))
     reads = broken_file_reads(files, monkeypatch, poison_file)
-    first = await provider_with(config, files, inference, models, **settings)
+    first = await make_provider(**settings)
     poison = await first.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
     while len(reads) < 3:
         await asyncio.sleep(0.005)
     await first.shutdown()
     reads_before_restart = len(reads)
 
-    second = await provider_with(config, files, inference, models, **settings)
+    second = await make_provider(**settings)
     second.start()
     await asyncio.wait_for(second._runner.wait_idle(), timeout=10)
     assert (await second.retrieve_batch(poison.id)).status == "failed"
@@ -150,13 +128,9 @@ async def test_the_failure_count_survives_a_restart(
 
 
 async def test_a_failing_batch_keeps_the_results_it_stored(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_job_attempts=2, job_retry_initial_seconds=0.01)
+    provider = await make_provider(max_job_attempts=2, job_retry_initial_seconds=0.01)
     from llama_stack_provider_batches.engine.result_log import ResultLog
 
     real = ResultLog.report_progress
@@ -182,14 +156,10 @@ async def test_a_failing_batch_keeps_the_results_it_stored(
 
 
 async def test_a_failing_batch_can_be_cancelled(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = {"max_job_attempts": 1000, "job_retry_initial_seconds": 0.02, "job_retry_max_seconds": 0.02}
-    provider = await provider_with(config, files, inference, models, **settings)
+    provider = await make_provider(**settings)
     poison_file = files.add(jsonl([chat_line("p")]))
     reads = broken_file_reads(files, monkeypatch, poison_file)
     poison = await provider.create_batch(input_file_id=poison_file, endpoint=CHAT, completion_window="24h")
@@ -209,23 +179,16 @@ async def test_a_failing_batch_can_be_cancelled(
 
 
 async def test_batches_with_credentials_wait_their_turn_in_creation_order(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    provider = await make_provider(max_concurrent_batches=1)
     start = int(time.time())
     clock = iter(range(start, start + 1_000))
     provider._clock = lambda: float(next(clock))  # one second apart: creation order is unambiguous
     first, gate = await occupy_the_only_slot(provider, files, inference)
-    plain = await provider.create_batch(
-        input_file_id=files.add(jsonl([chat_line("a", "plain")])), endpoint=CHAT, completion_window="24h"
-    )
+    plain = await create_chat_batch(provider, files, [chat_line("a", "plain")])
     with RequestProviderDataContext({"openai_api_key": "sk-user"}):
-        pinned = [
-            await provider.create_batch(
-                input_file_id=files.add(jsonl([chat_line("a", f"pinned {n}")])), endpoint=CHAT, completion_window="24h"
-            )
-            for n in range(3)
-        ]
+        pinned = [await create_chat_batch(provider, files, [chat_line("a", f"pinned {n}")]) for n in range(3)]
     await asyncio.sleep(0.1)
     assert provider._runner.running() == [first.id]  # the pinned batches wait like any other
     gate.set()
@@ -239,11 +202,9 @@ async def test_batches_with_credentials_wait_their_turn_in_creation_order(
 
 
 async def test_batches_with_credentials_waiting_on_one_server_are_bounded(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(
-        config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
-    )
+    provider = await make_provider(max_concurrent_batches=1, max_waiting_batches_with_credentials=2)
     await occupy_the_only_slot(provider, files, inference)
     with RequestProviderDataContext({"openai_api_key": "sk-user"}):
         for _ in range(2):
@@ -256,17 +217,15 @@ async def test_batches_with_credentials_waiting_on_one_server_are_bounded(
 
 
 async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     async def slow(_: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
 
     inference.behaviour = slow
-    first = await provider_with(config, files, inference, models, shutdown_grace_seconds=2, max_concurrent_batches=1)
+    first = await make_provider(shutdown_grace_seconds=2, max_concurrent_batches=1)
     running = await start_batch(first, files, 100)
-    waiting = await first.create_batch(
-        input_file_id=files.add(jsonl([chat_line("w")])), endpoint=CHAT, completion_window="24h"
-    )
+    waiting = await create_chat_batch(first, files, [chat_line("w")])
     await wait_until_completed(first, running.id, 20)
     await first.shutdown()
     stopped = await first.retrieve_batch(running.id)
@@ -274,9 +233,7 @@ async def test_a_server_stop_leaves_batches_resumable_and_a_start_resumes_them(
     assert (await first.retrieve_batch(waiting.id)).status == "validating"
     assert stopped.request_counts.completed == len(inference.calls)  # in-flight requests finished and were stored
 
-    second = await provider_with(config, files, inference, models)
-    second.start()  # as on the serving loop's first refresh
-    await second._runner.wait_idle()
+    second = await restarted(make_provider)
     done = await second.retrieve_batch(running.id)
     assert done.status == "completed"
     assert sorted(line["custom_id"] for line in read_lines(files, done.output_file_id)) == sorted(
@@ -317,23 +274,13 @@ async def test_claims_are_retried_while_the_store_fails(
 
 
 async def test_idle_replicas_pick_up_waiting_batches(
-    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    gate = asyncio.Event()
-
-    async def hold(_: dict[str, Any]) -> None:
-        await gate.wait()
-
-    inference.behaviour = hold
-    first = await provider_with(replica_config, files, inference, models)
-    second = await provider_with(replica_config, files, inference, models)
+    gate = hold_requests(inference)
+    first = await make_replica()
+    second = await make_replica()
     second.start()
-    batches = [
-        await first.create_batch(
-            input_file_id=files.add(jsonl([chat_line(f"{n}")])), endpoint=CHAT, completion_window="24h"
-        )
-        for n in range(2)
-    ]
+    batches = [await create_chat_batch(first, files, [chat_line(f"{n}")]) for n in range(2)]
     # One batch at a time each: the second server takes whichever the first is not running at its
     # next look (every second).
     for _ in range(40):
@@ -350,11 +297,11 @@ async def test_idle_replicas_pick_up_waiting_batches(
 
 
 async def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
-    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     inference.stall_after(3)
-    running_here = await provider_with(replica_config, files, inference, models, cancel_grace_seconds=0.1)
-    elsewhere = await provider_with(replica_config, files, inference, models)
+    running_here = await make_replica(cancel_grace_seconds=0.1)
+    elsewhere = await make_replica()
     batch = await start_batch(running_here, files, 10)
     while len(inference.calls) < 4:
         await asyncio.sleep(0.01)
@@ -369,14 +316,10 @@ async def test_a_cancel_through_another_replica_stops_the_batch_where_it_runs(
 
 
 async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the_batch(
-    replica_config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inference.stall_after(5)
-    first = await provider_with(replica_config, files, inference, models)
+    first = await make_replica()
     batch = await start_batch(first, files, 20)
     await wait_until_completed(first, batch.id, 5)
 
@@ -391,7 +334,7 @@ async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the
     assert (await first.retrieve_batch(batch.id)).status == "in_progress"
 
     inference.behaviour = None
-    second = await provider_with(replica_config, files, inference, models)
+    second = await make_replica()
     second.start()  # claims the batch once the stale lease expires (1 s)
     while (await second.retrieve_batch(batch.id)).status != "completed":
         await asyncio.sleep(0.1)
@@ -405,14 +348,10 @@ async def test_a_job_that_loses_its_lease_stops_and_the_next_holder_finishes_the
 
 
 async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
-    config: BatchesProviderConfig,
-    replica_config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
+    make_provider: ProviderFactory, make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
     inference.stall_after(5)
-    single = await provider_with(config, files, inference, models, shutdown_grace_seconds=0.1)
+    single = await make_provider(shutdown_grace_seconds=0.1)
     finished = await run_batch(single, files, [chat_line("f0")])
     inference.calls.clear()
     running = await start_batch(single, files, 20)
@@ -421,9 +360,7 @@ async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
 
     inference.behaviour = None
     calls_before = len(inference.calls)
-    replica = await provider_with(replica_config, files, inference, models)
-    replica.start()
-    await replica._runner.wait_idle()
+    replica = await restarted(make_replica)
     done = await replica.retrieve_batch(running.id)
     assert done.status == "completed" and done.request_counts.completed == 20
     assert sorted(line["custom_id"] for line in read_lines(files, done.output_file_id)) == sorted(
@@ -435,14 +372,10 @@ async def test_setting_sql_store_on_a_single_server_keeps_its_batches(
 
 
 async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_have_passed(
-    replica_config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inference.stall_after(3)
-    provider = await provider_with(replica_config, files, inference, models)  # leases of 1 s
+    provider = await make_replica()  # leases of 1 s
     batch = await start_batch(provider, files, 10)
     while len(inference.calls) < 4:
         await asyncio.sleep(0.01)
@@ -465,9 +398,9 @@ async def test_a_server_that_cannot_renew_its_lease_stops_once_the_lease_may_hav
 
 
 async def test_a_waiting_batch_is_cancelled_without_waiting_for_a_slot(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    provider = await make_provider(max_concurrent_batches=1)
     running, _ = await occupy_the_only_slot(provider, files, inference)
     waiting = await start_batch(provider, files, 3)
     await provider.cancel_batch(waiting.id)
@@ -478,17 +411,13 @@ async def test_a_waiting_batch_is_cancelled_without_waiting_for_a_slot(
 
 
 async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
-    config: BatchesProviderConfig,
-    files: FakeFiles,
-    inference: FakeInference,
-    models: FakeModels,
-    monkeypatch: pytest.MonkeyPatch,
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from llama_stack_provider_batches.engine import runner as engine
 
     monkeypatch.setattr(engine, "SWEEP_PASSES", 1)
     monkeypatch.setattr(engine, "POLL_SECONDS", 0.02)
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=1)
+    provider = await make_provider(max_concurrent_batches=1)
     running, _ = await occupy_the_only_slot(provider, files, inference)
     waiting = await start_batch(provider, files, 3)
     provider._runner._clock = lambda: time.time() + 2 * 86400
@@ -500,11 +429,9 @@ async def test_a_waiting_batch_expires_without_waiting_for_a_slot(
 
 
 async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles
 ) -> None:
-    provider = await provider_with(
-        config, files, inference, models, max_concurrent_batches=1, max_job_attempts=2, job_retry_initial_seconds=0.01
-    )
+    provider = await make_provider(max_concurrent_batches=1, max_job_attempts=2, job_retry_initial_seconds=0.01)
     params = CreateParams(files.add(jsonl([chat_line("a")])), CHAT, "24h", None)
     broken, _ = await provider._store.create(provider._new_batch(params, owner=None, key=None))
     table = provider._store._table
@@ -517,9 +444,9 @@ async def test_a_record_that_cannot_be_read_does_not_stop_other_batches(
 
 
 async def test_creates_racing_two_servers_claim_loops_leave_no_batch_behind_and_list_each_once(
-    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    servers = [await provider_with(replica_config, files, inference, models, max_concurrent_batches=4) for _ in "ab"]
+    servers = [await make_replica(max_concurrent_batches=4) for _ in "ab"]
     for server in servers:
         server.start()
     file_id = files.add(jsonl([chat_line("a")]))
@@ -547,11 +474,9 @@ async def test_creates_racing_two_servers_claim_loops_leave_no_batch_behind_and_
 
 
 async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(
-        config, files, inference, models, max_concurrent_batches=1, max_waiting_batches_with_credentials=2
-    )
+    provider = await make_provider(max_concurrent_batches=1, max_waiting_batches_with_credentials=2)
     _, gate = await occupy_the_only_slot(provider, files, inference)
 
     async def create() -> Any:
@@ -566,10 +491,10 @@ async def test_concurrent_creates_with_credentials_respect_the_waiting_bound(
 
 
 async def test_a_batch_with_credentials_cancelled_through_another_server_is_closed_where_it_waits(
-    replica_config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_replica: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    here = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
-    elsewhere = await provider_with(replica_config, files, inference, models, max_concurrent_batches=1)
+    here = await make_replica(max_concurrent_batches=1)
+    elsewhere = await make_replica(max_concurrent_batches=1)
     _, gate = await occupy_the_only_slot(here, files, inference)
     with RequestProviderDataContext({"openai_api_key": "sk-user"}):
         parked = await start_batch(here, files, 1)
@@ -581,9 +506,9 @@ async def test_a_batch_with_credentials_cancelled_through_another_server_is_clos
 
 
 async def test_a_quarter_of_the_slots_is_kept_for_users_with_nothing_running(
-    config: BatchesProviderConfig, files: FakeFiles, inference: FakeInference, models: FakeModels
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
 ) -> None:
-    provider = await provider_with(config, files, inference, models, max_concurrent_batches=4)
+    provider = await make_provider(max_concurrent_batches=4)
     gate = hold_requests(inference)
     alice, bob = User("alice", {"teams": ["red"]}), User("bob", {"teams": ["blue"]})
     with RequestProviderDataContext(user=alice):

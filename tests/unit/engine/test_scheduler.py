@@ -130,12 +130,18 @@ async def test_each_model_has_its_own_capacity_and_all_share_the_total() -> None
         await big.stop()
 
 
+async def held_and_waited_for(scheduler: Scheduler, flow: Flow) -> tuple[Slot, asyncio.Task[Slot]]:
+    """Take the only slot of model "m", and start a second request that waits for it."""
+    held = await scheduler.acquire(flow, "m")
+    waiting = asyncio.create_task(scheduler.acquire(flow, "m"))
+    await settle()
+    return held, waiting
+
+
 async def test_a_cancelled_wait_takes_no_slot() -> None:
     scheduler = Scheduler(capacity_per_model=1)
     with scheduler.flow("b", "alice") as flow:
-        held = await scheduler.acquire(flow, "m")
-        waiting = asyncio.create_task(scheduler.acquire(flow, "m"))
-        await settle()
+        held, waiting = await held_and_waited_for(scheduler, flow)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         assert scheduler.waiting() == 0
@@ -149,9 +155,7 @@ async def test_a_cancelled_wait_takes_no_slot() -> None:
 async def test_a_wait_cancelled_just_as_it_is_granted_gives_the_slot_back() -> None:
     scheduler = Scheduler(capacity_per_model=1)
     with scheduler.flow("b", "alice") as flow:
-        held = await scheduler.acquire(flow, "m")
-        waiting = asyncio.create_task(scheduler.acquire(flow, "m"))
-        await settle()
+        held, waiting = await held_and_waited_for(scheduler, flow)
         held.release()  # grants the waiter: its future has a result, its task has not run yet
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)

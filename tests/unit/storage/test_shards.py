@@ -6,16 +6,18 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llama_stack_provider_batches import BatchesProviderConfig
 from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.storage.shards import split
-from tests.unit.conftest import FakeFiles, FakeInference, FakeModels
-from tests.unit.helpers import CHAT, chat_line, jsonl, make_batch, provider_with, read_lines, wait_for_status
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, ProviderFactory, provider_with
+from tests.unit.helpers import chat_line, create_chat_batch, make_batch, read_lines, wait_for_status
 
 
 @given(total=st.integers(min_value=0, max_value=100_000), size=st.integers(min_value=1, max_value=5_000))
@@ -27,18 +29,34 @@ def test_shards_cover_every_request_once_in_order(total: int, size: int) -> None
     assert len(ranges) == max(1, -(-total // size))
 
 
+# Starts two servers over one store: `servers, inferences = await two_processes(**settings)`.
+TwoProcesses = Callable[..., Awaitable[tuple[list[Any], list[FakeInference]]]]
+
+
+@pytest.fixture
 async def two_processes(
-    config: BatchesProviderConfig, files: FakeFiles, models: FakeModels, **settings: Any
-) -> tuple[list[Any], list[FakeInference]]:
-    inferences = [FakeInference(), FakeInference()]
-    servers = [await provider_with(config, files, inference, models, **settings) for inference in inferences]
-    return servers, inferences
+    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+) -> AsyncIterator[TwoProcesses]:
+    """Starts two servers sharing the store, each with an Inference fake of its own, with some settings
+    changed; shuts them down after the test."""
+    started: list[Any] = []
+
+    async def start(**settings: Any) -> tuple[list[Any], list[FakeInference]]:
+        inferences = [FakeInference(), FakeInference()]
+        servers = [
+            await provider_with(replica_config, files, inference, models, **settings) for inference in inferences
+        ]
+        started.extend(servers)
+        return servers, inferences
+
+    yield start
+    for server in started:
+        await server.shutdown()
 
 
 async def start_distinct(provider: Any, files: FakeFiles, requests: int) -> Any:
     """A batch of requests r0, r1, ... whose prompts differ, so that the model's calls can be told apart."""
-    file_id = files.add(jsonl([chat_line(f"r{i}", f"question {i}") for i in range(requests)]))
-    return await provider.create_batch(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    return await create_chat_batch(provider, files, [chat_line(f"r{i}", f"question {i}") for i in range(requests)])
 
 
 async def until(condition: Any, seconds: float = 10) -> None:
@@ -58,9 +76,9 @@ def slow(seconds: float) -> Any:
 
 
 async def test_one_batch_runs_on_both_processes_and_every_request_once(
-    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+    two_processes: TwoProcesses, files: FakeFiles
 ) -> None:
-    servers, inferences = await two_processes(replica_config, files, models, requests_per_shard=10)
+    servers, inferences = await two_processes(requests_per_shard=10)
     for inference in inferences:
         inference.behaviour = slow(0.05)  # 200 requests, 4 at a time: 2.5 s on one process
     batch = await start_distinct(servers[0], files, 200)
@@ -74,16 +92,10 @@ async def test_one_batch_runs_on_both_processes_and_every_request_once(
     sent = Counter(str(call["messages"]) for inference in inferences for call in inference.calls)
     assert len(sent) == 200 and max(sent.values()) == 1
     assert all(len(inference.calls) >= 10 for inference in inferences)  # both ran shards
-    for server in servers:
-        await server.shutdown()
 
 
-async def test_a_cancel_reaches_the_shards_another_process_runs(
-    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
-) -> None:
-    servers, inferences = await two_processes(
-        replica_config, files, models, requests_per_shard=10, cancel_grace_seconds=0.2
-    )
+async def test_a_cancel_reaches_the_shards_another_process_runs(two_processes: TwoProcesses, files: FakeFiles) -> None:
+    servers, inferences = await two_processes(requests_per_shard=10, cancel_grace_seconds=0.2)
     for inference in inferences:
         inference.behaviour = slow(0.05)
     batch = await start_distinct(servers[0], files, 400)
@@ -97,14 +109,13 @@ async def test_a_cancel_reaches_the_shards_another_process_runs(
     assert [len(inference.calls) for inference in inferences] == sent_after  # nobody sends any more
     done = cancelled.request_counts.completed
     assert done < 400 and len(read_lines(files, cancelled.output_file_id)) == done
-    for server in servers:
-        await server.shutdown()
 
 
 async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_completes_once(
-    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels, monkeypatch: Any
+    monkeypatch: Any, two_processes: TwoProcesses, files: FakeFiles, replica_config: BatchesProviderConfig
 ) -> None:
-    servers, inferences = await two_processes(replica_config, files, models, requests_per_shard=20)
+    # monkeypatch comes first, so that its patches are undone only after the servers are shut down.
+    servers, inferences = await two_processes(requests_per_shard=20)
     inferences[0].behaviour = slow(0.05)
     inferences[1].stall_after(3)  # the helper's requests hang from the fourth on, as in a frozen process
     batch = await start_distinct(servers[0], files, 200)
@@ -126,16 +137,12 @@ async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_
     assert len(sent) == 200
     repeated = sum(sent.values()) - 200  # those the frozen helper had in flight
     assert 0 < repeated <= replica_config.max_concurrent_requests_per_batch
-    for server in servers:
-        await server.shutdown()
 
 
 async def test_a_cancelled_batch_closes_only_after_the_other_processes_stored_what_they_had_in_flight(
-    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
+    two_processes: TwoProcesses, files: FakeFiles
 ) -> None:
-    servers, inferences = await two_processes(
-        replica_config, files, models, requests_per_shard=10, cancel_grace_seconds=5
-    )
+    servers, inferences = await two_processes(requests_per_shard=10, cancel_grace_seconds=5)
     inferences[0].behaviour = slow(0.05)
     inferences[1].behaviour = slow(1.0)  # the helper's requests are still in flight at the cancel
     batch = await start_distinct(servers[0], files, 200)
@@ -148,14 +155,10 @@ async def test_a_cancelled_batch_closes_only_after_the_other_processes_stored_wh
     assert cancelled.request_counts.completed == answered
     assert len(read_lines(files, cancelled.output_file_id)) == answered
     assert await servers[0]._store.results._chunks.keys_under(f"results/{batch.id}/") == []  # nothing written late
-    for server in servers:
-        await server.shutdown()
 
 
-async def test_no_shard_is_claimed_once_its_batch_is_past_its_deadline(
-    replica_config: BatchesProviderConfig, files: FakeFiles, models: FakeModels
-) -> None:
-    server = await provider_with(replica_config, files, FakeInference(), models)
+async def test_no_shard_is_claimed_once_its_batch_is_past_its_deadline(make_replica: ProviderFactory) -> None:
+    server = await make_replica()
     store = server._store
     batch = make_batch("batch_late", status="in_progress", expires_at=int(time.time()) - 1)
     await store.create(StoredBatch(batch=batch))

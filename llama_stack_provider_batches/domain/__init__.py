@@ -8,6 +8,7 @@ layer raises.
     results     result entries, tallies and the stored chunk format
     formats     output and error file lines exactly as OpenAI writes them
     errors      InvalidParameterError, LimitReachedError, status_code_of, quoting caller text
+    outages     which failures are a dependency's outage (a pause, never a failure), and the gate
 
 May use: stack only.
 """

@@ -33,7 +33,10 @@ class StoredBatch(BaseModel):
     uploaded_files: dict[str, str] = {}
     # When an upload of a result file began ("output"/"error" -> epoch seconds), until it is recorded above.
     uploading: dict[str, int] = {}
-    # How many times processing this batch raised unexpectedly (runner.py ends it at a limit).
+    # How many times in a row processing this batch raised unexpectedly (attempts.py ends it at a
+    # limit), and how many of its requests had results at the last of those failures: a batch that
+    # made progress since starts counting again.
     processing_failures: int = 0
+    results_at_last_failure: int = 0
     # Requests in its input file, counted at create when a per-user request limit is set (user_limits.py).
     request_lines: int | None = None

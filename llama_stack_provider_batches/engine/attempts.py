@@ -1,12 +1,17 @@
 """Attempts at one batch's job: an unexpected failure is tried again, a bounded number of times.
 
-A job that raises (a store or files outage, a bug, a record that breaks something) keeps its stored
-results and is run again after a pause that doubles from `job_retry_initial_seconds` up to
-`job_retry_max_seconds`, still holding its slot and lease; the log shows the traceback once per
-attempt. Failures are counted in the batch record (`processing_failures`), so the count goes on
-across restarts and replicas. At `max_job_attempts` the batch gives up (job.py): it ends `failed`
-(or `cancelled`, if that was asked) with an `errors` entry naming the last error, keeping its
-results in its files. Should even that fail, the batch is set aside (runner.py).
+A job that raises (a bug, a record that breaks something) keeps its stored results and is run again
+after a pause that doubles from `job_retry_initial_seconds` up to `job_retry_max_seconds`, still
+holding its slot and lease; the log shows the traceback once per attempt. Failures are counted in
+the batch record (`processing_failures`), so the count goes on across restarts and replicas; a
+batch with more results than at its last failure starts counting again. At `max_job_attempts` the
+batch gives up (job.py): it ends `failed` (or `cancelled`, if that was asked) with an `errors` entry
+naming the last error, keeping its results in its files. Should even that fail, the batch is set
+aside (runner.py).
+
+An outage of a dependency (outages.py: the database, the file store) is not the batch's failure:
+it is not counted, and the job runs again as soon as the gate opens, for as long as the batch's
+lease holds (a store that stays out ends the lease, and the batch is resumed once it is back).
 """
 
 import asyncio
@@ -14,6 +19,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from ..config import BatchesProviderConfig
+from ..domain.outages import DependencyGate, is_dependency_outage
 from ..domain.records import StoredBatch
 from ..stack import get_logger
 from ..storage.leases import wait_at_most
@@ -48,11 +54,13 @@ class JobAttempts:
         config: BatchesProviderConfig,
         stopping: asyncio.Event,
         make_job: Callable[[Lease, asyncio.Event], BatchJob],
+        gate: DependencyGate | None = None,
     ) -> None:
         self._store = store
         self._config = config
         self._stopping = stopping
         self._make_job = make_job
+        self._gate = gate or DependencyGate()
 
     def delay(self, failures: int) -> float:
         """The pause after the `failures`-th failure (1-based)."""
@@ -68,6 +76,10 @@ class JobAttempts:
                 lost.set()
                 return Ending.DONE
             except Exception as exc:
+                if is_dependency_outage(exc):
+                    self._gate.trip(exc)
+                    await self._gate.wait_open()
+                    continue
                 failures_here += 1
                 failures = await self._count_failure(lease, lost, failures_here)
                 if lost.is_set():  # another server has the batch now: ending it is not ours to do
@@ -81,12 +93,17 @@ class JobAttempts:
         return Ending.DONE
 
     async def _count_failure(self, lease: Lease, lost: asyncio.Event, failures_here: int) -> int:
-        """Add one to the batch's stored count of failures; return the count (this run's if the store refuses)."""
-
-        def one_more(stored: StoredBatch) -> StoredBatch:
-            return stored.model_copy(update={"processing_failures": stored.processing_failures + 1})
-
+        """Add one to the batch's stored count of failures, or start it again at one if the batch has
+        more results than at its last failure; return the count (this run's if the store refuses)."""
         try:
+            progress = await self._store.shards.progress([lease.batch_id])
+            tally = progress.get(lease.batch_id)
+            results = tally.completed + tally.failed if tally else 0
+
+            def one_more(stored: StoredBatch) -> StoredBatch:
+                count = stored.processing_failures + 1 if results <= stored.results_at_last_failure else 1
+                return stored.model_copy(update={"processing_failures": count, "results_at_last_failure": results})
+
             stored = await self._store.update_record(lease.batch_id, one_more, lease)
         except LeaseLostError:
             lost.set()
@@ -94,7 +111,7 @@ class JobAttempts:
         except Exception:
             logger.exception("Cannot count a failure of a batch", batch_id=lease.batch_id)
             return failures_here
-        return max(stored.processing_failures, failures_here)
+        return stored.processing_failures
 
     async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str) -> Ending:
         try:

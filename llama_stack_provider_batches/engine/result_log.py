@@ -8,6 +8,10 @@ crash, the requests to repeat are those in flight and those of at most one unwri
 Chunks are written under the shard's lease epoch (store.ResultChunks), numbered on from
 `stored_chunks`; the tally of the stored results goes into the shard's row, whose sums are the
 batch's progress (shards.py).
+
+While the store is out (outages.py), the writer keeps the chunk it could not write and writes that
+same chunk again once the gate opens (a write may have gone through unacknowledged: the same
+number must hold the same results); it trips the gate, so that no new request is sent meanwhile.
 """
 
 import asyncio
@@ -16,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from .. import telemetry
+from ..domain.outages import DependencyGate, is_dependency_outage
 from ..domain.results import ResultEntry, Tally
 from ..storage.shards import ShardLease
 from ..storage.store import BatchStore, LeaseLostError
@@ -34,8 +39,11 @@ class ResultLog:
         stored_chunks: int = 0,
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gate: DependencyGate | None = None,
     ) -> None:
         self._store = store
+        self._gate = gate or DependencyGate()
+        self._unwritten: tuple[list[ResultEntry], Tally] | None = None  # a chunk whose write failed
         self._lease = lease
         self._clock = clock
         self.chunks = stored_chunks
@@ -65,8 +73,16 @@ class ResultLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._added.wait(), wait)
             self._added.clear()
-            # Shielded: cancelling the writer must not drop results it has taken from the buffer.
-            await asyncio.shield(self.flush())
+            try:
+                # Shielded: cancelling the writer must not drop results it has taken from the buffer.
+                await asyncio.shield(self.flush())
+            except Exception as exc:
+                if not is_dependency_outage(exc):
+                    raise
+                self._gate.trip(exc)
+                await self._gate.wait_open()
+                self._added.set()  # try that chunk again
+                continue
             if self._unreported and self._clock() >= self._next_progress_at():
                 await asyncio.shield(self.report_progress())
             await asyncio.sleep(MIN_FLUSH_INTERVAL_SECONDS)
@@ -77,17 +93,23 @@ class ResultLog:
     async def flush(self) -> None:
         """Store every result added so far."""
         async with self._write_lock:
-            if not self._pending:
-                return
-            entries, tally = self._pending, self._pending_tally
-            self._pending, self._pending_tally = [], Tally()
+            if self._unwritten is None:
+                if not self._pending:
+                    return
+                self._unwritten = self._pending, self._pending_tally
+                self._pending, self._pending_tally = [], Tally()
+            entries, tally = self._unwritten
             lease = self._lease
             started = time.perf_counter()
             await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
             telemetry.results_committed(time.perf_counter() - started)
+            self._unwritten = None
+            self._gate.recovered()
             self.chunks += 1
             self.tally.merge(tally)
             self._unreported = True
+            if self._pending:  # added while the failed chunk waited: the next write takes them
+                self._added.set()
 
     async def report_progress(self) -> None:
         """Write the counts and usage of the stored results into the shard's row."""

@@ -50,7 +50,8 @@ from .shard_run import JobSettings
 
 logger = get_logger(name=__name__, category="providers")
 
-RETRY_DELAYS_SECONDS = (1.0, 5.0, 30.0, 60.0)  # of the claim loop, while the store cannot be reached
+# Of the claim loop, while the store cannot be reached: batches resume within seconds of its return.
+RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0)
 POLL_SECONDS = 1.0
 SWEEP_PASSES = 10  # every tenth look for work, waiting batches past their deadline are expired
 SWEEP_BATCHES = 100  # the oldest waiting batches looked at by a sweep (they expire first)
@@ -106,7 +107,7 @@ class BatchRunner:
         self._to_close: set[str] = set()  # batches cancelled here while not running here
         self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
-        self._attempts = JobAttempts(store, config, self._stopping, self._job)
+        self._attempts = JobAttempts(store, config, self._stopping, self._job, self._sender.gate)
         self._helpers = ShardHelpers(
             store, self._sender, files, self._settings, self.scheduler, self.holder, self._stopping, self.wake, clock
         )
@@ -209,7 +210,8 @@ class BatchRunner:
                 await self._fill_free_slots()
             except Exception:
                 delay = retry_delay(attempt)
-                logger.exception("Cannot claim batches; retrying", retry_in=delay)
+                if attempt == 0:  # once per outage: it must not flood the log
+                    logger.exception("Cannot claim batches; retrying", retry_in=delay)
                 attempt += 1
                 await wait_at_most(self._wake, delay)
                 continue

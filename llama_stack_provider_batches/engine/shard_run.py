@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ..domain.outages import is_dependency_outage
 from ..domain.results import ResultEntry, Tally, decode_results
 from ..requests.endpoints import DeadlineReached, RequestSender, result_for_exception, result_for_response
 from ..requests.input_file import InputIndex, RequestLine
@@ -84,6 +85,7 @@ class ShardRun:
             finished,
             self.cancel_requested.set,
             self.lease.batch_id,
+            self._trip_on_outage,
         )
         heartbeat = asyncio.create_task(keeper, name=f"lease:{self.lease.batch_id}:s{self.lease.shard}")
         watcher = asyncio.create_task(self._follow_batch_lease())
@@ -110,6 +112,11 @@ class ShardRun:
             )
         return stop
 
+    def _trip_on_outage(self, exc: BaseException) -> None:
+        """The store failed to renew the lease: while it is out, send nothing whose result could not be stored."""
+        if is_dependency_outage(exc):
+            self.sender.gate.trip(exc)
+
     async def _follow_batch_lease(self) -> None:
         if self.batch_lease_lost is not None:
             await self.batch_lease_lost.wait()
@@ -131,7 +138,7 @@ class ShardRun:
                     kept.append(entry)
         tally = await asyncio.to_thread(Tally.of, kept) if kept else Tally()
         chunks_of_epoch = await self.store.results.count(self.lease.batch_id, self.lease.shard, self.lease.epoch)
-        return ResultLog(self.store, self.lease, stored_chunks=chunks_of_epoch, tally=tally)
+        return ResultLog(self.store, self.lease, stored_chunks=chunks_of_epoch, tally=tally, gate=self.sender.gate)
 
     async def _execute(self) -> Stop | None:
         """Run every request without a stored result; return why it stopped early, if it did."""

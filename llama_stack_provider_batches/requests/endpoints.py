@@ -5,7 +5,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import openai
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from .. import telemetry
 from ..domain import formats
 from ..domain.errors import status_code_of
+from ..domain.outages import DependencyGate, is_dependency_outage
 from ..stack import (
     CreateResponseRequest,
     Inference,
@@ -162,12 +163,17 @@ class RequestSender:
 
     Batch chat completions go through `without_completion_store(inference)` unless their body says
     `store: true`.
+
+    A request that fails because a dependency of the stack is out (outages.py) waits at the gate and
+    goes again once it opens: that costs it no attempt and its model no capacity. Every request
+    waits at the gate before it goes, so nothing new is sent while results cannot be stored.
     """
 
     apis: StackAPIs
     policy: RetryPolicy
     timeout_seconds: float
     pacer: RateLimiter | None = None
+    gate: DependencyGate = field(default_factory=DependencyGate)
 
     def __post_init__(self) -> None:
         self._apis_unstored = replace(self.apis, inference=without_completion_store(self.apis.inference))
@@ -211,7 +217,9 @@ class RequestSender:
         model: str,
     ) -> BaseModel:
         apis = self.apis if body.get("store") is True else self._apis_unstored
-        for attempt in range(self.policy.attempts):
+        attempt = 0
+        while True:
+            await self.gate.wait_open()
             if self.pacer is not None:
                 await self.pacer.wait(model)
             started = time.perf_counter()
@@ -223,19 +231,26 @@ class RequestSender:
             except DeadlineReached:
                 raise
             except Exception as exc:
+                if stopping.is_set():
+                    raise
+                if is_dependency_outage(exc):  # not the model's failure, nor the request's: send it again
+                    telemetry.attempt_ended(endpoint, model, "dependency_outage", time.perf_counter() - started)
+                    self.gate.trip(exc)
+                    continue
                 cause = telemetry.outcome_of(exc)
                 telemetry.attempt_ended(endpoint, model, cause, time.perf_counter() - started)
-                if not is_transient(exc) or attempt + 1 == self.policy.attempts or stopping.is_set():
+                attempt += 1
+                if not is_transient(exc) or attempt == self.policy.attempts:
                     raise
                 outcomes.record_transient_failure()
                 telemetry.retried(endpoint, model, cause)
                 self._retry_log.retried(model, cause, exc)
-                await asyncio.sleep(self.policy.delay(attempt, retry_after_seconds(exc)))
+                await asyncio.sleep(self.policy.delay(attempt - 1, retry_after_seconds(exc)))
             else:
                 telemetry.attempt_ended(endpoint, model, "succeeded", time.perf_counter() - started)
+                self.gate.recovered()
                 outcomes.record_success()
                 return response
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def response_tokens(response: BaseModel) -> tuple[int, int]:

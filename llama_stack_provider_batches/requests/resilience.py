@@ -1,9 +1,10 @@
 """Staying up when the model backend does not: which failures to retry, how long to wait, how much
 traffic to send.
 
-    is_transient       connection errors, timeouts, HTTP 408/429/500/502/503/504, and errors raised
-                       inside the stack itself (its SQLite store reporting "database is locked", say);
-                       never another 4xx, nor a request the stack refused as invalid
+    is_transient       connection errors, timeouts, HTTP 408/429/500/502/503/504, and other errors
+                       raised inside the stack itself; never another 4xx, nor a request the stack
+                       refused as invalid (an outage of the stack's stores is no request's failure
+                       at all: domain/outages.py, checked first)
     RetryPolicy        exponential backoff with full jitter, or the backend's Retry-After when it sends one
     AdaptiveLimit      a model's capacity in use (scheduler.py): halves when most recent requests failed
                        transiently, grows back by one per limit's worth of successes (additive increase,

@@ -58,24 +58,30 @@ async def keep_lease(
     finished: asyncio.Event,
     on_cancelling: Callable[[], None],
     batch_id: str,
+    on_failure: Callable[[BaseException], None] = lambda _: None,
 ) -> None:
     """Renew a lease (of a batch or a shard: `renew` returns the batch's status, None once the lease is
-    gone) until `finished`; call `on_cancelling` when the batch is being cancelled; set `lost` once
-    the lease may be gone."""
+    gone) until `finished`; call `on_cancelling` when the batch is being cancelled, `on_failure` when a
+    renewal fails; set `lost` once the lease may be gone."""
     every = heartbeat_seconds(lease_seconds)
     valid_until = time.monotonic() + lease_seconds
+    failing = False
     while not await wait_at_most(finished, every):
         sent = time.monotonic()
         try:
             # Bounded: a renewal that stalls past the lease must not let the job run on without it.
             status = await asyncio.wait_for(renew(), max(0.0, valid_until - sent))
-        except Exception:
-            logger.exception("Cannot renew a lease", batch_id=batch_id)
+        except Exception as exc:
+            if not failing:  # once per run of failures: an outage must not flood the log
+                logger.exception("Cannot renew a lease", batch_id=batch_id)
+            failing = True
+            on_failure(exc)
             # Past the last renewal's expiry another server may already run the batch.
             if time.monotonic() + every >= valid_until:
                 lost.set()
                 return
             continue
+        failing = False
         if status is None:
             lost.set()
             return

@@ -1,7 +1,10 @@
 import asyncio
+import errno
 
+import pytest
 from openai.types.batch_request_counts import BatchRequestCounts
 
+from llama_stack_provider_batches.domain.outages import DependencyGate
 from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.domain.results import ResultEntry, decode_results
 from llama_stack_provider_batches.engine.result_log import ResultLog
@@ -86,3 +89,49 @@ async def test_progress_is_reported_within_the_interval_even_when_results_stop_c
     await asyncio.sleep(0.8)
     writer.cancel()
     assert (await store.get_batch("batch_p")).request_counts.completed == 2
+
+
+async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DependencyGate(initial_pause=0.05)
+    log = ResultLog(store, await running(store, "batch_o"), gate=gate)
+    real_save = store.results.save
+    saves: list[tuple[int, list[int]]] = []
+
+    async def down_once(batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
+        saves.append((chunk, [entry.position for entry in entries]))
+        if len(saves) == 1:
+            raise OSError(errno.EIO, "Input/output error")  # perhaps written, perhaps not: no answer
+        await real_save(batch_id, shard, epoch, chunk, entries)
+
+    monkeypatch.setattr(store.results, "save", down_once)
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    await asyncio.sleep(0.02)
+    assert not gate.is_open  # nothing new is sent while results cannot be stored
+    log.add_success(ResultEntry(1, True, "{}"), 1, 1)
+    for _ in range(100):
+        if log.chunks == 2:
+            break
+        await asyncio.sleep(0.01)
+    writer.cancel()
+    # The same chunk number holds the same results; what came meanwhile goes in the next one.
+    assert saves == [(0, [0]), (0, [0]), (1, [1])]
+    assert [entry.position for entry in await stored_entries(store, "batch_o")] == [0, 1]
+    assert gate.is_open and log.tally.completed == 2
+
+
+async def test_a_store_error_that_is_no_outage_ends_the_writer(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = ResultLog(store, await running(store, "batch_e"))
+
+    async def refuse(*_: object) -> None:
+        raise ValueError("record refused")
+
+    monkeypatch.setattr(store.results, "save", refuse)
+    writer = asyncio.create_task(log.write_continuously())
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    with pytest.raises(ValueError, match="record refused"):
+        await asyncio.wait_for(writer, 1)

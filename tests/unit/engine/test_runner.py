@@ -2,6 +2,7 @@
 several servers (replicas) sharing one SQL store: work spreading, cancels and lost leases."""
 
 import asyncio
+import errno
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.api.idempotency import CreateParams
+from llama_stack_provider_batches.domain.outages import DependencyGate
 from llama_stack_provider_batches.engine.parking import TooManyWaitingBatchesError
 from llama_stack_provider_batches.stack import RequestProviderDataContext, User
 from tests.unit.conftest import FakeFiles, FakeInference, ProviderFactory
@@ -152,6 +154,60 @@ async def test_a_failing_batch_keeps_the_results_it_stored(
     kept = read_lines(files, final.output_file_id)
     assert len(kept) >= 5 and len(kept) == final.request_counts.completed
     assert final.request_counts.total == 20
+    await provider.shutdown()
+
+
+async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_failure(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await make_provider(max_job_attempts=2, job_retry_initial_seconds=0.01)
+    provider._runner._sender.gate = gate = DependencyGate(initial_pause=0.005, max_pause=0.01)
+    provider._runner._attempts._gate = gate
+    input_file = files.add(jsonl([chat_line(f"q{i}") for i in range(3)]))
+    real_retrieve = files.openai_retrieve_file
+    reads: list[str] = []
+
+    async def unreadable_for_a_while(request: Any) -> Any:
+        if request.file_id == input_file:
+            reads.append(request.file_id)
+            if 1 < len(reads) <= 6:  # the create's check passes, then five reads meet the outage
+                raise OSError(errno.EROFS, "Read-only file system")
+        return await real_retrieve(request)
+
+    monkeypatch.setattr(files, "openai_retrieve_file", unreadable_for_a_while)
+    batch = await provider.create_batch(input_file_id=input_file, endpoint=CHAT, completion_window="24h")
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.request_counts.completed == 3
+    assert len(reads) > 6 and gate.outages >= 1
+    assert (await provider._store.get(batch.id)).processing_failures == 0
+    await provider.shutdown()
+
+
+async def test_a_batch_that_makes_progress_between_failures_starts_counting_again(
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"max_job_attempts": 2, "job_retry_initial_seconds": 0.01, "max_concurrent_requests_per_batch": 1}
+    provider = await make_provider(**settings)
+    from llama_stack_provider_batches.engine.result_log import ResultLog
+
+    real = ResultLog.report_progress
+    failed_at: set[int] = set()
+
+    async def fail_once_every_five(log: ResultLog) -> None:
+        await real(log)  # the progress is stored, then the job fails: three failures, progress between each
+        step = log.tally.completed // 5
+        if 0 < step < 4 and step not in failed_at:
+            failed_at.add(step)
+            raise RuntimeError(f"failure {step}")
+
+    monkeypatch.setattr(ResultLog, "report_progress", fail_once_every_five)
+    inference.stall_after(0, seconds=0.1)  # one at a time: progress is reported every few results
+    batch = await start_batch(provider, files, 20)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=20)
+    final = await provider.retrieve_batch(batch.id)
+    assert len(failed_at) == 3  # more failures than max_job_attempts, each after progress
+    assert final.status == "completed" and final.request_counts.completed == 20
     await provider.shutdown()
 
 

@@ -1,18 +1,22 @@
 import asyncio
+import errno
 import json
 from typing import Any
 from unittest import mock
 
 import httpx
 import openai
+import psycopg2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from llama_stack_provider_batches.domain import formats
+from llama_stack_provider_batches.domain.outages import DependencyGate
 from llama_stack_provider_batches.requests import endpoints
 from llama_stack_provider_batches.requests.endpoints import (
+    DeadlineReached,
     RequestSender,
     ResponseFailedError,
     call_endpoint,
@@ -411,3 +415,37 @@ def test_a_body_the_stack_refuses_gets_a_short_error_without_the_input_or_a_link
     assert error["message"].startswith("Invalid request body: messages[0]")
     assert "SECRET-INPUT" not in error["message"] and "http" not in error["message"]
     assert error["param"].startswith("messages[0]") and error["code"] == "invalid_request"
+
+
+async def test_a_request_that_meets_an_outage_goes_again_without_using_an_attempt_or_capacity() -> None:
+    inference = FakeInference()
+
+    def registry_down_five_times(_: dict) -> None:
+        if len(inference.calls) <= 5:  # the stack's registry lookup, before the backend is reached
+            raise psycopg2.InterfaceError("cursor already closed")
+
+    inference.behaviour = registry_down_five_times
+    window = AdaptiveLimit(8)
+    sender = make_sender(inference, attempts=2)
+    sender.gate = DependencyGate(initial_pause=0.001, max_pause=0.002)
+    response = await sender.send("/v1/chat/completions", CHAT_BODY, window, asyncio.Event())
+    assert response.object == "chat.completion"
+    assert len(inference.calls) == 6  # five outages, none an attempt of the two
+    assert window.limit == 8  # the model is not to blame
+    assert sender.gate.is_open and sender.gate.outages == 1
+
+
+async def test_a_request_waits_while_the_gate_is_closed_and_past_the_deadline_is_not_sent() -> None:
+    inference = FakeInference()
+    sender = make_sender(inference)
+    sender.gate = DependencyGate(initial_pause=0.2)
+    sender.gate.trip(OSError(errno.EROFS, "Read-only file system"))  # results cannot be stored
+    sending = asyncio.create_task(sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event()))
+    await asyncio.sleep(0.1)
+    assert inference.calls == []  # nothing new goes out meanwhile
+    await sending
+    assert len(inference.calls) == 1
+    sender.gate.trip(OSError(errno.EROFS, "Read-only file system"))
+    with pytest.raises(DeadlineReached):
+        await sender.send("/v1/chat/completions", CHAT_BODY, AdaptiveLimit(4), asyncio.Event(), expired=lambda: True)
+    assert len(inference.calls) == 1

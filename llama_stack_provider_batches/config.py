@@ -138,8 +138,10 @@ class BatchesProviderConfig(BaseModel):
         default=5,
         ge=1,
         description=(
-            "How many times processing one batch may fail on an unexpected error (a bug, a record the store"
-            " refuses, an outage) before the batch ends `failed` with the results it has. Counted across restarts."
+            "How many times in a row processing one batch may fail on an unexpected error (a bug, a record the"
+            " store refuses) before the batch ends `failed` with the results it has. Counted across restarts;"
+            " a batch that made progress since its last failure counts again from one. An outage of the database"
+            " or the file store is not counted: see `outage_grace_seconds`."
         ),
     )
     job_retry_initial_seconds: float = Field(
@@ -147,6 +149,15 @@ class BatchesProviderConfig(BaseModel):
     )
     job_retry_max_seconds: float = Field(
         default=30.0, gt=0, description="Longest pause between two attempts at processing a batch."
+    )
+    outage_grace_seconds: float = Field(
+        default=6 * 3600.0,
+        ge=0,
+        description=(
+            "How long past its deadline (`expires_at`) a batch waits out an outage of the database or the file"
+            " store (to write its result files, say) before it ends `failed`, with its counts and the results it"
+            " stored. Until then it stays in its status and goes on within seconds of the dependency's return."
+        ),
     )
     max_waiting_batches_with_credentials: int = Field(
         default=100,

@@ -11,10 +11,12 @@ aside (runner.py).
 
 An outage of a dependency (outages.py: the database, the file store) is not the batch's failure:
 it is not counted, and the job runs again as soon as the gate opens, for as long as the batch's
-lease holds (a store that stays out ends the lease, and the batch is resumed once it is back).
+lease holds (a store that stays out ends the lease, and the batch is resumed once it is back), up
+to `outage_grace_seconds` past the batch's deadline; then the batch gives up as above.
 """
 
 import asyncio
+import time
 from collections.abc import Callable
 from enum import Enum
 
@@ -39,10 +41,18 @@ class Ending(Enum):
     SET_ASIDE = "set_aside"  # it failed too often and could not even be marked failed
 
 
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_CHARS].encode("utf-8", "replace").decode()
+
+
+def outage_cause(exc: BaseException) -> str:
+    """The `errors` message of a batch that waited out an outage past its deadline and grace."""
+    return f"A dependency (the database or the file store) did not answer past the batch's deadline: {_described(exc)}"
+
+
 def failure_cause(failures: int, exc: BaseException) -> str:
     """The `errors` message of a batch that failed for good: how often, and the last error, bounded."""
-    detail = f"{type(exc).__name__}: {exc}"[:MAX_CAUSE_CHARS].encode("utf-8", "replace").decode()
-    return f"Processing the batch failed {failures} times; the last error was {detail}"
+    return f"Processing the batch failed {failures} times; the last error was {_described(exc)}"
 
 
 class JobAttempts:
@@ -55,7 +65,9 @@ class JobAttempts:
         stopping: asyncio.Event,
         make_job: Callable[[Lease, asyncio.Event], BatchJob],
         gate: DependencyGate | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._config = config
         self._stopping = stopping
@@ -68,6 +80,7 @@ class JobAttempts:
 
     async def run(self, lease: Lease, lost: asyncio.Event) -> Ending:
         failures_here = 0
+        gives_up_at: float | None = None  # when an outage is waited out no longer: read at the first one
         while not self._stopping.is_set() and not lost.is_set():
             try:
                 await self._make_job(lease, lost).run()
@@ -78,6 +91,10 @@ class JobAttempts:
             except Exception as exc:
                 if is_dependency_outage(exc):
                     self._gate.trip(exc)
+                    gives_up_at = gives_up_at or await self._outage_deadline(lease.batch_id)
+                    if gives_up_at is not None and self._clock() >= gives_up_at:
+                        logger.error("A dependency stayed out past the batch's grace", batch_id=lease.batch_id)
+                        return await self._give_up(lease, lost, outage_cause(exc))
                     await self._gate.wait_open()
                     continue
                 failures_here += 1
@@ -91,6 +108,16 @@ class JobAttempts:
                 logger.exception("Batch processing failed; results kept", batch_id=lease.batch_id, retry_in=delay)
                 await wait_at_most(self._stopping, delay)
         return Ending.DONE
+
+    async def _outage_deadline(self, batch_id: str) -> float | None:
+        """The batch's deadline plus `outage_grace_seconds`; None if the store cannot say (it is out too)."""
+        try:
+            stored = await self._store.get(batch_id)
+        except Exception:
+            return None
+        if stored is None or stored.batch.expires_at is None:
+            return None
+        return stored.batch.expires_at + self._config.outage_grace_seconds
 
     async def _count_failure(self, lease: Lease, lost: asyncio.Event, failures_here: int) -> int:
         """Add one to the batch's stored count of failures, or start it again at one if the batch has

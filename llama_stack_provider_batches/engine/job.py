@@ -126,7 +126,12 @@ class BatchJob:
         kept = "Its results so far stay in the provider's SQL store; no result file could be written."
         errors = [errors[0].model_copy(update={"message": f"{cause} {kept}"})]
         closed = "cancelled" if stored.batch.status == "cancelling" else "failed"
-        await self._move(closed, errors=Errors(object="list", data=errors))
+        # The counts of the stored results, not those of the last progress written to the record.
+        tally = (await self.store.shards.progress([self.batch_id])).get(self.batch_id)
+        counts = {}
+        if tally is not None:
+            counts["request_counts"] = BatchRequestCounts(total=total, completed=tally.completed, failed=tally.failed)
+        await self._move(closed, errors=Errors(object="list", data=errors), **counts)
 
     async def _run(self, stored: StoredBatch) -> None:
         batch = stored.batch

@@ -161,8 +161,7 @@ async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_
     make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     provider = await make_provider(max_job_attempts=2, job_retry_initial_seconds=0.01)
-    provider._runner._sender.gate = gate = DependencyGate(initial_pause=0.005, max_pause=0.01)
-    provider._runner._attempts._gate = gate
+    gate = fast_gate(provider)
     input_file = files.add(jsonl([chat_line(f"q{i}") for i in range(3)]))
     real_retrieve = files.openai_retrieve_file
     reads: list[str] = []
@@ -181,6 +180,64 @@ async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_
     assert final.status == "completed" and final.request_counts.completed == 3
     assert len(reads) > 6 and gate.outages >= 1
     assert (await provider._store.get(batch.id)).processing_failures == 0
+    await provider.shutdown()
+
+
+def fast_gate(provider: BatchesService) -> DependencyGate:
+    """Give the provider's engine a gate with pauses of milliseconds."""
+    gate = DependencyGate(initial_pause=0.005, max_pause=0.01)
+    provider._runner._sender.gate = provider._runner._attempts._gate = gate
+    return gate
+
+
+def unwritable_uploads(files: FakeFiles, monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
+    """Make the first `failures` uploads fail as a read-only files directory does; return their names."""
+    real_upload = files.openai_upload_file
+    tried: list[str] = []
+
+    async def upload(request: Any, file: Any) -> Any:
+        tried.append(file.filename)
+        if len(tried) <= failures:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return await real_upload(request, file)
+
+    monkeypatch.setattr(files, "openai_upload_file", upload)
+    return tried
+
+
+async def test_a_file_store_outage_at_finalization_is_waited_out_and_the_files_appear(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await make_provider(max_job_attempts=1)
+    fast_gate(provider)
+    tried = unwritable_uploads(files, monkeypatch, failures=8)
+    batch = await start_batch(provider, files, 3)
+    while len(tried) < 4:
+        await asyncio.sleep(0.005)
+    meanwhile = await provider.retrieve_batch(batch.id)
+    assert meanwhile.status == "finalizing"
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.request_counts.completed == 3
+    assert len(read_lines(files, final.output_file_id)) == 3
+    assert len(tried) == 9  # eight refused, then the one upload
+    await provider.shutdown()
+
+
+async def test_a_file_store_outage_past_the_deadline_and_grace_ends_failed_with_its_counts(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await make_provider(outage_grace_seconds=60)
+    fast_gate(provider)
+    unwritable_uploads(files, monkeypatch, failures=10**6)
+    batch = await start_batch(provider, files, 3)
+    provider._runner._attempts._clock = lambda: batch.expires_at + 61  # as if the outage lasted that long
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "failed" and final.output_file_id is None
+    [error] = final.errors.data
+    assert error.code == "batch_processing_failed" and "did not answer" in error.message
+    assert (final.request_counts.total, final.request_counts.completed) == (3, 3)
     await provider.shutdown()
 
 

@@ -16,7 +16,14 @@ from .domain.ownership import RouteGuard
 from .engine.runner import BatchRunner
 from .engine.startup import start_on_serving_loop, stop_before
 from .requests.stack_apis import StackAPIs
-from .stack import DEPENDENCIES_SHUT_DOWN_FIRST, Api, inference_providers, kvstore_impl
+from .stack import (
+    DEPENDENCIES_SHUT_DOWN_FIRST,
+    Api,
+    get_logger,
+    inference_providers,
+    kvstore_impl,
+    reconnect_postgres_kvstores,
+)
 from .storage.sql_store import SQLBatchStore
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
@@ -33,6 +40,10 @@ async def get_provider_impl(
     missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
     if missing:
         raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
+    if reconnect_postgres_kvstores():  # the registry there must outlive a database restart (stack.py)
+        get_logger(name=__name__, category="providers").info(
+            "The stack's PostgreSQL kvstore reconnects after a restart"
+        )
     # Read once, for batches an earlier release kept there (llama-stack's built-in provider's store).
     kvstore = await kvstore_impl(config.kvstore) if config.kvstore is not None else None
     namespace = config.kvstore.namespace if config.kvstore is not None else ""

@@ -9,6 +9,7 @@ Which stack: the one that has loaded its own modules before it loaded this provi
 (tests, tools) the one installed, llama-stack first. No version is compared anywhere.
 """
 
+import contextlib
 import importlib.util
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -328,3 +329,54 @@ def model_backend(router: Any, provider_id: str) -> ModelBackend | None:
     except Exception:  # a provider whose URL comes from each request's provider data, say
         return None
     return ModelBackend(provider_id, base_url, list_model_ids)
+
+
+def reconnect_postgres_kvstores() -> bool:
+    """Make llama-stack's PostgreSQL kvstore connect again when its connection is gone.
+
+    llama-stack 0.7's kvstore holds one psycopg2 connection for its life: once the server restarts,
+    every call raises ("cursor already closed") until the stack restarts, and the model registry
+    kept there fails every request. Each call of the store's class now connects again and runs once
+    more when it meets a closed connection; while the server is down it raises the driver's error,
+    which outages.py counts as an outage. OGX's kvstore has a pool that reconnects by itself: nothing
+    is changed there. Returns whether the store's class was changed.
+    """
+    if STACK != "llama-stack":
+        return False
+    try:
+        import psycopg2
+        from llama_stack.core.storage.kvstore.postgres.postgres import PostgresKVStoreImpl
+    except ImportError:
+        return False
+    methods = ("get", "set", "delete", "values_in_range", "keys_in_range")
+    if not all(callable(getattr(PostgresKVStoreImpl, name, None)) for name in methods) or not hasattr(
+        PostgresKVStoreImpl, "initialize"
+    ):
+        get_logger(name=__name__, category="providers").warning(
+            "llama-stack's PostgreSQL kvstore is not as expected; it will not reconnect after a database restart"
+        )
+        return False
+    for name in methods:
+        method = getattr(PostgresKVStoreImpl, name)
+        if not getattr(method, "_reconnects", False):
+            setattr(
+                PostgresKVStoreImpl, name, _reconnecting(method, (psycopg2.InterfaceError, psycopg2.OperationalError))
+            )
+    return True
+
+
+def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseException], ...]) -> Any:
+    async def call(store: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(store, *args, **kwargs)
+        except lost:
+            connection = getattr(store, "_conn", None)
+            if connection is not None:
+                with contextlib.suppress(Exception):  # closing a connection that is gone may fail too
+                    connection.close()
+            await store.initialize()  # raises, with the driver's error as its cause, while the server is down
+            return await method(store, *args, **kwargs)
+
+    call._reconnects = True  # type: ignore[attr-defined]
+    call.__name__ = call.__qualname__ = getattr(method, "__name__", "call")
+    return call

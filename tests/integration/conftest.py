@@ -15,7 +15,14 @@ from tools.harness import ServerProcess, StandInControl, start_stack, start_stan
 # one worker, so that its module-scoped stacks start once.
 SPREAD_MODULES = {"test_durability"}
 # The longest scenarios start first, so that none of them is left running alone at the end of a run.
-LONG_MODULES = ("test_workers", "test_durability", "test_replicas", "test_multi_user", "test_fairness")
+LONG_MODULES = (
+    "test_dependency_outages",
+    "test_workers",
+    "test_durability",
+    "test_replicas",
+    "test_multi_user",
+    "test_fairness",
+)
 
 
 # First: pytest-xdist reads the xdist_group marks in a hook of its own, after this one.

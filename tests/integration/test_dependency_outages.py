@@ -1,0 +1,165 @@
+"""Outages of the database under two real replicas from the shipped run-replicas.yaml: a pause, never
+a failure (issue 23).
+
+The replicas run on a PostgreSQL server of this module's own (tools/private_postgres.py), which the
+tests stop and start while a batch runs: the batches table and leases, the stored results, the files'
+metadata and the stack's model registry all live there. After every outage each custom_id has
+exactly one line, no line is an error the outage caused, the counts read during the batch never go
+back, and the stack serves model requests again without a restart.
+"""
+
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, record, sent_per_request
+from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, fresh_replica_set_env, start_stack, warm_up
+from tools.private_postgres import PrivatePostgres
+
+REPLICAS = 2
+WINDOW = 10
+LEASE_SECONDS = 3
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[PrivatePostgres]:
+    if not PrivatePostgres.available():
+        pytest.skip("no PostgreSQL server binaries (pg_config --bindir) on this machine")
+    with PrivatePostgres() as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def replicas(run_dir: Path, standin_server: ServerProcess, database: PrivatePostgres) -> Iterator[list[ServerProcess]]:
+    env = fresh_replica_set_env(
+        run_dir,
+        POSTGRES_PORT=str(database.port),
+        BATCHES_LEASE_SECONDS=str(LEASE_SECONDS),
+        BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
+        BATCHES_REQUESTS_PER_SHARD="100",
+    )
+    servers: list[ServerProcess] = []
+    try:
+        for _ in range(REPLICAS):
+            state = run_dir / f"outage-replica-{uuid.uuid4().hex[:6]}"
+            server = start_stack(run_dir, state, f"{standin_server.url}/v1", env, run_yaml=REPLICAS_RUN_YAML)
+            servers.append(server)
+            warm_up(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop(signal.SIGKILL)
+
+
+class CountsSeen:
+    """Retrieves a batch through one replica every 0.1 s and keeps the counts of those that answered."""
+
+    def __init__(self, client: OpenAI, batch_id: str) -> None:
+        self.counts: list[tuple[int, int]] = []
+        self.unanswered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(client, batch_id), daemon=True)
+        self._thread.start()
+
+    def _watch(self, client: OpenAI, batch_id: str) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                counts = client.batches.retrieve(batch_id).request_counts
+            except Exception:  # the database is out: the API may not answer meanwhile
+                self.unanswered += 1
+                continue
+            if counts is not None:
+                self.counts.append((counts.completed, counts.failed))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_until(client: OpenAI, batch_id: str, completed: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = client.batches.retrieve(batch_id).request_counts
+        if counts is not None and counts.completed >= completed:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{batch_id} did not reach {completed} completed requests in {timeout} s")
+
+
+def wait_for_end(client: OpenAI, batch_id: str, timeout: float) -> Any:
+    """The batch once it ended, asked through a replica that may not answer while the database is out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            batch = client.batches.retrieve(batch_id)
+        except Exception:
+            batch = None
+        if batch is not None and batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"{batch_id} did not end in {timeout} s")
+
+
+def serves_models(server: ServerProcess) -> bool:
+    chat = {"model": "local/m-chat", "messages": [{"role": "user", "content": "still there?"}]}
+    models = httpx.get(f"{server.url}/v1/models", timeout=30)
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=30)
+    return models.status_code == answer.status_code == 200
+
+
+@pytest.mark.parametrize("down_seconds", [2.0, 20.0], ids=["2s", "20s"])
+def test_database_restarts_during_a_batch_lose_nothing_and_need_no_restart_of_the_stack(
+    replicas: list[ServerProcess],
+    database: PrivatePostgres,
+    standin: StandInControl,
+    run_dir: Path,
+    down_seconds: float,
+) -> None:
+    standin.configure(latency_mean=0.1)
+    clients = [OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=30) for s in replicas]
+    lines = chat_lines(800)
+    batch = create_chat_batch(clients[0], lines)
+    seen = CountsSeen(clients[1], batch.id)
+    outages = []
+    for completed in (200, 500):  # twice during the batch
+        wait_until(clients[1], batch.id, completed)
+        database.stop()
+        stopped_at = time.monotonic()
+        time.sleep(down_seconds)
+        database.start()
+        back_at = time.monotonic()
+        wait_until(clients[1], batch.id, completed + 20, timeout=60)  # going on again
+        outages.append(
+            {"down_s": round(back_at - stopped_at, 1), "resumed_after_s": round(time.monotonic() - back_at, 1)}
+        )
+    final = wait_for_end(clients[1], batch.id, timeout=180)
+    seen.stop()
+
+    assert final.status == "completed", final.errors
+    assert final.error_file_id is None  # no request failed because of an outage
+    results = read_result_file(clients[0], final.output_file_id)
+    ids = [line["custom_id"] for line in results]
+    assert sorted(ids) == sorted(line["custom_id"] for line in lines)  # each custom_id exactly once
+    assert final.request_counts.completed == len(lines) and final.request_counts.failed == 0
+    assert seen.counts == sorted(seen.counts) and all(done <= len(lines) for done, _ in seen.counts)
+    assert all(failed == 0 for _, failed in seen.counts)
+    sent = sent_per_request(standin, lines)
+    repeated = sum(count - 1 for count in sent)
+    # Only what was in flight (or not yet stored) when the database went can run again: at most a
+    # window per replica per outage.
+    assert min(sent) >= 1 and repeated <= 2 * REPLICAS * WINDOW
+    assert all(serves_models(server) for server in replicas)  # the registry reconnected
+    record(
+        run_dir,
+        "outages.json",
+        f"database_restarts_{down_seconds:g}s",
+        {"requests": len(lines), "repeated": repeated, "outages": outages, "retrieves_unanswered": seen.unanswered},
+    )

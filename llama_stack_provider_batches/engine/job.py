@@ -118,8 +118,11 @@ class BatchJob:
         errors = [BatchError(code="batch_processing_failed", line=None, param=None, message=cause)]
         total = stored.batch.request_counts.total if stored.batch.request_counts else 0
         try:
+            batch = stored.batch
+            if batch.status == "in_progress":  # its shards stop everywhere, and none is claimed again
+                batch = await self._move("finalizing")
             with acting_as(stored.owner):
-                await self._close_when_quiet(stored.batch, "failed", total, errors=errors)
+                await self._close_when_quiet(batch, "failed", total, errors=errors)
             return
         except Exception:
             logger.exception("Cannot write the result files of a failed batch; its results stay stored")

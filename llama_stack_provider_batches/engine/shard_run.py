@@ -4,8 +4,9 @@ model's capacity and no more.
 
 The same code runs a shard for its batch's own job (job.py) and for a helper in another process
 (runner.py). A shard run keeps its shard's lease with a heartbeat, which also brings the batch's
-status: a cancel made anywhere stops dispatching within about a second. It stops likewise at the
-batch's `expires_at`, at a server stop, and at once, writing nothing more, when its lease is lost.
+status: a cancel made anywhere, or the batch's job ending it, stops dispatching within about a
+second. It stops likewise at the batch's `expires_at`, at a server stop, and at once, writing
+nothing more, when its lease is lost.
 Finished results go to the store as they come (result_log.py); a request counts as done once its
 result is stored, and a shard whose every request has a stored result is released `done`.
 """
@@ -32,6 +33,12 @@ from .result_log import ResultLog
 from .scheduler import Scheduler, Slot
 
 logger = get_logger(name=__name__, category="providers")
+
+
+# A shard run stops dispatching when its batch is cancelled, or is being ended by its job while shards
+# still run (a batch that gives up moves to `finalizing` first: job.py): no request of a batch that is
+# ending goes out anywhere.
+SHARD_STOP_STATUSES = frozenset({"cancelling", "finalizing"})
 
 
 class Stop(Enum):
@@ -86,6 +93,7 @@ class ShardRun:
             self.cancel_requested.set,
             self.lease.batch_id,
             self._trip_on_outage,
+            SHARD_STOP_STATUSES,
         )
         heartbeat = asyncio.create_task(keeper, name=f"lease:{self.lease.batch_id}:s{self.lease.shard}")
         watcher = asyncio.create_task(self._follow_batch_lease())

@@ -59,10 +59,11 @@ async def keep_lease(
     on_cancelling: Callable[[], None],
     batch_id: str,
     on_failure: Callable[[BaseException], None] = lambda _: None,
+    stop_statuses: frozenset[str] = frozenset({"cancelling"}),
 ) -> None:
     """Renew a lease (of a batch or a shard: `renew` returns the batch's status, None once the lease is
-    gone) until `finished`; call `on_cancelling` when the batch is being cancelled, `on_failure` when a
-    renewal fails; set `lost` once the lease may be gone."""
+    gone) until `finished`; call `on_cancelling` when the batch enters one of `stop_statuses` (it is
+    being cancelled), `on_failure` when a renewal fails; set `lost` once the lease may be gone."""
     every = heartbeat_seconds(lease_seconds)
     valid_until = time.monotonic() + lease_seconds
     failing = False
@@ -86,5 +87,5 @@ async def keep_lease(
             lost.set()
             return
         valid_until = sent + lease_seconds
-        if status == "cancelling":
+        if status in stop_statuses:
             on_cancelling()

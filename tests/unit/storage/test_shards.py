@@ -166,3 +166,28 @@ async def test_no_shard_is_claimed_once_its_batch_is_past_its_deadline(make_repl
     assert await store.shards.claim("a-server", 30) is None
     assert await store.shards.claim("a-server", 30, batch_id="batch_late") is None
     await server.shutdown()
+
+
+async def test_a_batch_that_gives_up_stops_its_shards_everywhere_and_leaves_nothing_stored(
+    two_processes: TwoProcesses, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"requests_per_shard": 10, "max_job_attempts": 1, "cancel_grace_seconds": 5}
+    servers, inferences = await two_processes(**settings)
+    inferences[0].behaviour = slow(0.05)
+    inferences[1].behaviour = slow(0.05)
+    batch = await start_distinct(servers[0], files, 300)
+    servers[1].start()
+    await until(lambda: len(inferences[1].calls) >= 5)  # the other process helps with shards of its own
+
+    async def refused(*_: Any, **__: Any) -> bool:
+        raise ValueError("record refused")  # a failure of the batch's own making, on its job's process
+
+    monkeypatch.setattr(servers[0]._store.shards, "save_progress", refused)
+    failed = await wait_for_status(servers[1], batch.id, "failed", seconds=20)
+    assert failed.status == "failed" and failed.errors.data[0].code == "batch_processing_failed"
+    sent_at_end = sum(len(inference.calls) for inference in inferences)
+    await asyncio.sleep(1.5)  # more than a heartbeat: a shard still running elsewhere would send more
+    assert sum(len(inference.calls) for inference in inferences) == sent_at_end
+    assert sent_at_end < 300  # it stopped early, on both processes
+    assert await servers[0]._store.results._chunks.keys_under(f"results/{batch.id}/") == []
+    assert not await servers[0]._store.shards.exist(batch.id)

@@ -12,6 +12,7 @@ Which stack: the one that has loaded its own modules before it loaded this provi
 import contextlib
 import importlib.util
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -365,15 +366,23 @@ def reconnect_postgres_kvstores() -> bool:
     return True
 
 
+RECONNECT_SECONDS = 1.0  # between two attempts of one store to connect while its server is down
+
+
 def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseException], ...]) -> Any:
     async def call(store: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await method(store, *args, **kwargs)
         except lost:
+            # At most one attempt a second: each failed one blocks the loop to connect, and the stack
+            # logs it with a rendered traceback; every model lookup would try otherwise.
+            if time.monotonic() < getattr(store, "_batches_reconnect_after", 0.0):
+                raise
             connection = getattr(store, "_conn", None)
             if connection is not None:
                 with contextlib.suppress(Exception):  # closing a connection that is gone may fail too
                     connection.close()
+            store._batches_reconnect_after = time.monotonic() + RECONNECT_SECONDS
             await store.initialize()  # raises, with the driver's error as its cause, while the server is down
             return await method(store, *args, **kwargs)
 

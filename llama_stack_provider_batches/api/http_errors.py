@@ -11,7 +11,9 @@ callers, the stack's library client included (it calls the routes' functions, no
 handlers), get exceptions with `param` and `code` attributes.
 
 Client errors that a retry cannot fix carry `x-should-retry: false`, which the OpenAI SDK obeys;
-without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable.
+without it the SDK retries a 409 twice (three POSTs for one create). A 429 stays retryable, and so
+does the 503 (`service_unavailable`, with `Retry-After`) of a request that met an outage of the
+database or the files (domain/outages.py).
 """
 
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..domain.errors import InvalidParameterError, LimitReachedError, shown
+from ..domain.outages import is_dependency_outage
 from ..stack import (
     AccessDeniedError,
     Api,
@@ -39,6 +42,8 @@ from .validation import invalid_type
 logger = get_logger(name=__name__, category="providers")
 
 NO_RETRY = {"x-should-retry": "false"}
+OUTAGE_MESSAGE = "The batch service's storage is not answering at the moment; please try again shortly."
+OUTAGE_RETRY_AFTER_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class OpenAIError:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
+        if self.status == 503:
+            return {"retry-after": str(OUTAGE_RETRY_AFTER_SECONDS)}
         return NO_RETRY if self.status != 429 else {}
 
 
@@ -73,6 +80,8 @@ def openai_error(exc: Exception) -> OpenAIError | None:
         return OpenAIError(409, str(exc), "invalid_request_error", param, code)
     if isinstance(exc, AccessDeniedError):
         return OpenAIError(403, str(exc), "invalid_request_error")
+    if is_dependency_outage(exc):  # the batch store or the files did not answer: worth trying again
+        return OpenAIError(503, OUTAGE_MESSAGE, "server_error", None, "service_unavailable")
     return None
 
 
@@ -81,8 +90,10 @@ def answer(exc: Exception) -> JSONResponse:
     error = openai_error(exc)
     if error is None:
         raise exc
-    # One line, not the traceback the stack's handler prints: the client sent something to refuse.
-    logger.info("Refused a batches request", status=error.status, code=error.code, message=error.message[:200])
+    # One line, not the traceback the stack's handler prints: the client sent something to refuse, or
+    # a dependency is out (rendering a traceback per request would stall the serving loop meanwhile).
+    detail = error.message[:200] if error.status != 503 else f"{type(exc).__name__}: {exc}"[:200]
+    logger.info("Refused a batches request", status=error.status, code=error.code, message=detail)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 

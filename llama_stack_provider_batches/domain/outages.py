@@ -3,8 +3,9 @@ backend and of the batch itself, and the gate that pauses work while one lasts.
 
     is_dependency_outage   whether an exception means a database or the file store did not answer:
                            a driver's connection error anywhere in its chain (the provider's store,
-                           the stack's registry, inference store or kvstore), or an OS error of a
-                           store (read-only, full, unreachable); never an error of the model backend
+                           the stack's registry, inference store or kvstore), an OS error a driver
+                           raised (a refused connect), or an OS error of a store (read-only, full,
+                           unreachable); never an error of the model backend
     DependencyGate         one per process: closed while a dependency fails, so that requests and
                            result writes wait instead of failing; reopened for a probe after a pause
                            that doubles up to MAX_PAUSE_SECONDS, and for good on the first success
@@ -75,6 +76,17 @@ def _is_driver_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _raised_by_a_driver(exc: BaseException) -> bool:
+    """Whether a database driver raised `exc` (asyncpg's refused connect is a plain ConnectionRefusedError)."""
+    traceback = exc.__traceback__
+    while traceback is not None:
+        module = str(traceback.tb_frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] in DATABASE_PACKAGES:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def is_dependency_outage(exc: BaseException) -> bool:
     """Whether `exc` says a database or the file store failed to answer, rather than the model backend
     or the request itself."""
@@ -83,7 +95,7 @@ def is_dependency_outage(exc: BaseException) -> bool:
     for link in _chain(exc):
         if _is_driver_connection_error(link):
             return True
-        if isinstance(link, OSError) and link.errno in STORE_ERRNOS:
+        if isinstance(link, OSError) and (link.errno in STORE_ERRNOS or _raised_by_a_driver(link)):
             return True
     return False
 

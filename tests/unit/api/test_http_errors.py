@@ -5,6 +5,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -26,6 +27,7 @@ from llama_stack_provider_batches.stack import (
     fastapi_router_registry,
 )
 from tests.unit.conftest import HAS_SAFETY
+from tools.harness import free_port
 
 
 @pytest.fixture
@@ -113,6 +115,22 @@ async def test_retrieve_cancel_and_list_answer_their_errors_too(http: httpx.Asyn
     assert error_of(await http.post("/v1/batches/batch_nope/cancel"), 404)["type"] == "invalid_request_error"
     assert error_of(await http.get("/v1/batches", params={"limit": 0}), 400)["param"] == "limit"
     assert (await http.get("/v1/batches")).json()["data"] == []
+
+
+async def test_a_request_that_meets_an_outage_of_the_store_is_a_503_to_try_again(
+    http: httpx.AsyncClient, idle_provider: BatchesService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(idle_provider._store, "get", lambda *_: refused_by_driver())
+    response = await http.get("/v1/batches/batch_abc")
+    error = error_of(response, 503)
+    assert (error["type"], error["code"]) == ("server_error", "service_unavailable")
+    assert "try again" in error["message"] and "Connect call" not in error["message"]
+    assert response.headers["retry-after"] == "1" and "x-should-retry" not in response.headers
+
+
+async def refused_by_driver() -> None:
+    """What asyncpg raises when the database refuses connections: a plain OSError, raised in its code."""
+    await asyncpg.connect(host="127.0.0.1", port=free_port(), user="postgres", database="test", timeout=5)
 
 
 async def test_python_callers_of_the_routes_and_the_provider_still_get_exceptions(

@@ -17,6 +17,7 @@ from llama_stack_provider_batches.domain.outages import (
     DependencyGate,
     is_dependency_outage,
 )
+from tools.harness import free_port
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1:8000/v1/chat/completions")
 
@@ -133,3 +134,13 @@ async def test_waiting_at_an_open_gate_returns_at_once_and_at_a_closed_one_after
     started = asyncio.get_running_loop().time()
     await gate.wait_open()
     assert asyncio.get_running_loop().time() - started >= 0.04
+
+
+async def test_a_refused_connect_to_the_database_is_an_outage_and_one_to_anything_else_is_not() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(OSError) as refused_by_driver:
+        await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="test", timeout=5)
+    assert is_dependency_outage(refused_by_driver.value)
+    with pytest.raises(OSError) as refused_elsewhere:
+        await asyncio.open_connection("127.0.0.1", port)
+    assert not is_dependency_outage(refused_elsewhere.value)

@@ -91,25 +91,22 @@ class ResultLog:
         return self._last_progress + PROGRESS_INTERVAL_SECONDS
 
     async def flush(self) -> None:
-        """Store every result added so far."""
+        """Store every result added so far: a chunk whose write failed first, as it was, then the rest."""
         async with self._write_lock:
-            if self._unwritten is None:
-                if not self._pending:
-                    return
-                self._unwritten = self._pending, self._pending_tally
-                self._pending, self._pending_tally = [], Tally()
-            entries, tally = self._unwritten
-            lease = self._lease
-            started = time.perf_counter()
-            await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
-            telemetry.results_committed(time.perf_counter() - started)
-            self._unwritten = None
-            self._gate.recovered()
-            self.chunks += 1
-            self.tally.merge(tally)
-            self._unreported = True
-            if self._pending:  # added while the failed chunk waited: the next write takes them
-                self._added.set()
+            while self._unwritten is not None or self._pending:
+                if self._unwritten is None:
+                    self._unwritten = self._pending, self._pending_tally
+                    self._pending, self._pending_tally = [], Tally()
+                entries, tally = self._unwritten
+                lease = self._lease
+                started = time.perf_counter()
+                await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
+                telemetry.results_committed(time.perf_counter() - started)
+                self._unwritten = None
+                self._gate.recovered()
+                self.chunks += 1
+                self.tally.merge(tally)
+                self._unreported = True
 
     async def report_progress(self) -> None:
         """Write the counts and usage of the stored results into the shard's row."""

@@ -122,6 +122,31 @@ async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
     assert gate.is_open and log.tally.completed == 2
 
 
+async def test_a_flush_after_a_failed_write_stores_that_chunk_and_everything_added_since(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = ResultLog(store, await running(store, "batch_f"))
+    real_save = store.results.save
+    saves: list[tuple[int, list[int]]] = []
+
+    async def down_once(batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
+        saves.append((chunk, [entry.position for entry in entries]))
+        if len(saves) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        await real_save(batch_id, shard, epoch, chunk, entries)
+
+    monkeypatch.setattr(store.results, "save", down_once)
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    with pytest.raises(OSError):
+        await log.flush()
+    log.add_success(ResultEntry(1, True, "{}"), 1, 1)
+    log.add_failure(ResultEntry(2, False, "{}"))
+    await log.flush()  # the last flush of a shard run: nothing may stay behind in memory
+    assert saves == [(0, [0]), (0, [0]), (1, [1, 2])]
+    assert [entry.position for entry in await stored_entries(store, "batch_f")] == [0, 1, 2]
+    assert log.tally.completed == 2 and log.tally.failed == 1
+
+
 async def test_a_store_error_that_is_no_outage_ends_the_writer(
     store: BatchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

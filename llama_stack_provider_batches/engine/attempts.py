@@ -6,8 +6,8 @@ holding its slot and lease; the log shows the traceback once per attempt. Failur
 the batch record (`processing_failures`), so the count goes on across restarts and replicas; a
 batch with more results than at its last failure starts counting again. At `max_job_attempts` the
 batch gives up (job.py): it ends `failed` (or `cancelled`, if that was asked) with an `errors` entry
-naming the last error, keeping its results in its files. Should even that fail, the batch is set
-aside (runner.py).
+naming the last error, keeping its results in its files; a batch whose every request has a stored
+result ends `completed` instead. Should even that fail, the batch is set aside (runner.py).
 
 An outage of a dependency (outages.py: the database, the file store) is not the batch's failure:
 it is not counted, and the job runs again as soon as the gate opens, for as long as the batch's
@@ -94,7 +94,7 @@ class JobAttempts:
                     gives_up_at = gives_up_at or await self._outage_deadline(lease.batch_id)
                     if gives_up_at is not None and self._clock() >= gives_up_at:
                         logger.error("A dependency stayed out past the batch's grace", batch_id=lease.batch_id)
-                        return await self._give_up(lease, lost, outage_cause(exc))
+                        return await self._give_up(lease, lost, outage_cause(exc), outage=True)
                     await self._gate.wait_open()
                     continue
                 failures_here += 1
@@ -140,9 +140,9 @@ class JobAttempts:
             return failures_here
         return stored.processing_failures
 
-    async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str) -> Ending:
+    async def _give_up(self, lease: Lease, lost: asyncio.Event, cause: str, outage: bool = False) -> Ending:
         try:
-            await self._make_job(lease, lost).give_up(cause)
+            await self._make_job(lease, lost).give_up(cause, outage)
         except LeaseLostError:
             lost.set()
         except Exception:

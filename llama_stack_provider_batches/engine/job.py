@@ -106,14 +106,23 @@ class BatchJob:
         with acting_as(stored.owner), telemetry.span("batches.job", batch_id=batch.id, endpoint=batch.endpoint):
             await self._run(stored)
 
-    async def give_up(self, cause: str) -> None:
+    async def give_up(self, cause: str, outage: bool = False) -> None:
         """End the batch `failed` (or `cancelled`, if that was asked) after processing it failed for good.
 
         The results stored so far go into its result files; if even that fails, they stay in the
-        store under `results/<batch_id>/`, and the batch is marked failed without files.
+        store under `results/<batch_id>/`, and the batch is marked failed without files. A batch
+        whose every request has a stored result is not failed: it is closed `completed`, and if that
+        fails too the error reaches the caller (attempts.py sets the batch aside, to be resumed);
+        unless a dependency's `outage` outlasted the batch's grace, when its files cannot be written.
         """
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
+            return
+        running = stored.batch.status in ("in_progress", "finalizing")
+        if running and not outage and await self._every_request_has_a_result():
+            total = stored.batch.request_counts.total if stored.batch.request_counts else 0
+            with acting_as(stored.owner):
+                await self._finalizer().close("completed", total)
             return
         errors = [BatchError(code="batch_processing_failed", line=None, param=None, message=cause)]
         total = stored.batch.request_counts.total if stored.batch.request_counts else 0
@@ -135,6 +144,12 @@ class BatchJob:
         if tally is not None:
             counts["request_counts"] = BatchRequestCounts(total=total, completed=tally.completed, failed=tally.failed)
         await self._move(closed, errors=Errors(object="list", data=errors), **counts)
+
+    async def _every_request_has_a_result(self) -> bool:
+        if not await self.store.shards.exist(self.batch_id):
+            return False
+        state = await self.store.shards.state(self.batch_id)
+        return state.open == 0
 
     async def _run(self, stored: StoredBatch) -> None:
         batch = stored.batch

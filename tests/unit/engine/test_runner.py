@@ -241,6 +241,28 @@ async def test_a_file_store_outage_past_the_deadline_and_grace_ends_failed_with_
     await provider.shutdown()
 
 
+async def test_a_batch_whose_every_request_has_a_result_never_ends_failed(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await make_provider(max_job_attempts=1)
+    real_upload = files.openai_upload_file
+    uploads: list[str] = []
+
+    async def refused_once(request: Any, file: Any) -> Any:
+        uploads.append(file.filename)
+        if len(uploads) == 1:
+            raise ValueError("upload refused")  # a failure of no dependency: it counts, and it is the last
+        return await real_upload(request, file)
+
+    monkeypatch.setattr(files, "openai_upload_file", refused_once)
+    batch = await start_batch(provider, files, 3)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.errors is None
+    assert len(read_lines(files, final.output_file_id)) == 3
+    await provider.shutdown()
+
+
 async def test_a_batch_that_makes_progress_between_failures_starts_counting_again(
     make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,7 +100,11 @@ class ResultLog:
                 entries, tally = self._unwritten
                 lease = self._lease
                 started = time.perf_counter()
-                await self._store.results.save(lease.batch_id, lease.shard, lease.epoch, self.chunks, entries)
+                # Under the shard's lease: nothing is written once another process has the shard or the
+                # batch ended (LeaseLostError, which ends the run).
+                await self._store.results.save(
+                    lease.batch_id, lease.shard, lease.epoch, self.chunks, entries, token=lease.token
+                )
                 telemetry.results_committed(time.perf_counter() - started)
                 self._unwritten = None
                 self._gate.recovered()

@@ -36,8 +36,10 @@ from sqlalchemy import (
     cast,
     delete,
     event,
+    exists,
     extract,
     func,
+    literal,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -247,6 +249,17 @@ class SqlChunks:
         insert = self._db.insert(table).values(key=key, value=value)
         upsert = insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
         await self._db.write(upsert)
+
+    async def set_while_held(self, key: str, value: str, batch_id: str, shard: int, token: str) -> bool:
+        """Write `value` under `key` as `set` does, in the same statement as checking that lease `token`
+        holds shard `shard` of `batch_id`; False, writing nothing, if it does not."""
+        table, shards = self._db.chunks, self._db.shards
+        held = select(literal(key), literal(value)).where(
+            exists().where(shards.c.batch_id == batch_id, shards.c.shard == shard, shards.c.lease_token == token)
+        )
+        insert = self._db.insert(table).from_select(["key", "value"], held)
+        upsert = insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
+        return (await self._db.write(upsert)).rowcount > 0
 
     async def delete_under(self, prefix: str) -> None:
         """Delete every key that starts with `prefix`."""

@@ -31,6 +31,8 @@ class Chunks(Protocol):
 
     async def set(self, key: str, value: str) -> None: ...
 
+    async def set_while_held(self, key: str, value: str, batch_id: str, shard: int, token: str) -> bool: ...
+
     async def keys_under(self, prefix: str) -> list[str]: ...
 
     async def delete_under(self, prefix: str) -> None: ...
@@ -77,9 +79,17 @@ class ResultChunks:
     def __init__(self, chunks: Chunks) -> None:
         self._chunks = chunks
 
-    async def save(self, batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
-        """Store results as chunk number `chunk` of a shard's epoch."""
-        await self._chunks.set(f"results/{batch_id}/s{shard}/e{epoch}/{chunk}", encode_results(entries))
+    async def save(
+        self, batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry], token: str | None = None
+    ) -> None:
+        """Store results as chunk number `chunk` of a shard's epoch; with the `token` of a shard lease,
+        only while that lease holds the shard (LeaseLostError otherwise): a run that lost its shard,
+        or whose batch ended and was cleaned up meanwhile, must not leave results behind."""
+        key, value = f"results/{batch_id}/s{shard}/e{epoch}/{chunk}", encode_results(entries)
+        if token is None:
+            await self._chunks.set(key, value)
+        elif not await self._chunks.set_while_held(key, value, batch_id, shard, token):
+            raise LeaseLostError(batch_id)
 
     async def count(self, batch_id: str, shard: int, epoch: int) -> int:
         """How many chunks a shard's epoch has stored (a job retried under the same lease numbers on)."""

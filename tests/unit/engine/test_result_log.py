@@ -9,7 +9,7 @@ from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.domain.results import ResultEntry, decode_results
 from llama_stack_provider_batches.engine.result_log import ResultLog
 from llama_stack_provider_batches.storage.shards import ShardLease
-from llama_stack_provider_batches.storage.store import BatchStore
+from llama_stack_provider_batches.storage.store import BatchStore, LeaseLostError
 from tests.unit.helpers import make_batch
 
 
@@ -99,11 +99,13 @@ async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
     real_save = store.results.save
     saves: list[tuple[int, list[int]]] = []
 
-    async def down_once(batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
+    async def down_once(
+        batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry], token: str
+    ) -> None:
         saves.append((chunk, [entry.position for entry in entries]))
         if len(saves) == 1:
             raise OSError(errno.EIO, "Input/output error")  # perhaps written, perhaps not: no answer
-        await real_save(batch_id, shard, epoch, chunk, entries)
+        await real_save(batch_id, shard, epoch, chunk, entries, token=token)
 
     monkeypatch.setattr(store.results, "save", down_once)
     writer = asyncio.create_task(log.write_continuously())
@@ -129,11 +131,13 @@ async def test_a_flush_after_a_failed_write_stores_that_chunk_and_everything_add
     real_save = store.results.save
     saves: list[tuple[int, list[int]]] = []
 
-    async def down_once(batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry]) -> None:
+    async def down_once(
+        batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry], token: str
+    ) -> None:
         saves.append((chunk, [entry.position for entry in entries]))
         if len(saves) == 1:
             raise OSError(errno.EIO, "Input/output error")
-        await real_save(batch_id, shard, epoch, chunk, entries)
+        await real_save(batch_id, shard, epoch, chunk, entries, token=token)
 
     monkeypatch.setattr(store.results, "save", down_once)
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
@@ -152,7 +156,7 @@ async def test_a_store_error_that_is_no_outage_ends_the_writer(
 ) -> None:
     log = ResultLog(store, await running(store, "batch_e"))
 
-    async def refuse(*_: object) -> None:
+    async def refuse(*_: object, **__: object) -> None:
         raise ValueError("record refused")
 
     monkeypatch.setattr(store.results, "save", refuse)
@@ -160,3 +164,15 @@ async def test_a_store_error_that_is_no_outage_ends_the_writer(
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
     with pytest.raises(ValueError, match="record refused"):
         await asyncio.wait_for(writer, 1)
+
+
+async def test_results_are_written_only_while_the_shards_lease_holds(store: BatchStore) -> None:
+    lease = await running(store, "batch_h")
+    log = ResultLog(store, lease)
+    log.add_success(ResultEntry(0, True, "{}"), 1, 1)
+    await log.flush()
+    await store.shards.delete("batch_h")  # the batch ended and was cleaned up meanwhile
+    log.add_success(ResultEntry(1, True, "{}"), 1, 1)
+    with pytest.raises(LeaseLostError):
+        await log.flush()
+    assert [entry.position for entry in await stored_entries(store, "batch_h")] == [0]  # nothing written late

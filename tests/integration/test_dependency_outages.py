@@ -13,12 +13,10 @@ batch waits in `finalizing` with its true counts, and its files appear once the 
 """
 
 import signal
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from openai import OpenAI
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, record, sent_per_request
 from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, fresh_replica_set_env, start_stack, warm_up
 from tools.private_postgres import PrivatePostgres
+from tools.volumes import CannotMountError, tmpfs_volume
 
 REPLICAS = 2
 WINDOW = 10
@@ -184,53 +183,46 @@ def test_database_restarts_during_a_batch_lose_nothing_and_need_no_restart_of_th
     )
 
 
-@contextmanager
-def tmpfs(path: Path) -> Iterator[Callable[[bool], None]]:
-    """A tmpfs mounted at `path` while in use; yields a function that makes it read-only (True) or
-    writable again (False), as a storage volume that goes read-only does. As root, a directory's
-    permissions would not stop the stack from writing: a read-only mount does."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-
-    def read_only(on: bool) -> None:
-        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(path)], check=True)
-
+@pytest.fixture
+def files_volume(run_dir: Path) -> Iterator[tuple[Path, Callable[[bool], None]]]:
+    """A state directory whose files volume can be made read-only (True) and writable again (False)."""
+    state = run_dir / f"files-outage-{uuid.uuid4().hex[:6]}"
     try:
-        yield read_only
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+        with tmpfs_volume(state / "files") as read_only:
+            yield state, read_only
+    except CannotMountError as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
 
 
 def test_a_files_outage_across_finalization_is_waited_out_and_the_files_appear(
-    run_dir: Path, standin_server: ServerProcess, standin: StandInControl
+    run_dir: Path,
+    standin_server: ServerProcess,
+    standin: StandInControl,
+    files_volume: tuple[Path, Callable[[bool], None]],
 ) -> None:
-    state = run_dir / f"files-outage-{uuid.uuid4().hex[:6]}"
-    with tmpfs(state / "files") as read_only:
-        # One failure would end the batch: the outage must not be counted as one.
-        env = {"BATCHES_MAX_JOB_ATTEMPTS": "1"}
-        stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
-        try:
-            warm_up(stack)
-            client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=30)
-            standin.configure(latency_mean=0.05)
-            lines = chat_lines(300)
-            batch = create_chat_batch(client, lines)
-            wait_until(client, batch.id, 250)
-            read_only(True)  # the files volume goes read-only before the batch's files are written
-            seen = []
-            for _ in range(50):  # 5 s: the batch waits, with its true counts, and ends neither way
-                current = client.batches.retrieve(batch.id)
-                seen.append((current.status, current.request_counts.completed))
-                time.sleep(0.1)
-            read_only(False)
-            back_at = time.monotonic()
-            final = wait_for_end(client, batch.id, timeout=60)
-            ended_after = time.monotonic() - back_at
-            results = read_result_file(client, final.output_file_id) if final.output_file_id else []
-        finally:
-            stack.stop()
+    state, read_only = files_volume
+    # One failure would end the batch: the outage must not be counted as one.
+    stack = start_stack(run_dir, state, f"{standin_server.url}/v1", {"BATCHES_MAX_JOB_ATTEMPTS": "1"})
+    try:
+        warm_up(stack)
+        client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=30)
+        standin.configure(latency_mean=0.05)
+        lines = chat_lines(300)
+        batch = create_chat_batch(client, lines)
+        wait_until(client, batch.id, 250)
+        read_only(True)  # the files volume goes read-only before the batch's files are written
+        seen = []
+        for _ in range(50):  # 5 s: the batch waits, with its true counts, and ends neither way
+            current = client.batches.retrieve(batch.id)
+            seen.append((current.status, current.request_counts.completed))
+            time.sleep(0.1)
+        read_only(False)
+        back_at = time.monotonic()
+        final = wait_for_end(client, batch.id, timeout=60)
+        ended_after = time.monotonic() - back_at
+        results = read_result_file(client, final.output_file_id) if final.output_file_id else []
+    finally:
+        stack.stop()
     assert {status for status, _ in seen} <= {"in_progress", "finalizing"} and seen[-1] == ("finalizing", 300)
     assert final.status == "completed", final.errors
     assert final.request_counts.completed == 300 and final.error_file_id is None

@@ -102,19 +102,17 @@ def retrieve_or_none(client: OpenAI, batch_id: str) -> Any:
         return None
 
 
-def done_count(client: OpenAI, batch_id: str) -> int | None:
-    batch = retrieve_or_none(client, batch_id)
-    counts = batch.request_counts if batch is not None else None
-    return counts.completed + counts.failed if counts else None
+def done_of(batch: Any) -> int:
+    counts = batch.request_counts
+    return counts.completed + counts.failed if counts else 0
 
 
 def wait_for_done(client: OpenAI, batch_id: str, at_least: int, limit: float) -> float | None:
     """Seconds until the batch has `at_least` requests done, or None if it did not within `limit`."""
     started = time.monotonic()
     while time.monotonic() - started < limit:
-        done = done_count(client, batch_id)
-        batch = retrieve_or_none(client, batch_id) if done is None else None
-        if (done is not None and done >= at_least) or (batch is not None and batch.status in TERMINAL):
+        batch = retrieve_or_none(client, batch_id)
+        if batch is not None and (batch.status in TERMINAL or done_of(batch) >= at_least):
             return time.monotonic() - started
         time.sleep(0.1)
     return None
@@ -152,7 +150,8 @@ def measure(
         if wait_for_done(watcher, batch.id, int(share * scenario.requests), RECOVERY_LIMIT_SECONDS) is None:
             outcome.notes.append(f"no progress before outage {number + 1}")
             break
-        done_before = done_count(watcher, batch.id) or 0
+        before = retrieve_or_none(watcher, batch.id)
+        done_before = done_of(before) if before is not None else 0
         fault(True)
         time.sleep(scenario.down_seconds)
         fault(False)

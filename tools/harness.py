@@ -72,6 +72,17 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self.name} did not become healthy in {timeout} s:\n{self.log_tail()}")
 
+    def wait_for_record(self, *containing: str, timeout: float = 10) -> str:
+        """The first log record holding every one of `containing`, once it is written: a server logs
+        some events just after the change a client sees (a batch's end, say)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.log_records(containing[0]) if all(text in r for text in containing)]
+            if found or time.monotonic() > deadline:
+                assert found, f"no log record with {containing} in {timeout} s"
+                return found[0]
+            time.sleep(0.05)
+
     def log_records(self, containing: str) -> list[str]:
         """The log records (one per event, its wrapped lines joined) that contain `containing`."""
         records: list[str] = []

@@ -120,9 +120,8 @@ def test_a_wrong_model_url_is_named_in_error_lines_and_logged(stack_with_a_wrong
     lines = read_result_file(client, batch.error_file_id)
     assert all(line["error"]["code"] == "connection_error" for line in lines)
     assert all(stack.closed_url.removesuffix("/v1") in line["error"]["message"] for line in lines)  # type: ignore[attr-defined]
-    log = stack.log_tail(400)
-    assert "Retrying batch requests" in log
-    assert "Batch finished" in log and "failed=2" in log
+    assert stack.log_records("Retrying batch requests")
+    assert "failed=2" in stack.wait_for_record("Batch finished", batch.id)
 
 
 def test_a_model_of_a_backend_that_does_not_answer_fails_validation_naming_the_backend(

@@ -91,11 +91,9 @@ async def test_progress_is_reported_within_the_interval_even_when_results_stop_c
     assert (await store.get_batch("batch_p")).request_counts.completed == 2
 
 
-async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
-    store: BatchStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    gate = DependencyGate(initial_pause=0.05)
-    log = ResultLog(store, await running(store, "batch_o"), gate=gate)
+def first_save_fails(store: BatchStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int]]]:
+    """Make the store's first chunk write fail as an outage does (written or not, no answer); return
+    the writes tried, as (chunk number, positions)."""
     real_save = store.results.save
     saves: list[tuple[int, list[int]]] = []
 
@@ -104,10 +102,19 @@ async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
     ) -> None:
         saves.append((chunk, [entry.position for entry in entries]))
         if len(saves) == 1:
-            raise OSError(errno.EIO, "Input/output error")  # perhaps written, perhaps not: no answer
+            raise OSError(errno.EIO, "Input/output error")
         await real_save(batch_id, shard, epoch, chunk, entries, token=token)
 
     monkeypatch.setattr(store.results, "save", down_once)
+    return saves
+
+
+async def test_a_chunk_the_store_could_not_take_is_written_again_as_it_was(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = DependencyGate(initial_pause=0.05)
+    log = ResultLog(store, await running(store, "batch_o"), gate=gate)
+    saves = first_save_fails(store, monkeypatch)
     writer = asyncio.create_task(log.write_continuously())
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
     await asyncio.sleep(0.02)
@@ -128,18 +135,7 @@ async def test_a_flush_after_a_failed_write_stores_that_chunk_and_everything_add
     store: BatchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = ResultLog(store, await running(store, "batch_f"))
-    real_save = store.results.save
-    saves: list[tuple[int, list[int]]] = []
-
-    async def down_once(
-        batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry], token: str
-    ) -> None:
-        saves.append((chunk, [entry.position for entry in entries]))
-        if len(saves) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        await real_save(batch_id, shard, epoch, chunk, entries, token=token)
-
-    monkeypatch.setattr(store.results, "save", down_once)
+    saves = first_save_fails(store, monkeypatch)
     log.add_success(ResultEntry(0, True, "{}"), 1, 1)
     with pytest.raises(OSError):
         await log.flush()

@@ -190,15 +190,22 @@ def fast_gate(provider: BatchesService) -> DependencyGate:
     return gate
 
 
-def unwritable_uploads(files: FakeFiles, monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
-    """Make the first `failures` uploads fail as a read-only files directory does; return their names."""
+def unwritable_uploads(
+    files: FakeFiles,
+    monkeypatch: pytest.MonkeyPatch,
+    failures: int,
+    error: Exception | None = None,
+) -> list[str]:
+    """Make the first `failures` uploads raise `error` (by default as a read-only files directory does);
+    return the names of the uploads tried."""
+    error = error or PermissionError(errno.EACCES, "Permission denied")
     real_upload = files.openai_upload_file
     tried: list[str] = []
 
     async def upload(request: Any, file: Any) -> Any:
         tried.append(file.filename)
         if len(tried) <= failures:
-            raise PermissionError(errno.EACCES, "Permission denied")
+            raise error
         return await real_upload(request, file)
 
     monkeypatch.setattr(files, "openai_upload_file", upload)
@@ -245,16 +252,8 @@ async def test_a_batch_whose_every_request_has_a_result_never_ends_failed(
     make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     provider = await make_provider(max_job_attempts=1)
-    real_upload = files.openai_upload_file
-    uploads: list[str] = []
-
-    async def refused_once(request: Any, file: Any) -> Any:
-        uploads.append(file.filename)
-        if len(uploads) == 1:
-            raise ValueError("upload refused")  # a failure of no dependency: it counts, and it is the last
-        return await real_upload(request, file)
-
-    monkeypatch.setattr(files, "openai_upload_file", refused_once)
+    # A failure of no dependency: it counts, and it is the last one allowed.
+    unwritable_uploads(files, monkeypatch, failures=1, error=ValueError("upload refused"))
     batch = await start_batch(provider, files, 3)
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
     final = await provider.retrieve_batch(batch.id)

@@ -10,7 +10,8 @@ naming the last error, keeping its results in its files; a batch whose every req
 result ends `completed` instead. Should even that fail, the batch is set aside (runner.py).
 
 An outage of a dependency (outages.py: the database, the file store) is not the batch's failure:
-it is not counted, and the job runs again as soon as the gate opens, for as long as the batch's
+it is not counted, and the job runs again after a pause of a gate of its own (the process's gate
+reopens on any request's success, which says nothing of the files a job may be waiting for), for as long as the batch's
 lease holds (a store that stays out ends the lease, and the batch is resumed once it is back), up
 to `outage_grace_seconds` past the batch's deadline; then the batch gives up as above.
 """
@@ -64,15 +65,15 @@ class JobAttempts:
         config: BatchesProviderConfig,
         stopping: asyncio.Event,
         make_job: Callable[[Lease, asyncio.Event], BatchJob],
-        gate: DependencyGate | None = None,
         clock: Callable[[], float] = time.time,
+        make_gate: Callable[[], DependencyGate] = DependencyGate,
     ) -> None:
         self._clock = clock
         self._store = store
         self._config = config
         self._stopping = stopping
         self._make_job = make_job
-        self._gate = gate or DependencyGate()
+        self._make_gate = make_gate
 
     def delay(self, failures: int) -> float:
         """The pause after the `failures`-th failure (1-based)."""
@@ -80,6 +81,7 @@ class JobAttempts:
 
     async def run(self, lease: Lease, lost: asyncio.Event) -> Ending:
         failures_here = 0
+        outage = self._make_gate()  # the pauses of this run's waits for a dependency
         gives_up_at: float | None = None  # when an outage is waited out no longer: read at the first one
         while not self._stopping.is_set() and not lost.is_set():
             try:
@@ -90,12 +92,12 @@ class JobAttempts:
                 return Ending.DONE
             except Exception as exc:
                 if is_dependency_outage(exc):
-                    self._gate.trip(exc)
+                    outage.trip(exc)
                     gives_up_at = gives_up_at or await self._outage_deadline(lease.batch_id)
                     if gives_up_at is not None and self._clock() >= gives_up_at:
                         logger.error("A dependency stayed out past the batch's grace", batch_id=lease.batch_id)
                         return await self._give_up(lease, lost, outage_cause(exc), outage=True)
-                    await self._gate.wait_open()
+                    await outage.wait_open()
                     continue
                 failures_here += 1
                 failures = await self._count_failure(lease, lost, failures_here)

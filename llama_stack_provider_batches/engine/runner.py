@@ -107,7 +107,7 @@ class BatchRunner:
         self._to_close: set[str] = set()  # batches cancelled here while not running here
         self._passes_since_sweep = SWEEP_PASSES  # the first look sweeps
         self._stopping = asyncio.Event()
-        self._attempts = JobAttempts(store, config, self._stopping, self._job, self._sender.gate, clock)
+        self._attempts = JobAttempts(store, config, self._stopping, self._job, clock)
         self._helpers = ShardHelpers(
             store, self._sender, files, self._settings, self.scheduler, self.holder, self._stopping, self.wake, clock
         )

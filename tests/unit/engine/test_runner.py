@@ -161,7 +161,7 @@ async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_
     make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     provider = await make_provider(max_job_attempts=2, job_retry_initial_seconds=0.01)
-    gate = fast_gate(provider)
+    gates = fast_gate(provider)
     input_file = files.add(jsonl([chat_line(f"q{i}") for i in range(3)]))
     real_retrieve = files.openai_retrieve_file
     reads: list[str] = []
@@ -178,16 +178,22 @@ async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
     final = await provider.retrieve_batch(batch.id)
     assert final.status == "completed" and final.request_counts.completed == 3
-    assert len(reads) > 6 and gate.outages >= 1
+    assert len(reads) > 6 and sum(gate.outages for gate in gates) >= 1
     assert (await provider._store.get(batch.id)).processing_failures == 0
     await provider.shutdown()
 
 
-def fast_gate(provider: BatchesService) -> DependencyGate:
-    """Give the provider's engine a gate with pauses of milliseconds."""
-    gate = DependencyGate(initial_pause=0.005, max_pause=0.01)
-    provider._runner._sender.gate = provider._runner._attempts._gate = gate
-    return gate
+def fast_gate(provider: BatchesService) -> list[DependencyGate]:
+    """Give the provider's engine gates with pauses of milliseconds; return those its jobs made."""
+    provider._runner._sender.gate = DependencyGate(initial_pause=0.005, max_pause=0.01)
+    made: list[DependencyGate] = []
+
+    def make() -> DependencyGate:
+        made.append(DependencyGate(initial_pause=0.005, max_pause=0.01))
+        return made[-1]
+
+    provider._runner._attempts._make_gate = make
+    return made
 
 
 def unwritable_uploads(

@@ -10,7 +10,9 @@ Which stack: the one that has loaded its own modules before it loaded this provi
 """
 
 import contextlib
+import contextvars
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -357,6 +359,9 @@ def reconnect_postgres_kvstores() -> bool:
             "llama-stack's PostgreSQL kvstore is not as expected; it will not reconnect after a database restart"
         )
         return False
+    store_log = logging.getLogger(PostgresKVStoreImpl.__module__)
+    if not any(isinstance(f, _QuietWhileReconnecting) for f in store_log.filters):
+        store_log.addFilter(_QuietWhileReconnecting())
     for name in methods:
         method = getattr(PostgresKVStoreImpl, name)
         if not getattr(method, "_reconnects", False):
@@ -367,6 +372,16 @@ def reconnect_postgres_kvstores() -> bool:
 
 
 RECONNECT_SECONDS = 1.0  # between two attempts of one store to connect while its server is down
+_reconnecting_now: contextvars.ContextVar[bool] = contextvars.ContextVar("batches_reconnecting", default=False)
+
+
+class _QuietWhileReconnecting(logging.Filter):
+    """Drops the kvstore's own records while it reconnects: it logs a failed connect with a rendered
+    traceback, which held the serving loop for seconds per attempt; the failure itself is raised to
+    the caller, and outages.py logs the outage once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _reconnecting_now.get()
 
 
 def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseException], ...]) -> Any:
@@ -383,7 +398,11 @@ def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseEx
                 with contextlib.suppress(Exception):  # closing a connection that is gone may fail too
                     connection.close()
             store._batches_reconnect_after = time.monotonic() + RECONNECT_SECONDS
-            await store.initialize()  # raises, with the driver's error as its cause, while the server is down
+            quiet = _reconnecting_now.set(True)
+            try:
+                await store.initialize()  # raises, with the driver's error as its cause, while the server is down
+            finally:
+                _reconnecting_now.reset(quiet)
             return await method(store, *args, **kwargs)
 
     call._reconnects = True  # type: ignore[attr-defined]

@@ -6,6 +6,8 @@ backend and of the batch itself, and the gate that pauses work while one lasts.
                            the stack's registry, inference store or kvstore), an OS error a driver
                            raised (a refused connect), or an OS error of a store (read-only, full,
                            unreachable); never an error of the model backend
+    StoreStalled           a store call that has not answered for STALLED_AFTER_SECONDS: a network
+                           partition looks like this, not like an error, until TCP gives up
     DependencyGate         one per process: closed while a dependency fails, so that requests and
                            result writes wait instead of failing; reopened for a probe after a pause
                            that doubles up to MAX_PAUSE_SECONDS, and for good on the first success
@@ -19,6 +21,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 
@@ -41,6 +44,12 @@ CONNECTION_ERROR_NAMES = frozenset(
         "InternalClientError",
         "AdminShutdown",  # psycopg2.errors: "terminating connection due to administrator command"
         "CannotConnectNow",
+        # asyncpg's server states that end or refuse connections; SQLAlchemy wraps them in its generic
+        # DBAPIError ("the database system is not yet accepting connections" while it recovers).
+        "CannotConnectNowError",
+        "AdminShutdownError",
+        "CrashShutdownError",
+        "TooManyConnectionsError",
         "ConnectionError",  # redis
         "TimeoutError",  # redis, SQLAlchemy's pool
         "BusyLoadingError",
@@ -52,8 +61,13 @@ STORE_ERRNOS = frozenset(
 )
 MAX_CHAIN = 16  # exceptions followed through __cause__ and __context__
 
+STALLED_AFTER_SECONDS = 3.0  # a lease renewal is a one-row update: this long means no answer
 INITIAL_PAUSE_SECONDS = 0.25
 MAX_PAUSE_SECONDS = 2.0  # how long a recovered dependency waits, at most, to be tried again
+
+
+class StoreStalled(Exception):
+    """A store call has not answered in time (a partition drops packets: no error comes for minutes)."""
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -93,11 +107,21 @@ def is_dependency_outage(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIError):  # the model backend answered, or could not be reached
         return False
     for link in _chain(exc):
-        if _is_driver_connection_error(link):
+        if isinstance(link, StoreStalled) or _is_driver_connection_error(link):
             return True
         if isinstance(link, OSError) and (link.errno in STORE_ERRNOS or _raised_by_a_driver(link)):
             return True
     return False
+
+
+def log_failure(log: Any, message: str, exc: BaseException, **fields: Any) -> None:
+    """Log a failure from inside its `except` block: an outage as one line, anything else with its
+    traceback. During an outage every background task fails at once, and each rendered traceback
+    held the serving loop for about two seconds on a busy machine."""
+    if is_dependency_outage(exc):
+        log.warning(message, error=f"{type(exc).__name__}: {exc}"[:300], **fields)
+    else:
+        log.exception(message, **fields)
 
 
 class DependencyGate:

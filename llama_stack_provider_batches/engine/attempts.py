@@ -22,7 +22,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from ..config import BatchesProviderConfig
-from ..domain.outages import DependencyGate, is_dependency_outage
+from ..domain.outages import DependencyGate, is_dependency_outage, log_failure
 from ..domain.records import StoredBatch
 from ..stack import get_logger
 from ..storage.leases import wait_at_most
@@ -137,8 +137,8 @@ class JobAttempts:
         except LeaseLostError:
             lost.set()
             return failures_here
-        except Exception:
-            logger.exception("Cannot count a failure of a batch", batch_id=lease.batch_id)
+        except Exception as exc:
+            log_failure(logger, "Cannot count a failure of a batch", exc, batch_id=lease.batch_id)
             return failures_here
         return stored.processing_failures
 
@@ -147,7 +147,8 @@ class JobAttempts:
             await self._make_job(lease, lost).give_up(cause, outage)
         except LeaseLostError:
             lost.set()
-        except Exception:
-            logger.exception("Cannot end a failing batch; set aside until the server stops", batch_id=lease.batch_id)
+        except Exception as exc:
+            message = "Cannot end a failing batch; set aside until the server stops"
+            log_failure(logger, message, exc, batch_id=lease.batch_id)
             return Ending.SET_ASIDE
         return Ending.GAVE_UP

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from ..domain.errors import LimitReachedError
+from ..domain.outages import log_failure
 from ..stack import BatchObject, get_logger
 from ..storage.store import BatchStore, Lease
 
@@ -104,8 +105,8 @@ class ParkedLeases:
         for batch_id, parked in list(self._parked.items()):
             try:
                 status = await self._store.renew(parked.lease, self._lease_seconds)
-            except Exception:  # one unreadable record must not stop the claim loop
-                logger.exception("Cannot renew a parked batch's lease", batch_id=batch_id)
+            except Exception as exc:  # one unreadable record must not stop the claim loop
+                log_failure(logger, "Cannot renew a parked batch's lease", exc, batch_id=batch_id)
                 continue
             if status is None:
                 logger.warning("A parked batch's lease was lost", batch_id=batch_id)

@@ -40,8 +40,12 @@ class ResultLog:
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
         gate: DependencyGate | None = None,
+        max_unstored: int = 100,
     ) -> None:
         self._store = store
+        self._max_unstored = max_unstored
+        self._room = asyncio.Event()
+        self._room.set()
         self._gate = gate or DependencyGate()
         self._unwritten: tuple[list[ResultEntry], Tally] | None = None  # a chunk whose write failed
         self._lease = lease
@@ -54,6 +58,17 @@ class ResultLog:
         self._write_lock = asyncio.Lock()
         self._last_progress = -PROGRESS_INTERVAL_SECONDS
         self._unreported = False
+
+    @property
+    def unstored(self) -> int:
+        """Results added and not yet stored."""
+        return len(self._pending) + (len(self._unwritten[0]) if self._unwritten is not None else 0)
+
+    async def wait_for_room(self) -> None:
+        """Return once fewer than `max_unstored` results wait to be stored."""
+        while self.unstored >= self._max_unstored:
+            self._room.clear()
+            await self._room.wait()
 
     def add_success(self, entry: ResultEntry, input_tokens: int, output_tokens: int) -> None:
         self._pending.append(entry)
@@ -107,6 +122,7 @@ class ResultLog:
                 )
                 telemetry.results_committed(time.perf_counter() - started)
                 self._unwritten = None
+                self._room.set()
                 self._gate.recovered()
                 self.chunks += 1
                 self.tally.merge(tally)

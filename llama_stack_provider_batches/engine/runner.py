@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 
 from .. import telemetry
 from ..config import BatchesProviderConfig
+from ..domain.outages import log_failure
 from ..requests.endpoints import RequestSender
 from ..requests.resilience import RateLimiter, RetryPolicy
 from ..requests.stack_apis import StackAPIs
@@ -98,6 +99,9 @@ class BatchRunner:
             shutdown_grace_seconds=config.shutdown_grace_seconds,
             lease_seconds=config.lease_seconds,
             requests_per_shard=config.requests_per_shard,
+            # A window: a group commit rarely holds more (only a window is in flight), and what runs
+            # again after a partition stays within two windows.
+            max_unstored_results=config.max_concurrent_requests_per_batch,
         )
         self.lease_seconds = config.lease_seconds
         self.holder = server_name()
@@ -208,10 +212,10 @@ class BatchRunner:
                 self._to_close |= await self._parked.renew()
                 await self._close_without_slots()
                 await self._fill_free_slots()
-            except Exception:
+            except Exception as exc:
                 delay = retry_delay(attempt)
                 if attempt == 0:  # once per outage: it must not flood the log
-                    logger.exception("Cannot claim batches; retrying", retry_in=delay)
+                    log_failure(logger, "Cannot claim batches; retrying", exc, retry_in=delay)
                 attempt += 1
                 await wait_at_most(self._wake, delay)
                 continue
@@ -302,8 +306,8 @@ class BatchRunner:
         stop the claim loop, which every other batch needs (its job fails, a bounded number of times)."""
         try:
             stored = await self._store.get(batch_id)
-        except Exception:
-            logger.exception("Cannot read a batch record", batch_id=batch_id)
+        except Exception as exc:
+            log_failure(logger, "Cannot read a batch record", exc, batch_id=batch_id)
             return None
         return stored.batch if stored else None
 
@@ -348,8 +352,8 @@ class BatchRunner:
     async def _release(self, lease: Lease) -> None:
         try:
             await self._store.release(lease)
-        except Exception:  # it expires on its own
-            logger.exception("Cannot release a lease", batch_id=lease.batch_id)
+        except Exception as exc:  # it expires on its own
+            log_failure(logger, "Cannot release a lease", exc, batch_id=lease.batch_id)
 
     def _job(self, lease: Lease, lost: asyncio.Event) -> BatchJob:
         return BatchJob(

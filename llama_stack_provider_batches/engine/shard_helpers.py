@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from ..domain.lifecycle import is_terminal
+from ..domain.outages import log_failure
 from ..domain.ownership import acting_as, scope_of
 from ..requests.endpoints import RequestSender
 from ..requests.input_reader import read_requests
@@ -111,17 +112,18 @@ class ShardHelpers:
                     self._clock,
                 )
                 await run.run()
-        except Exception:
+        except Exception as exc:
             # The shard stays not done; whoever claims it next (its batch's job at the latest) runs it,
             # and a batch whose processing keeps failing ends under its job's bounded attempts.
-            logger.exception("A shard run for another process's batch failed", batch_id=lease.batch_id)
+            log_failure(logger, "A shard run for another process's batch failed", exc, batch_id=lease.batch_id)
             _, pause = self._failing.get(lease.batch_id, (0.0, FAILURE_PAUSE_SECONDS / 2))
             pause = min(2 * pause, MAX_FAILURE_PAUSE_SECONDS)
             self._failing[lease.batch_id] = (time.monotonic() + pause, pause)
             try:
                 await self._store.shards.release(lease)
-            except Exception:
-                logger.exception("Cannot release a shard's lease; it runs out", batch_id=lease.batch_id)
+            except Exception as release_error:
+                message = "Cannot release a shard's lease; it runs out"
+                log_failure(logger, message, release_error, batch_id=lease.batch_id)
 
     async def stop(self) -> None:
         """Wait for the runs to stop (`stopping` is set): they store their results and release their shards."""

@@ -58,6 +58,7 @@ class JobSettings:
     shutdown_grace_seconds: float
     lease_seconds: float = 15.0
     requests_per_shard: int = 1000
+    max_unstored_results: int = 100  # per shard run: how many results may wait for the store (result_log.py)
 
 
 @dataclass
@@ -146,7 +147,14 @@ class ShardRun:
                     kept.append(entry)
         tally = await asyncio.to_thread(Tally.of, kept) if kept else Tally()
         chunks_of_epoch = await self.store.results.count(self.lease.batch_id, self.lease.shard, self.lease.epoch)
-        return ResultLog(self.store, self.lease, stored_chunks=chunks_of_epoch, tally=tally, gate=self.sender.gate)
+        return ResultLog(
+            self.store,
+            self.lease,
+            stored_chunks=chunks_of_epoch,
+            tally=tally,
+            gate=self.sender.gate,
+            max_unstored=self.settings.max_unstored_results,
+        )
 
     async def _execute(self) -> Stop | None:
         """Run every request without a stored result; return why it stopped early, if it did."""
@@ -171,6 +179,7 @@ class ShardRun:
             for position in range(first, self.lease.end):
                 if self._done[position - first]:
                     continue
+                await log.wait_for_room()  # no request whose result could not be stored
                 request = self.index.request(position)
                 # A moderation naming no model runs the stack's default, which validation stored as the batch's.
                 model = request.model or self.batch.model or self.batch.endpoint

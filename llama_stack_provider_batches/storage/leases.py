@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from ..domain.outages import STALLED_AFTER_SECONDS, StoreStalled, log_failure
 from ..stack import get_logger
 
 logger = get_logger(name=__name__, category="providers")
@@ -51,6 +52,20 @@ async def finish_or_cancel(task: asyncio.Task[None], seconds: float) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _renew_within(
+    renew: Callable[[], Awaitable[str | None]], seconds: float, on_stall: Callable[[BaseException], None]
+) -> str | None:
+    """One renewal, given at most `seconds` (what is left of the lease: a renewal that stalls past it
+    must not let the job run on without it). One that stalls for STALLED_AFTER_SECONDS is reported to
+    `on_stall` while it goes on: a partitioned store answers nothing for minutes, and the work that
+    needs the store should pause well before the lease runs out."""
+    renewal = asyncio.ensure_future(renew())
+    _, pending = await asyncio.wait({renewal}, timeout=min(STALLED_AFTER_SECONDS, max(0.0, seconds)))
+    if pending:
+        on_stall(StoreStalled(f"a lease renewal has not answered in {STALLED_AFTER_SECONDS:g} s"))
+    return await asyncio.wait_for(renewal, max(0.0, seconds - STALLED_AFTER_SECONDS))
+
+
 async def keep_lease(
     renew: Callable[[], Awaitable[str | None]],
     lease_seconds: float,
@@ -70,11 +85,10 @@ async def keep_lease(
     while not await wait_at_most(finished, every):
         sent = time.monotonic()
         try:
-            # Bounded: a renewal that stalls past the lease must not let the job run on without it.
-            status = await asyncio.wait_for(renew(), max(0.0, valid_until - sent))
+            status = await _renew_within(renew, valid_until - sent, on_failure)
         except Exception as exc:
             if not failing:  # once per run of failures: an outage must not flood the log
-                logger.exception("Cannot renew a lease", batch_id=batch_id)
+                log_failure(logger, "Cannot renew a lease", exc, batch_id=batch_id)
             failing = True
             on_failure(exc)
             # Past the last renewal's expiry another server may already run the batch.

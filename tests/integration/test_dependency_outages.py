@@ -6,7 +6,9 @@ The replicas run on a PostgreSQL server of this module's own (tools/private_post
 tests stop and start while a batch runs: the batches table and leases, the stored results, the files'
 metadata and the stack's model registry all live there. After every outage each custom_id has
 exactly one line, no line is an error the outage caused, the counts read during the batch never go
-back, and the stack serves model requests again without a restart.
+back, and the stack serves model requests again without a restart. The first replica reaches the
+database through a proxy (tools/tcp_proxy.py), which cuts that replica alone off for a while: a
+partition, after which the other replica has run its shards and it sends nothing more of them.
 
 The files volume, under one stack: made read-only (a tmpfs remounted) as a batch reaches its end, the
 batch waits in `finalizing` with its true counts, and its files appear once the volume is writable.
@@ -27,6 +29,7 @@ from openai import OpenAI
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, record, sent_per_request
 from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, fresh_replica_set_env, start_stack, warm_up
 from tools.private_postgres import PrivatePostgres
+from tools.tcp_proxy import TcpProxy
 from tools.volumes import CannotMountError, tmpfs_volume
 
 REPLICAS = 2
@@ -42,18 +45,49 @@ def database() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture(scope="module")
-def replicas(run_dir: Path, standin_server: ServerProcess, database: PrivatePostgres) -> Iterator[list[ServerProcess]]:
+def proxy(database: PrivatePostgres) -> Iterator[TcpProxy]:
+    """The first replica's way to the database."""
+    with TcpProxy(target_port=database.port) as proxy:
+        yield proxy
+
+
+def proxied_run_yaml(directory: Path) -> Path:
+    """run-replicas.yaml with its SQL stores (this provider's, the files' metadata) on POSTGRES_PORT,
+    meant to be the proxy, and the stack's kvstore (the model registry) and inference store on
+    POSTGRES_KV_PORT, the database itself: cut off, the replica could still send requests, and only
+    back-pressure from the results it cannot store stops it."""
+    text = REPLICAS_RUN_YAML.read_text()
+    kvstore = 'kv_postgres, host: "${env.POSTGRES_HOST:=127.0.0.1}", port: "${env.POSTGRES_PORT:=5432}"'
+    inference_store = "inference: {backend: sql_default, table_name: inference_store}"
+    assert kvstore in text and inference_store in text
+    text = text.replace(kvstore, 'kv_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}"')
+    text = text.replace(inference_store, "inference: {backend: sql_direct, table_name: inference_store}")
+    direct = (
+        'sql_direct: {type: sql_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}", db: test, user: postgres}'
+    )
+    path = directory / "run-replicas-proxied.yaml"
+    path.write_text(text.replace("  stores:\n", f"    {direct}\n  stores:\n"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    run_dir: Path, standin_server: ServerProcess, database: PrivatePostgres, proxy: TcpProxy
+) -> Iterator[list[ServerProcess]]:
     env = fresh_replica_set_env(  # the shipped lease of 15 s: a 2 s outage is shorter, a 20 s one longer
         run_dir,
         POSTGRES_PORT=str(database.port),
         BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
         BATCHES_REQUESTS_PER_SHARD="100",
     )
+    through_proxy = proxied_run_yaml(run_dir)
+    proxied = {"POSTGRES_PORT": str(proxy.port), "POSTGRES_KV_PORT": str(database.port)}
     servers: list[ServerProcess] = []
     try:
-        for _ in range(REPLICAS):
+        for number in range(REPLICAS):
             state = run_dir / f"outage-replica-{uuid.uuid4().hex[:6]}"
-            server = start_stack(run_dir, state, f"{standin_server.url}/v1", env, run_yaml=REPLICAS_RUN_YAML)
+            run_yaml, settings = (through_proxy, proxied) if number == 0 else (REPLICAS_RUN_YAML, {})
+            server = start_stack(run_dir, state, f"{standin_server.url}/v1", {**env, **settings}, run_yaml=run_yaml)
             servers.append(server)
             warm_up(server)
         yield servers
@@ -179,6 +213,50 @@ def test_database_restarts_during_a_batch_lose_nothing_and_need_no_restart_of_th
             "outages": outages,
             "retrieves_unanswered": seen.unanswered,
             "slowest_retrieve_s": round(seen.slowest, 1),
+        },
+    )
+
+
+def test_a_replica_cut_off_from_the_database_stops_sending_and_the_other_runs_its_shards(
+    replicas: list[ServerProcess], proxy: TcpProxy, standin: StandInControl, run_dir: Path
+) -> None:
+    standin.configure(latency_mean=0.1)
+    cut_off, reachable = (OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=30) for s in replicas)
+    lines = chat_lines(800)
+    batch = create_chat_batch(cut_off, lines)  # its job runs on the replica to be cut off
+    wait_until(reachable, batch.id, 200)
+    proxy.cut()  # longer than the lease (15 s): the shards the cut-off replica held move to the other
+    cut_at = time.monotonic()
+    final = wait_for_end(reachable, batch.id, timeout=120)
+    ended_after = time.monotonic() - cut_at
+    time.sleep(max(0.0, 20.0 - ended_after))
+    proxy.heal()
+    healed_at = time.monotonic()
+    serving = serves_models(replicas[0])  # through the provider's reconnect of the stack's kvstore
+
+    assert final.status == "completed", final.errors
+    assert final.error_file_id is None
+    results = read_result_file(reachable, final.output_file_id)
+    assert sorted(line["custom_id"] for line in results) == sorted(line["custom_id"] for line in lines)
+    sent = sent_per_request(standin, lines)
+    repeated = sum(count - 1 for count in sent)
+    # What the cut-off replica had in flight or could not store runs again: its window plus the
+    # results it may hold unstored (a window), never what it would send until its lease ran out
+    # (67 in one run without that bound).
+    assert min(sent) >= 1 and repeated <= 3 * WINDOW
+    assert serving
+    time.sleep(3.0)  # after the partition: nothing of the batch is sent again
+    assert sent_per_request(standin, lines) == sent
+    record(
+        run_dir,
+        "outages.json",
+        "replica_cut_off_20s",
+        {
+            "requests": len(lines),
+            "repeated": repeated,
+            "ended_after_cut_s": round(ended_after, 1),
+            "serving_after_heal_s": round(time.monotonic() - healed_at, 1),
+            "connections_refused": proxy.refused,
         },
     )
 

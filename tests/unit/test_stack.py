@@ -1,3 +1,4 @@
+import logging
 import uuid
 
 import psycopg2
@@ -13,6 +14,7 @@ from llama_stack_provider_batches.stack import (
     register_kvstore_backends,
 )
 from tests.unit.backends import skip_unless_up
+from tools.harness import free_port
 
 
 def run_sql(statement: str) -> int:
@@ -59,3 +61,23 @@ async def test_the_stacks_postgresql_kvstore_answers_again_after_the_server_drop
 
 def test_a_closed_connection_of_the_stacks_kvstore_is_an_outage() -> None:
     assert is_dependency_outage(psycopg2.InterfaceError("cursor already closed"))
+
+
+async def test_a_failed_reconnect_raises_an_outage_without_the_stores_traceback(
+    table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not reconnect_postgres_kvstores():
+        pytest.skip("OGX's PostgreSQL kvstore keeps a pool of connections, which reconnects by itself")
+    config = PostgresKVStoreConfig(host="127.0.0.1", port=5432, db="test", user="postgres", table_name=table)
+    register_kvstore_backends({"kv_gone": config})
+    kvstore = await kvstore_impl(KVStoreReference(backend="kv_gone", namespace="registry"))
+    kvstore.config.port = free_port()  # the server is gone: the next connect is refused
+    run_sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
+    )
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Exception) as raised:
+        await kvstore.get("model")
+    assert is_dependency_outage(raised.value)
+    assert not [r for r in caplog.records if r.exc_info], "the store's own traceback was logged"

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from llama_stack_provider_batches.domain.outages import (
     MAX_PAUSE_SECONDS,
     DependencyGate,
+    StoreStalled,
     is_dependency_outage,
+    log_failure,
 )
 from tools.harness import free_port
 
@@ -37,12 +39,18 @@ OUTAGES = {
         sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("x")),
         asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
     ),
+    "sqlalchemy's generic error over asyncpg, recovering": raised_from(
+        sqlalchemy.exc.DBAPIError("SELECT 1", {}, Exception("x")),
+        asyncpg.exceptions.CannotConnectNowError("the database system is not yet accepting connections"),
+    ),
     "asyncpg connection gone": asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
     "sqlite locked": sqlite3.OperationalError("database is locked"),
     # The file store.
     "read-only directory": OSError(errno.EROFS, "Read-only file system"),
     "no permission": PermissionError(errno.EACCES, "Permission denied"),
     "disk full": OSError(errno.ENOSPC, "No space left on device"),
+    # A store call across a partition: no error, no answer.
+    "stalled": StoreStalled("a lease renewal has not answered in 3 s"),
     # Wrapped by a layer that does not keep the type.
     "wrapped": raised_from(RuntimeError("registry lookup failed"), psycopg2.InterfaceError("cursor already closed")),
 }
@@ -144,3 +152,24 @@ async def test_a_refused_connect_to_the_database_is_an_outage_and_one_to_anythin
     with pytest.raises(OSError) as refused_elsewhere:
         await asyncio.open_connection("127.0.0.1", port)
     assert not is_dependency_outage(refused_elsewhere.value)
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, object]]] = []
+
+    def warning(self, message: str, **fields: object) -> None:
+        self.calls.append(("warning", message, fields))
+
+    def exception(self, message: str, **fields: object) -> None:
+        self.calls.append(("exception", message, fields))
+
+
+def test_an_outage_is_logged_in_one_line_and_anything_else_with_its_traceback() -> None:
+    log = RecordingLogger()
+    log_failure(log, "Cannot claim batches", OUTAGES["psycopg2 cursor closed"], retry_in=0.5)
+    log_failure(log, "Cannot claim batches", KeyError("model"), retry_in=0.5)
+    assert log.calls == [
+        ("warning", "Cannot claim batches", {"error": "InterfaceError: cursor already closed", "retry_in": 0.5}),
+        ("exception", "Cannot claim batches", {"retry_in": 0.5}),
+    ]

@@ -172,3 +172,36 @@ async def test_results_are_written_only_while_the_shards_lease_holds(store: Batc
     with pytest.raises(LeaseLostError):
         await log.flush()
     assert [entry.position for entry in await stored_entries(store, "batch_h")] == [0]  # nothing written late
+
+
+async def test_a_store_that_does_not_answer_stops_new_requests_once_max_unstored_results_wait(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = ResultLog(store, await running(store, "batch_h", total=20), max_unstored=4)
+    answers = asyncio.Event()  # a partition: the write neither fails nor returns until it heals
+    real_save = store.results.save
+
+    async def hangs(batch_id: str, shard: int, epoch: int, chunk: int, entries: list[ResultEntry], token: str) -> None:
+        await answers.wait()
+        await real_save(batch_id, shard, epoch, chunk, entries, token=token)
+
+    monkeypatch.setattr(store.results, "save", hangs)
+    writer = asyncio.create_task(log.write_continuously())
+    added = 0
+
+    async def send_while_there_is_room() -> None:
+        nonlocal added
+        while added < 20:
+            await log.wait_for_room()
+            log.add_success(ResultEntry(added, True, "{}"), 0, 0)
+            added += 1
+            await asyncio.sleep(0.005)
+
+    sender = asyncio.create_task(send_while_there_is_room())
+    await asyncio.sleep(0.3)
+    assert added == 4 and log.unstored == 4 and not sender.done()
+    answers.set()  # the store answers again: the waiting results are stored, and sending goes on
+    await asyncio.wait_for(sender, 5)
+    await log.flush()
+    writer.cancel()
+    assert sorted(entry.position for entry in await stored_entries(store, "batch_h")) == list(range(20))

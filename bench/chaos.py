@@ -9,6 +9,10 @@ Scenarios (requests go to the stand-in model server, latency 100 ms, started her
                             twice, during an 800-request batch: this provider on two replicas from
                             run-replicas.yaml, the built-in one on one stack of the same file (its
                             batches are not safe on several)
+    cut-20s                 one of the two replicas (the one running the batch) cut off from the
+                            database for 20 s by a proxy (tools/tcp_proxy.py), its model registry
+                            still reachable: this provider only (the built-in one runs on one stack,
+                            where a cut is the database outage above)
     files-40s               the files volume (a tmpfs) read-only for 40 s as a 300-request batch
                             reaches its end; one stack of run.yaml
 Columns: the batch's final status; requests in; lines out (output and error files); whether every
@@ -39,11 +43,13 @@ from tools.harness import (
     ServerProcess,
     StandInControl,
     fresh_replica_set_env,
+    replicas_run_yaml_with_sql_apart,
     start_stack,
     start_standin,
     warm_up,
 )
 from tools.private_postgres import PrivatePostgres
+from tools.tcp_proxy import TcpProxy
 from tools.volumes import CannotMountError, tmpfs_volume
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -58,13 +64,14 @@ class Scenario:
     requests: int
     down_seconds: float
     outages: int
-    fault: str  # "database" or "files"
+    fault: str  # "database", "partition" or "files"
 
 
 SCENARIOS = {
     "db-2s": Scenario("db-2s", 800, 2.0, 2, "database"),
     "db-20s": Scenario("db-20s", 800, 20.0, 2, "database"),
     "db-90s": Scenario("db-90s", 800, 90.0, 1, "database"),
+    "cut-20s": Scenario("cut-20s", 800, 20.0, 1, "partition"),
     "files-40s": Scenario("files-40s", 300, 40.0, 1, "files"),
 }
 
@@ -183,22 +190,34 @@ def measure(
 
 
 def run_database(provider: str, scenario: Scenario, standin: ServerProcess, work_dir: Path) -> Outcome:
+    """A database outage, or a partition: then the first replica reaches the database through a proxy."""
     outcome = Outcome(provider, scenario.name)
+    if provider != "ours" and scenario.fault == "partition":
+        outcome.notes.append("not run: the built-in provider runs on one stack")
+        return outcome
     run_yaml = REPLICAS_RUN_YAML if provider == "ours" else builtin_run_yaml(work_dir, base=REPLICAS_RUN_YAML)
     replicas = 2 if provider == "ours" else 1
-    with PrivatePostgres() as database:
+    with PrivatePostgres() as database, TcpProxy(target_port=database.port) as proxy:
         env = fresh_replica_set_env(work_dir, POSTGRES_PORT=str(database.port), BATCHES_MAX_CONCURRENT_REQUESTS="10")
         servers: list[ServerProcess] = []
         try:
-            for _ in range(replicas):
+            for number in range(replicas):
                 state = Path(tempfile.mkdtemp(prefix=f"{provider}-{scenario.name}-", dir=work_dir))
-                servers.append(start_stack(work_dir, state, f"{standin.url}/v1", env, run_yaml=run_yaml))
+                yaml, settings = run_yaml, {}
+                if scenario.fault == "partition" and number == 0:
+                    yaml = replicas_run_yaml_with_sql_apart(work_dir)
+                    settings = {"POSTGRES_PORT": str(proxy.port), "POSTGRES_KV_PORT": str(database.port)}
+                servers.append(start_stack(work_dir, state, f"{standin.url}/v1", {**env, **settings}, run_yaml=yaml))
                 warm_up(servers[-1])
 
             def restart(stop: bool) -> None:
                 database.stop() if stop else database.start()
 
-            measure(outcome, scenario, servers, StandInControl(standin.url), restart)
+            def cut(stop: bool) -> None:
+                proxy.cut() if stop else proxy.heal()
+
+            fault = cut if scenario.fault == "partition" else restart
+            measure(outcome, scenario, servers, StandInControl(standin.url), fault)
         finally:
             for server in servers:
                 server.stop()

@@ -157,6 +157,25 @@ def run_yaml_with_sql_store(directory: Path, backend: str) -> Path:
     return path
 
 
+def replicas_run_yaml_with_sql_apart(directory: Path) -> Path:
+    """run-replicas.yaml with its SQL stores (this provider's, the files' metadata) on POSTGRES_PORT
+    and the stack's kvstore (the model registry) and inference store on POSTGRES_KV_PORT: with the
+    first behind a proxy that cuts a replica off (tcp_proxy.py), the replica could still send
+    requests, and only back-pressure from the results it cannot store stops it."""
+    text = REPLICAS_RUN_YAML.read_text()
+    kvstore = 'kv_postgres, host: "${env.POSTGRES_HOST:=127.0.0.1}", port: "${env.POSTGRES_PORT:=5432}"'
+    inference_store = "inference: {backend: sql_default, table_name: inference_store}"
+    assert kvstore in text and inference_store in text
+    text = text.replace(kvstore, 'kv_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}"')
+    text = text.replace(inference_store, "inference: {backend: sql_direct, table_name: inference_store}")
+    direct = (
+        'sql_direct: {type: sql_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}", db: test, user: postgres}'
+    )
+    path = directory / "run-replicas-proxied.yaml"
+    path.write_text(text.replace("  stores:\n", f"    {direct}\n  stores:\n"))
+    return path
+
+
 def fresh_replica_set_env(directory: Path, **settings: str) -> dict[str, str]:
     """Environment for a new set of replicas from run-replicas.yaml: its own files directory under
     `directory`, its own batches table and kvstore namespace in the shared PostgreSQL, and `settings`."""

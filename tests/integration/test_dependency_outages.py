@@ -27,7 +27,15 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, record, sent_per_request
-from tools.harness import REPLICAS_RUN_YAML, ServerProcess, StandInControl, fresh_replica_set_env, start_stack, warm_up
+from tools.harness import (
+    REPLICAS_RUN_YAML,
+    ServerProcess,
+    StandInControl,
+    fresh_replica_set_env,
+    replicas_run_yaml_with_sql_apart,
+    start_stack,
+    warm_up,
+)
 from tools.private_postgres import PrivatePostgres
 from tools.tcp_proxy import TcpProxy
 from tools.volumes import CannotMountError, tmpfs_volume
@@ -51,25 +59,6 @@ def proxy(database: PrivatePostgres) -> Iterator[TcpProxy]:
         yield proxy
 
 
-def proxied_run_yaml(directory: Path) -> Path:
-    """run-replicas.yaml with its SQL stores (this provider's, the files' metadata) on POSTGRES_PORT,
-    meant to be the proxy, and the stack's kvstore (the model registry) and inference store on
-    POSTGRES_KV_PORT, the database itself: cut off, the replica could still send requests, and only
-    back-pressure from the results it cannot store stops it."""
-    text = REPLICAS_RUN_YAML.read_text()
-    kvstore = 'kv_postgres, host: "${env.POSTGRES_HOST:=127.0.0.1}", port: "${env.POSTGRES_PORT:=5432}"'
-    inference_store = "inference: {backend: sql_default, table_name: inference_store}"
-    assert kvstore in text and inference_store in text
-    text = text.replace(kvstore, 'kv_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}"')
-    text = text.replace(inference_store, "inference: {backend: sql_direct, table_name: inference_store}")
-    direct = (
-        'sql_direct: {type: sql_postgres, host: 127.0.0.1, port: "${env.POSTGRES_KV_PORT}", db: test, user: postgres}'
-    )
-    path = directory / "run-replicas-proxied.yaml"
-    path.write_text(text.replace("  stores:\n", f"    {direct}\n  stores:\n"))
-    return path
-
-
 @pytest.fixture(scope="module")
 def replicas(
     run_dir: Path, standin_server: ServerProcess, database: PrivatePostgres, proxy: TcpProxy
@@ -80,7 +69,7 @@ def replicas(
         BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
         BATCHES_REQUESTS_PER_SHARD="100",
     )
-    through_proxy = proxied_run_yaml(run_dir)
+    through_proxy = replicas_run_yaml_with_sql_apart(run_dir)
     proxied = {"POSTGRES_PORT": str(proxy.port), "POSTGRES_KV_PORT": str(database.port)}
     servers: list[ServerProcess] = []
     try:

@@ -11,19 +11,24 @@ from typing import Any
 from . import telemetry
 from .api.http_errors import use_openai_error_routes
 from .api.service import BatchesService
+from .api.webhook_endpoints import WebhookEndpoints, batches_and_webhook_routes
 from .config import BatchesProviderConfig
+from .domain.lifecycle import is_terminal
 from .domain.ownership import RouteGuard
 from .engine.runner import BatchRunner
 from .engine.startup import start_on_serving_loop, stop_before
+from .engine.webhook_delivery import WebhookDeliverer
 from .requests.stack_apis import StackAPIs
 from .stack import (
     DEPENDENCIES_SHUT_DOWN_FIRST,
     Api,
+    BatchObject,
     get_logger,
     inference_providers,
     kvstore_impl,
     reconnect_postgres_kvstores,
 )
+from .storage.secrets import SecretBox
 from .storage.sql_store import SQLBatchStore
 
 __all__ = ["BatchesProviderConfig", "BatchesService", "get_provider_impl"]
@@ -47,7 +52,18 @@ async def get_provider_impl(
     # Read once, for batches an earlier release kept there (llama-stack's built-in provider's store).
     kvstore = await kvstore_impl(config.kvstore) if config.kvstore is not None else None
     namespace = config.kvstore.namespace if config.kvstore is not None else ""
-    store = SQLBatchStore(config.sql_store, kvstore, namespace, on_move=telemetry.batch_moved)
+    deliverer: WebhookDeliverer | None = None
+
+    def moved(before: BatchObject, after: BatchObject) -> None:
+        telemetry.batch_moved(before, after)
+        if deliverer is not None and is_terminal(after.status):
+            deliverer.wake()  # its event was written with the move: deliver it now
+
+    store = SQLBatchStore(config.sql_store, kvstore, namespace, on_move=moved)
+    webhook_store = store.webhook_store(
+        SecretBox.from_config(config.webhooks.encryption_key, config.webhooks.encryption_key_file)
+    )
+    deliverer = WebhookDeliverer(webhook_store, config.webhooks)
     apis = StackAPIs(
         inference=deps[Api.inference],
         models=deps[Api.models],
@@ -56,13 +72,16 @@ async def get_provider_impl(
         shields=deps.get(Api.__members__.get("shields")),
     )
     runner = BatchRunner(store, config, apis, deps[Api.files])
+    runner.deliverer = deliverer
     # OGX passes its route policy; llama-stack does not, and it is read from the run config instead.
     routes = RouteGuard(route_policy) if route_policy is not None else RouteGuard.from_stack_config()
     service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files], apis=apis)
+    service.webhooks = WebhookEndpoints(webhook_store, config.webhooks, policy or [])
+    service.webhook_client = deliverer.client
     await service.initialize()
     start_on_serving_loop(deps[Api.models], service.start)
     if DEPENDENCIES_SHUT_DOWN_FIRST:  # OGX: requests in flight finish before the inference clients close
         for dependency in inference_providers(deps[Api.inference]):
             stop_before(dependency, runner.shutdown)
-    use_openai_error_routes()
+    use_openai_error_routes(batches_and_webhook_routes)
     return service

@@ -9,7 +9,7 @@ value is honoured). Every setting added here has a default that is safe for prod
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .stack import KVStoreReference, SqlStoreReference
 
@@ -21,6 +21,62 @@ NEW_OWNER_SHARE = 4
 
 
 OGX_TABLE_SUFFIX = "_jobs"  # after the table name of OGX's built-in provider's `sqlstore`
+
+
+class OperatorWebhookEndpoint(BaseModel):
+    """An endpoint the operator configures: it receives the events of every user's batches."""
+
+    url: str = Field(description="Where events are sent (the allow list applies, as to users' endpoints).")
+    secret: str = Field(description="Its signing secret, `whsec_` and base64, as OpenAI's are; read it from the env.")
+    event_types: list[str] = Field(
+        default_factory=lambda: ["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"],
+        description="Which batch events it receives.",
+    )
+
+
+class WebhooksConfig(BaseModel):
+    """Webhooks: events sent when batches end (`/v1/webhook_endpoints`, as OpenAI's)."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Hosts, addresses or networks (`127.0.0.1`, `10.0.0.0/8`, `hooks.internal`) endpoints may reach besides"
+            " public https URLs, over http too. Anything else that resolves to a private, loopback or link-local"
+            " address is refused, at create and at each delivery."
+        ),
+    )
+    endpoints: list[OperatorWebhookEndpoint] = Field(
+        default_factory=list, description="Endpoints of the operator's, which receive every batch's events."
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """From run.yaml's `${env.X:=}`: a comma-separated string, or nothing."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    max_endpoints_per_user: int = Field(default=10, ge=0, description="Endpoints one user may register.")
+    retry_hours: float = Field(
+        default=72.0, gt=0, description="How long an event is retried for a receiver that fails, before it is dropped."
+    )
+    attempt_timeout_seconds: float = Field(default=10.0, gt=0, description="How long one delivery attempt may take.")
+    max_concurrent_deliveries: int = Field(default=16, ge=1, description="Deliveries in flight, per process.")
+    encryption_key: str | None = Field(
+        default=None,
+        description=(
+            "The key (Fernet: 32 url-safe base64 bytes) that encrypts signing secrets in the store, so that a dump"
+            " of the database alone cannot sign events. Unset: a key file `encryption_key_file`, made at the first"
+            " start. Every replica must use the same key."
+        ),
+    )
+    encryption_key_file: str = Field(
+        default="~/.llama/batches-webhook-secrets.key",
+        description="Where the key is kept when `encryption_key` is unset (created with mode 0600).",
+    )
 
 
 class BatchesProviderConfig(BaseModel):
@@ -183,6 +239,10 @@ class BatchesProviderConfig(BaseModel):
     )
     requests_per_second_per_model: float | None = Field(
         default=None, gt=0, description="Optional pace of batch requests per model."
+    )
+
+    webhooks: WebhooksConfig = Field(
+        default_factory=WebhooksConfig, description="Webhooks: events sent to users' and the operator's endpoints."
     )
 
     def batches_here(self) -> int:

@@ -14,6 +14,10 @@ as well. Without either, the instruments and spans here are no-ops. Metric attri
     llama_stack.batches.request_duration_seconds histogram  one attempt, by endpoint, model, outcome
     llama_stack.batches.queue_wait_seconds       histogram  from create to the start of its job, by endpoint
     llama_stack.batches.result_commit_seconds    histogram  storing one group of results
+    llama_stack.batches.webhook_deliveries_total counter    delivery attempts, by event type and outcome
+                                                            (delivered, retried, dropped)
+    llama_stack.batches.webhook_latency_seconds  histogram  from an event to its delivery, by event type
+    llama_stack.batches.webhook_pending          gauge      deliveries still to make (the whole store's)
 """
 
 import contextlib
@@ -59,6 +63,23 @@ _commit_duration = _meter.create_histogram(
     unit="s",
     description="Time to store one group of finished results",
     explicit_bucket_boundaries_advisory=COMMIT_BUCKETS,
+)
+
+_webhook_deliveries = _meter.create_counter(
+    PREFIX + "webhook_deliveries_total", unit="1", description="Webhook delivery attempts, by outcome"
+)
+_webhook_latency = _meter.create_histogram(
+    PREFIX + "webhook_latency_seconds",
+    unit="s",
+    description="Time from a batch's end to its event's delivery",
+    explicit_bucket_boundaries_advisory=REQUEST_BUCKETS,
+)
+_webhook_pending: list[int] = [0]
+_meter.create_observable_gauge(
+    PREFIX + "webhook_pending",
+    callbacks=[lambda _: [Observation(_webhook_pending[0])]],
+    unit="1",
+    description="Webhook deliveries still to make",
 )
 
 # The latest count of batches by status, refreshed by the engine (a store query): the gauge's callback
@@ -110,6 +131,17 @@ def request_ended(endpoint: str, model: str, outcome: str) -> None:
 
 def results_committed(seconds: float) -> None:
     _commit_duration.record(seconds)
+
+
+def webhook_delivered(event_type: str, outcome: str, latency_seconds: float | None) -> None:
+    """Record one delivery attempt: `delivered`, `retried` or `dropped` (past its retry period)."""
+    _webhook_deliveries.add(1, {"event_type": event_type, "outcome": outcome})
+    if latency_seconds is not None:
+        _webhook_latency.record(max(0.0, latency_seconds), {"event_type": event_type})
+
+
+def set_webhook_pending(count: int) -> None:
+    _webhook_pending[0] = count
 
 
 def outcome_of(exc: BaseException | None) -> str:

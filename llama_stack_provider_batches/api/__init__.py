@@ -6,6 +6,7 @@ caller sends.
     idempotency   what makes two creates "the same request" (same batch, or HTTP 409)
     user_limits   per-user limits on waiting work (HTTP 429)
     http_errors   errors answered in OpenAI's shape on the stack's own batches routes
+    webhook_endpoints   /v1/webhook_endpoints: OpenAI's webhook endpoints API, for batch events
 
 May use: engine, storage, requests, telemetry, config, domain, stack. Nothing imports it but the
 package root, which wires it to the stack.

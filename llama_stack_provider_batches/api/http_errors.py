@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..domain.errors import InvalidParameterError, LimitReachedError, shown
+from ..domain.errors import InvalidParameterError, LimitReachedError, WebhookEndpointNotFoundError, shown
 from ..domain.outages import is_dependency_outage
 from ..stack import (
     AccessDeniedError,
@@ -73,7 +73,7 @@ def openai_error(exc: Exception) -> OpenAIError | None:
         return OpenAIError(400, exc.message, "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, LimitReachedError):  # before ConflictError, of which it is a kind
         return OpenAIError(429, str(exc), "requests", None, exc.code)
-    if isinstance(exc, BatchNotFoundError):
+    if isinstance(exc, BatchNotFoundError | WebhookEndpointNotFoundError):
         return OpenAIError(404, str(exc), "invalid_request_error")
     if isinstance(exc, ConflictError):
         param, code = getattr(exc, "param", None), getattr(exc, "code", None)
@@ -162,8 +162,9 @@ def routes_answering_openai_errors(impl: Any) -> APIRouter:
     return router
 
 
-def use_openai_error_routes() -> bool:
-    """Have the stack build its `/v1/batches` routes with routes_answering_openai_errors; whether it could.
+def use_openai_error_routes(factory: Callable[[Any], APIRouter] = routes_answering_openai_errors) -> bool:
+    """Have the stack build its `/v1/batches` routes with `factory` (routes_answering_openai_errors, or
+    one that adds routes to them); whether it could.
 
     The stack looks its route factories up in a registry when it builds the app, after the
     providers are built: replacing the entry for batches here changes nothing else. A stack without
@@ -171,10 +172,10 @@ def use_openai_error_routes() -> bool:
     """
     factories = getattr(fastapi_router_registry, "_ROUTER_FACTORIES", None)
     current = factories.get(Api.batches.value) if isinstance(factories, dict) else None
-    if current is routes_answering_openai_errors:  # a second provider built in this process
+    if current is factory:  # a second provider built in this process
         return True
     if current is not create_router:
         logger.warning("The stack's batches routes are not the expected ones; errors keep the stack's shape")
         return False
-    factories[Api.batches.value] = routes_answering_openai_errors  # type: ignore[index]
+    factories[Api.batches.value] = factory  # type: ignore[index]
     return True

@@ -62,6 +62,7 @@ from .validation import (
     validate_list_after,
     validate_list_limit,
 )
+from .webhook_endpoints import WebhookEndpoints
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -101,6 +102,8 @@ class BatchesService(Batches):
         self._runner = runner
         self._clock = clock
         self._limits = UserLimits(config, store, files)
+        self.webhooks: WebhookEndpoints | None = None  # /v1/webhook_endpoints (webhook_endpoints.py)
+        self.webhook_client: Any = None  # the HTTP client that sends test events
         # What a refused endpoint's message lists: OpenAI's batch endpoints that this stack has the APIs for.
         self._served_endpoints = tuple(e for e in SUPPORTED_ENDPOINTS if apis is None or apis.serves(e))
 

@@ -9,6 +9,8 @@ layer raises.
     formats     output and error file lines exactly as OpenAI writes them
     errors      InvalidParameterError, LimitReachedError, status_code_of, quoting caller text
     outages     which failures are a dependency's outage (a pause, never a failure), and the gate
+    webhook_events   the events a batch sends when it ends, and their signatures
+    webhook_urls     which webhook URLs may be sent to (no server-side request forgery)
 
 May use: stack only.
 """

@@ -84,3 +84,10 @@ def is_valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class WebhookEndpointNotFoundError(LookupError):
+    """No webhook endpoint with this id that the caller may see (HTTP 404)."""
+
+    def __init__(self, endpoint_id: str) -> None:
+        super().__init__(f"No webhook endpoint found with id '{shown(endpoint_id)}'.")

@@ -75,9 +75,10 @@ def scope_of(owner: Owner | None) -> str:
     return hashlib.sha256(who.encode()).hexdigest()[:32]
 
 
-def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | None) -> bool:
-    """Whether the current caller may do `action` on the batch `batch_id` owned by `owner`."""
-    resource = BatchResource(batch_id, None if owner is None else owner.as_user())
+def may(policy: list[AccessRule], action: Action, batch_id: str, owner: Owner | None, kind: str = "batch") -> bool:
+    """Whether the current caller may do `action` on the batch `batch_id` (or other resource of
+    `kind`: a `webhook_endpoint`) owned by `owner`."""
+    resource = BatchResource(batch_id, None if owner is None else owner.as_user(), kind)
     return is_action_allowed(policy, action, resource, get_authenticated_user())
 
 

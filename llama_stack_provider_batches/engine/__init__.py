@@ -11,6 +11,7 @@
     governor        interactive traffic first: fewer batch requests while the loop is busy
     parking         leases held while a batch waits for its turn
     startup         background work started on the server's event loop
+    webhook_delivery   webhook events fanned out and delivered, with bounded retries
 
 May use: storage, requests, telemetry, config, domain, stack. Never api.
 """

@@ -48,6 +48,7 @@ from .parking import ParkedLeases
 from .scheduler import Scheduler
 from .shard_helpers import ShardHelpers
 from .shard_run import JobSettings
+from .webhook_delivery import WebhookDeliverer
 
 logger = get_logger(name=__name__, category="providers")
 
@@ -94,6 +95,8 @@ class BatchRunner:
         target_ms = config.interactive_lag_target_ms
         self._governor: LoopGovernor | None = govern(self.scheduler, target_ms) if target_ms is not None else None
         self._governing: asyncio.Task[None] | None = None
+        self.deliverer: WebhookDeliverer | None = None  # webhook events, delivered beside the batches
+        self._delivering: asyncio.Task[None] | None = None
         self._settings = JobSettings(
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,
@@ -134,6 +137,11 @@ class BatchRunner:
             if self._governor is not None:
                 governing = self._governor.run()
                 self._governing = asyncio.create_task(governing, name="batches:governor", context=contextvars.Context())
+            if self.deliverer is not None:
+                delivering = self.deliverer.run(self._stopping)
+                self._delivering = asyncio.create_task(
+                    delivering, name="batches:webhooks", context=contextvars.Context()
+                )
 
     def wake(self) -> None:
         """Look for work now (a batch was just created here, or a slot is free)."""
@@ -192,6 +200,8 @@ class BatchRunner:
             await asyncio.gather(self._governing, return_exceptions=True)
         if self._claim_loop is not None:
             await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
+        if self._delivering is not None:
+            await finish_or_cancel(self._delivering, STORE_CALL_SECONDS)
         await self._helpers.stop()
         tasks = list(self._tasks.values())
         if tasks:

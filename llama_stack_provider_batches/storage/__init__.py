@@ -7,6 +7,8 @@ and replica, and the lease protocol that lets one process at a time run a batch 
     database    the tables, connections and the database's clock
     leases      keeping a lease while work runs, and stopping at store-call boundaries
     upgrade     moving an earlier release's kvstore data into the database, once
+    webhooks    webhook endpoints, events and deliveries
+    secrets     signing secrets encrypted at rest with the operator's key
 
 May use: domain, config, telemetry, stack. Never api, engine or requests.
 """

@@ -1,10 +1,11 @@
 """The SQL database that holds everything the provider stores: its tables, its connections, its clock.
 
-Three tables, named after `sql_store.table_name` (`batches` unless set):
+Tables named after `sql_store.table_name` (`batches` unless set):
 
     <name>          one row per batch: its record, list order, idempotency key, status and lease (sql_store.py)
     <name>_shards   one row per range of a running batch's requests: its lease and progress (shards.py)
     <name>_chunks   key -> text: result chunks and custom_id lists of unfinished batches (store.py)
+    <name>_webhook_endpoints, <name>_events, <name>_deliveries   webhooks (webhooks.py)
 
 The database is the stack's `sql_default` backend unless configured otherwise: SQLite on one host
 (every worker process of a server, and every server on that host, shares the file safely) or
@@ -117,6 +118,51 @@ def define_tables(name: str) -> tuple[Table, Table, Table]:
     return batches, shards, chunks
 
 
+def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, Table]:
+    """Webhook endpoints, events waiting to be fanned out to them, and deliveries (storage/webhooks.py)."""
+    endpoints = Table(
+        f"{name}_webhook_endpoints",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("scope", String(64), nullable=False),
+        Column("created_ns", BigInteger, nullable=False),
+        Column("owner", Text, nullable=True),  # ownership.Owner as JSON; none with authentication off
+        Column("name", String(256), nullable=False),
+        Column("url", Text, nullable=False),
+        Column("event_types", Text, nullable=False),  # a JSON list
+        Column("secret", Text, nullable=False),  # sealed (secrets.py)
+        Column("previous_secret", Text, nullable=True),  # sealed, honoured until previous_until
+        Column("previous_until", Float, nullable=True),
+        Column("created_at", BigInteger, nullable=False),
+        Column("updated_at", BigInteger, nullable=False),
+    )
+    Index(f"{name}_webhook_endpoints_by_scope", endpoints.c.scope, endpoints.c.created_ns)
+    events = Table(  # written in the transaction that ends a batch; removed once fanned out
+        f"{name}_events",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("batch_id", String(64), nullable=False),
+        Column("scope", String(64), nullable=False),
+        Column("type", String(64), nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+    )
+    deliveries = Table(
+        f"{name}_deliveries",
+        metadata,
+        Column("event_id", String(64), primary_key=True),
+        Column("endpoint_id", String(64), primary_key=True),
+        Column("type", String(64), nullable=False),
+        Column("batch_id", String(64), nullable=False),
+        Column("event_created_at", BigInteger, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("next_attempt_at", Float, nullable=False),  # the database's clock
+        Column("last_error", Text, nullable=True),
+        *lease_columns(),
+    )
+    Index(f"{name}_deliveries_due", deliveries.c.next_attempt_at)
+    return endpoints, events, deliveries
+
+
 def idempotency_ref(scope: str, key: str) -> str:
     """The unique `idempotency_ref` of a batch created with key `key` in an owner's scope."""
     return f"{scope}/{hashlib.sha256(key.encode()).hexdigest()}"
@@ -154,6 +200,8 @@ class Database:
     def __init__(self, reference: SqlStoreReference) -> None:
         self.url = make_url(sql_engine_url(reference))
         self.batches, self.shards, self.chunks = define_tables(reference.table_name)
+        webhook_tables = define_webhook_tables(self.batches.metadata, reference.table_name)
+        self.endpoints, self.events, self.deliveries = webhook_tables
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self._statements: set[asyncio.Task[Any]] = set()
@@ -204,6 +252,19 @@ class Database:
     async def write(self, statement: Executable) -> Written:
         """Run one statement in a transaction of its own."""
         return await self._uncancelled(self._write(statement))
+
+    async def write_if(self, first: Executable, *then: Executable) -> Written:
+        """Run `first`, and `then` only if it matched a row, in one transaction: together or not at all."""
+        return await self._uncancelled(self._write_if(first, then))
+
+    async def _write_if(self, first: Executable, then: tuple[Executable, ...]) -> Written:
+        async with self.engine().begin() as connection:
+            result = await connection.execute(first)
+            rows = list(result.all()) if result.returns_rows else []
+            if result.rowcount > 0 or rows:
+                for statement in then:
+                    await connection.execute(statement)
+            return Written(result.rowcount, rows)
 
     async def _read(self, statement: Executable) -> list[Row[Any]]:
         async with self.engine().connect() as connection:

@@ -63,7 +63,10 @@ async def _renew_within(
     _, pending = await asyncio.wait({renewal}, timeout=min(STALLED_AFTER_SECONDS, max(0.0, seconds)))
     if pending:
         on_stall(StoreStalled(f"a lease renewal has not answered in {STALLED_AFTER_SECONDS:g} s"))
-    return await asyncio.wait_for(renewal, max(0.0, seconds - STALLED_AFTER_SECONDS))
+    try:
+        return await asyncio.wait_for(renewal, max(0.0, seconds - STALLED_AFTER_SECONDS))
+    except TimeoutError:
+        raise StoreStalled("a lease renewal did not answer before the lease ran out") from None
 
 
 async def keep_lease(

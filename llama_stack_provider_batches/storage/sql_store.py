@@ -37,17 +37,20 @@ import time
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Executable, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..domain.lifecycle import RUNNING_STATUSES, UNFINISHED_STATUSES
 from ..domain.ownership import scope_of
 from ..domain.records import StoredBatch
+from ..domain.webhook_events import event_type_for, new_event_id
 from ..stack import BatchNotFoundError, BatchObject, KVStore, SqlStoreReference
 from .database import Database, SqlChunks, batch_row, idempotency_ref
+from .secrets import SecretBox
 from .shards import ShardStore
 from .store import BatchPage, BatchStore, Lease, LeaseLostError, RequestIds, ResultChunks
 from .upgrade import LegacyUpgrade
+from .webhooks import WebhookStore
 
 
 class SQLBatchStore(BatchStore):
@@ -69,6 +72,11 @@ class SQLBatchStore(BatchStore):
         self.request_ids = RequestIds(chunks)
         self.shards = ShardStore(self._db)
         self._upgrade = LegacyUpgrade(kvstore, namespace, self._db) if kvstore is not None else None
+
+    def webhook_store(self, box: SecretBox) -> WebhookStore:
+        """Webhook endpoints, events and deliveries, in the same database (events are written with the
+        status change that ends a batch)."""
+        return WebhookStore(self._db, box)
 
     async def initialize(self) -> None:
         await self._db.create_tables()
@@ -140,11 +148,27 @@ class SQLBatchStore(BatchStore):
             if lease is not None:
                 conditions.append(table.c.lease_token == lease.token)
             values = {"record": changed.model_dump_json(), "status": changed.batch.status, "version": row.version + 1}
-            if (await self._db.write(update(table).where(*conditions).values(**values))).rowcount == 1:
+            move = update(table).where(*conditions).values(**values)
+            if (await self._db.write_if(move, *self._events_of(stored, changed))).rowcount == 1:
                 if self._on_move is not None and changed.batch.status != stored.batch.status:
                     self._on_move(stored.batch, changed.batch)
                 return changed
             # Somebody wrote in between: compute the change again from what they wrote.
+
+    def _events_of(self, before: StoredBatch, after: StoredBatch) -> list[Executable]:
+        """The webhook event a status change sends (a batch that ended), written with the change
+        itself: no crash can lose it, nor send it for a batch that did not end."""
+        event_type = event_type_for(after.batch.status) if after.batch.status != before.batch.status else None
+        if event_type is None:
+            return []
+        event = {
+            "id": new_event_id(),
+            "batch_id": after.batch.id,
+            "scope": scope_of(after.owner),
+            "type": event_type,
+            "created_at": int(time.time()),
+        }
+        return [self._db.events.insert().values(**event)]
 
     async def page(self, scope: str, after: str | None, limit: int) -> BatchPage | None:
         table = self._table

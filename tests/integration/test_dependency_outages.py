@@ -188,9 +188,10 @@ def test_database_restarts_during_a_batch_lose_nothing_and_need_no_restart_of_th
     assert all(failed == 0 for _, failed in seen.counts)
     sent = sent_per_request(standin, lines)
     repeated = sum(count - 1 for count in sent)
-    # Only what was in flight (or not yet stored) when the database went can run again: at most a
-    # window per replica per outage.
-    assert min(sent) >= 1 and repeated <= 2 * REPLICAS * WINDOW
+    # Only what was in flight or not yet stored when the database went can run again: at most a
+    # window of each per replica per outage (a stack whose registry still answers, as OGX's may from
+    # its cache, sends on until results wait for the store).
+    assert min(sent) >= 1 and repeated <= 2 * REPLICAS * 2 * WINDOW
     assert all(serves_models(server) for server in replicas)  # the registry reconnected
     record(
         run_dir,

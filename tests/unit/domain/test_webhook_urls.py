@@ -69,7 +69,10 @@ def test_an_allowed_host_may_be_private_and_plain_http() -> None:
     destination = check_url("http://127.0.0.1:9000/hook", LOOPBACK)
     assert (destination.scheme, destination.host, destination.port) == ("http", "127.0.0.1", 9000)
     assert check_url("https://127.0.0.1/hook", AllowedHosts.parse(["127.0.0.0/8"])).port == 443
-    assert check_url("http://receiver.internal/hook", AllowedHosts.parse(["receiver.internal"])).host == "receiver.internal"
+    assert (
+        check_url("http://receiver.internal/hook", AllowedHosts.parse(["receiver.internal"])).host
+        == "receiver.internal"
+    )
     with pytest.raises(UnsafeURL):
         check_url("http://127.0.0.2/hook", LOOPBACK)  # an address outside the allow list
 
@@ -84,9 +87,9 @@ def resolver(addresses: list[str]):  # type: ignore[no-untyped-def]
 async def test_a_name_is_refused_if_any_address_it_resolves_to_is_not_public() -> None:
     destination = check_url("https://hooks.example.com/x", NOTHING)
     assert await resolve_allowed(destination, NOTHING, resolver(["93.184.215.14"])) == ["93.184.215.14"]
-    with pytest.raises(UnsafeURL, match="169.254.169.254"):
+    with pytest.raises(UnsafeURL, match=r"169\.254\.169\.254"):
         await resolve_allowed(destination, NOTHING, resolver(["93.184.215.14", "169.254.169.254"]))
-    with pytest.raises(UnsafeURL, match="127.0.0.1"):  # a name that later points inside
+    with pytest.raises(UnsafeURL, match=r"127\.0\.0\.1"):  # a name that later points inside
         await resolve_allowed(destination, NOTHING, resolver(["127.0.0.1"]))
     assert await resolve_allowed(destination, LOOPBACK, resolver(["127.0.0.1"])) == ["127.0.0.1"]
 

@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, get_provider_impl
+from llama_stack_provider_batches.config import WebhooksConfig
 from llama_stack_provider_batches.stack import (
     Api,
     KVStoreReference,
@@ -253,7 +254,9 @@ async def sql_store_reference(tmp_path: Path) -> AsyncIterator[SqlStoreReference
 
 
 @pytest.fixture
-def config(kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreReference) -> BatchesProviderConfig:
+def config(
+    kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreReference, tmp_path: Path
+) -> BatchesProviderConfig:
     # No loop governor: its cap follows the test process's load, which would make request counts
     # vary from run to run; tests/unit/test_governor.py tests it on its own.
     return BatchesProviderConfig(
@@ -261,6 +264,7 @@ def config(kvstore_reference: KVStoreReference, sql_store_reference: SqlStoreRef
         sql_store=sql_store_reference,
         max_concurrent_requests_per_batch=4,
         interactive_lag_target_ms=None,
+        webhooks=WebhooksConfig(encryption_key_file=str(tmp_path / "webhook.key"), allowed_hosts=["127.0.0.1"]),
     )
 
 

@@ -63,6 +63,9 @@ class WebhooksConfig(BaseModel):
     retry_hours: float = Field(
         default=72.0, gt=0, description="How long an event is retried for a receiver that fails, before it is dropped."
     )
+    first_retry_seconds: float = Field(
+        default=5.0, gt=0, description="Pause before a failed delivery is tried again; it doubles, up to an hour."
+    )
     attempt_timeout_seconds: float = Field(default=10.0, gt=0, description="How long one delivery attempt may take.")
     max_concurrent_deliveries: int = Field(default=16, ge=1, description="Deliveries in flight, per process.")
     encryption_key: str | None = Field(

@@ -7,7 +7,7 @@ to the endpoint's URL, checked again now (webhook_urls.py: the name is resolved 
 must be allowed, and the request goes to the checked address, so a name cannot be re-pointed
 between check and connect); redirects are not followed. A 2xx ends it; anything else (an error
 status, a timeout, a refused connection, a URL refused) is tried again after a pause that doubles
-from FIRST_RETRY_SECONDS up to MAX_RETRY_SECONDS, with the same `webhook-id`, until
+from `webhooks.first_retry_seconds` up to MAX_RETRY_SECONDS, with the same `webhook-id`, until
 `webhooks.retry_hours` after the event; then it is dropped with a log line and a metric.
 
 What keeps one receiver from delaying the others: every attempt has a timeout; at most
@@ -36,7 +36,6 @@ from ..storage.webhooks import Delivery, OperatorEndpoint, WebhookStore
 
 logger = get_logger(name=__name__, category="providers")
 
-FIRST_RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 3600.0
 PER_ENDPOINT_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 1.0  # how soon another process's events are noticed
@@ -56,10 +55,10 @@ def operator_endpoints(config: WebhooksConfig) -> list[OperatorEndpoint]:
     ]
 
 
-def retry_delay(attempts: int) -> float:
-    """The pause after the `attempts`-th failed attempt: doubling, capped, with jitter so that a
-    receiver coming back is not hit by every retry at once."""
-    base = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** max(0, attempts - 1))
+def retry_delay(attempts: int, first: float = 5.0) -> float:
+    """The pause after the `attempts`-th failed attempt: from `first`, doubling, capped, with jitter so
+    that a receiver coming back is not hit by every retry at once."""
+    base = min(MAX_RETRY_SECONDS, first * 2 ** min(max(0, attempts - 1), 32))
     return base * random.uniform(0.8, 1.2)
 
 
@@ -200,7 +199,7 @@ class WebhookDeliverer:
             )
             return
         telemetry.webhook_delivered(delivery.type, "retried", None)
-        await self.store.retry_later(delivery, retry_delay(delivery.attempts + 1), error)
+        await self.store.retry_later(delivery, retry_delay(delivery.attempts + 1, self.config.first_retry_seconds), error)
 
     async def _target(self, endpoint_id: str) -> tuple[str, list[str]] | None:
         """The URL and signing secrets of an endpoint; None if it is gone."""

@@ -65,7 +65,7 @@ async def one_pass(deliverer: WebhookDeliverer) -> None:
 async def test_a_failing_receiver_gets_the_same_event_id_again_until_it_answers_2xx(
     store: SQLBatchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webhook_delivery, "retry_delay", lambda attempts: 0.0)
+    monkeypatch.setattr(webhook_delivery, "retry_delay", lambda attempts, first: 0.0)
     receiver = Receiver(500, 500, 500, 200)
     deliverer = deliverer_for(store, receiver, "http://127.0.0.1:9000/hook?x=1")
     await end_batch(store, "batch_r", "failed")

@@ -1,5 +1,6 @@
 """Two users on one stack with authentication on (the stack's `custom` provider, pointed at a small
-token-to-user endpoint served here): batches, files and idempotency keys stay each user's own."""
+token-to-user endpoint served here): batches, files, idempotency keys and webhook endpoints stay each
+user's own, and each user's endpoints receive the events of that user's batches only."""
 
 import signal
 import time
@@ -13,6 +14,7 @@ from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, upload_jsonl, wait_for_batch
 from tools.harness import ServerProcess, StandInControl, run_yaml_with_auth, start_stack, token_endpoint, warm_up
+from tools.webhook_receiver import WebhookReceiver
 
 USERS = {  # disjoint attributes: the stack's default policy then lets each see only their own
     "alice-token": {"principal": "alice", "attributes": {"teams": ["red"]}},
@@ -40,7 +42,7 @@ class AuthStack:
         self.state = run_dir / f"auth-state-{uuid.uuid4().hex[:6]}"
         self.model_url = model_url
         self.run_yaml = run_yaml_with_auth(run_dir, auth_endpoint, ROUTE_POLICY)
-        self.env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}"}
+        self.env = {"BATCHES_KV_NAMESPACE": f"batches-{uuid.uuid4().hex}", "BATCHES_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
         self.server: ServerProcess | None = None
 
     def start(self) -> None:
@@ -150,3 +152,31 @@ def test_a_route_forbidden_to_a_user_is_forbidden_in_batches_too(auth_stack: Aut
         input_file_id=upload_jsonl(alice, [line]), endpoint="/v1/embeddings", completion_window="24h"
     )
     assert wait_for_batch(alice, allowed.id).status == "completed"
+
+
+def test_each_users_endpoints_get_their_own_batches_events_and_nobody_elses(auth_stack: AuthStack) -> None:
+    alice, bob = auth_stack.client("alice-token"), auth_stack.client("bob-token")
+    with WebhookReceiver() as alices_receiver, WebhookReceiver() as bobs_receiver:
+        alices = alice.webhooks.create(name="a", url=alices_receiver.url, event_types=["batch.completed"])
+        bobs = bob.webhooks.create(name="b", url=bobs_receiver.url, event_types=["batch.completed"])
+        for attempt in (
+            lambda: bob.webhooks.retrieve(alices.id),
+            lambda: bob.webhooks.update(alices.id, name="mine now"),
+            lambda: bob.webhooks.test(alices.id, event_type="batch.completed"),
+            lambda: bob.webhooks.rotate_secret(alices.id),
+            lambda: bob.webhooks.delete(alices.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                attempt()
+        assert [e.id for e in bob.webhooks.list()] == [bobs.id]
+        alices_batch = create_chat_batch(alice, chat_lines(2))
+        bobs_batch = create_chat_batch(bob, chat_lines(2))
+        for client, batch in ((alice, alices_batch), (bob, bobs_batch)):
+            wait_for_batch(client, batch.id)
+        alices_receiver.wait_for(1, accepted=True)
+        bobs_receiver.wait_for(1, accepted=True)
+        time.sleep(1.0)  # nothing more comes
+        alice.webhooks.delete(alices.id)
+        bob.webhooks.delete(bobs.id)
+    assert [e.data.id for e in alices_receiver.events(alices.signing_secret)] == [alices_batch.id]
+    assert [e.data.id for e in bobs_receiver.events(bobs.signing_secret)] == [bobs_batch.id]

@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from cryptography.fernet import Fernet
 from openai import ConflictError, OpenAI
 
 from tests.integration.batching import (
@@ -40,6 +41,7 @@ from tools.harness import (
     start_stack,
     warm_up,
 )
+from tools.webhook_receiver import WebhookReceiver
 
 REPLICAS = 3
 LEASE_SECONDS = 3
@@ -107,6 +109,8 @@ def cluster(run_dir: Path, standin_server: ServerProcess) -> Iterator[Cluster]:
         BATCHES_MAX_CONCURRENT_REQUESTS=str(WINDOW),
         BATCHES_CANCEL_GRACE_SECONDS="1",
         BATCHES_REQUESTS_PER_SHARD=str(REQUESTS_PER_SHARD),
+        BATCHES_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        BATCHES_WEBHOOK_KEY=Fernet.generate_key().decode(),  # every replica opens the secrets any of them sealed
     )
     cluster = Cluster(run_dir, f"{standin_server.url}/v1", env)
     try:
@@ -294,3 +298,18 @@ def test_a_replica_leaving_mid_batch_hands_it_over_and_it_completes_once(
         assert sum(shards_done_by.values()) == shards  # and each once
     assert len(shards_done_by) >= 2, shards_done_by  # one batch, on several replicas
     cluster.start_replica()  # back to three for whatever runs next
+
+
+def test_each_event_reaches_the_receiver_once_whichever_replica_ends_the_batch(cluster: Cluster) -> None:
+    clients = cluster.clients()
+    with WebhookReceiver() as receiver:
+        endpoint = clients[0].webhooks.create(name="all", url=receiver.url, event_types=["batch.completed"])
+        batches = [create_chat_batch(clients[n % REPLICAS], chat_lines(3)) for n in range(2 * REPLICAS)]
+        for batch in batches:
+            wait_for_batch(clients[1], batch.id)
+        receiver.wait_for(len(batches), accepted=True)
+        time.sleep(2.0)  # any replica that would send one again has had its chance
+        clients[2].webhooks.delete(endpoint.id)  # endpoints are shared by the replicas, like batches
+    events = receiver.events(endpoint.signing_secret, accepted=False)
+    assert sorted(e.data.id for e in events) == sorted(b.id for b in batches)  # each once
+    assert len({e.id for e in events}) == len(batches)

@@ -15,6 +15,7 @@ from .api.webhook_endpoints import WebhookEndpoints, batches_and_webhook_routes
 from .config import BatchesProviderConfig
 from .domain.lifecycle import is_terminal
 from .domain.ownership import RouteGuard
+from .engine.housekeeping import Housekeeper
 from .engine.runner import BatchRunner
 from .engine.startup import start_on_serving_loop, stop_before
 from .engine.webhook_delivery import WebhookDeliverer
@@ -73,6 +74,7 @@ async def get_provider_impl(
     )
     runner = BatchRunner(store, config, apis, deps[Api.files])
     runner.deliverer = deliverer
+    runner.housekeeper = Housekeeper(store.retention, deps[Api.files], config)
     # OGX passes its route policy; llama-stack does not, and it is read from the run config instead.
     routes = RouteGuard(route_policy) if route_policy is not None else RouteGuard.from_stack_config()
     service = BatchesService(config, store, runner, policy, routes, files=deps[Api.files], apis=apis)

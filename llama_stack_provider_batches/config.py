@@ -244,6 +244,20 @@ class BatchesProviderConfig(BaseModel):
         default=None, gt=0, description="Optional pace of batch requests per model."
     )
 
+    retention_days: float | None = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "How long a batch's record (and its idempotency key) is kept after the batch ends; then it is removed"
+            " and the batch is not found any more. Unset or 0: kept forever. Its files follow the Files API's"
+            " own retention, or the batch's `output_expires_after`."
+        ),
+    )
+    sweep_interval_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often each process removes what retention and `output_expires_after` say is due.",
+    )
     webhooks: WebhooksConfig = Field(
         default_factory=WebhooksConfig, description="Webhooks: events sent to users' and the operator's endpoints."
     )

@@ -67,6 +67,8 @@ if STACK == "llama-stack":
         ConflictError,
         CreateBatchRequest,
         CreateResponseRequest,
+        DeleteFileRequest,
+        ExpiresAfter,
         Files,
         GetModelRequest,
         Inference,
@@ -127,6 +129,8 @@ else:
         ConflictError,
         CreateBatchRequest,
         CreateResponseRequest,
+        DeleteFileRequest,
+        ExpiresAfter,
         Files,
         GetModelRequest,
         Inference,
@@ -177,6 +181,8 @@ __all__ = [
     "ConflictError",
     "CreateBatchRequest",
     "CreateResponseRequest",
+    "DeleteFileRequest",
+    "ExpiresAfter",
     "Files",
     "GetModelRequest",
     "Inference",
@@ -408,3 +414,18 @@ def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseEx
     call._reconnects = True  # type: ignore[attr-defined]
     call.__name__ = call.__qualname__ = getattr(method, "__name__", "call")
     return call
+
+
+async def set_file_expiry(files: Any, file_id: str, expires_at: int) -> bool:
+    """Set a stored file's `expires_at` where the Files provider ignored the `expires_after` it was
+    given (llama-stack's and OGX's localfs keep `created_at + ttl_secs`): its metadata row, through
+    the provider's own SQL store, under the caller's rights. Whether it could."""
+    sql_store = getattr(files, "sql_store", None)
+    update = getattr(sql_store, "update", None)
+    if update is None:
+        return False
+    try:
+        await update("openai_files", {"expires_at": expires_at}, where={"id": file_id})
+    except Exception:
+        return False
+    return True

@@ -18,6 +18,9 @@ as well. Without either, the instruments and spans here are no-ops. Metric attri
                                                             (delivered, retried, dropped)
     llama_stack.batches.webhook_latency_seconds  histogram  from an event to its delivery, by event type
     llama_stack.batches.webhook_pending          gauge      deliveries still to make (the whole store's)
+    llama_stack.batches.swept_rows_total         counter    rows the retention sweep removed
+    llama_stack.batches.swept_bytes_total        counter    bytes of records and chunks it removed
+    llama_stack.batches.expired_files_total      counter    result files deleted at their expiry
 """
 
 import contextlib
@@ -82,6 +85,12 @@ _meter.create_observable_gauge(
     description="Webhook deliveries still to make",
 )
 
+_swept_rows = _meter.create_counter(PREFIX + "swept_rows_total", unit="1", description="Rows the sweep removed")
+_swept_bytes = _meter.create_counter(PREFIX + "swept_bytes_total", unit="By", description="Bytes the sweep removed")
+_expired_files = _meter.create_counter(
+    PREFIX + "expired_files_total", unit="1", description="Result files deleted at their expiry"
+)
+
 # The latest count of batches by status, refreshed by the engine (a store query): the gauge's callback
 # runs on the exporter's thread, where the store cannot be asked.
 _status_counts: dict[str, int] = {}
@@ -142,6 +151,13 @@ def webhook_delivered(event_type: str, outcome: str, latency_seconds: float | No
 
 def set_webhook_pending(count: int) -> None:
     _webhook_pending[0] = count
+
+
+def swept(rows: int, size: int, files: int) -> None:
+    """Record one sweep: rows and bytes removed from the store, result files deleted."""
+    _swept_rows.add(rows)
+    _swept_bytes.add(size)
+    _expired_files.add(files)
 
 
 def outcome_of(exc: BaseException | None) -> str:

@@ -16,6 +16,7 @@ does the 503 (`service_unavailable`, with `Retry-After`) of a request that met a
 database or the files (domain/outages.py).
 """
 
+import contextvars
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,26 @@ def request_body_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, message, "invalid_request_error", param, "invalid_value")
 
 
+# The JSON object a POST sent, whole: the stack's request models drop the fields they do not know
+# (`output_expires_after` on create), which the provider reads from here (`body_field`).
+_body_fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "batches_body_fields", default=None
+)
+
+
+def body_field(name: str) -> Any:
+    """A field of the JSON body of the request being answered (None if absent or not JSON)."""
+    return (_body_fields.get() or {}).get(name)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()  # cached on the request: the stack's handler reads it again
+    except Exception:  # not JSON: the stack's handler refuses it
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 class OpenAIErrorRoute(APIRoute):
     """A route whose errors are answered in OpenAI's shape (`answer`) rather than by the stack's handler."""
 
@@ -145,10 +166,13 @@ class OpenAIErrorRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def answering(request: Request) -> Response:
+            fields = _body_fields.set(await _json_object(request) if request.method == "POST" else {})
             try:
                 return await handler(request)
             except Exception as exc:
                 return answer(exc)
+            finally:
+                _body_fields.reset(fields)
 
         return answering
 
@@ -174,8 +198,9 @@ def use_openai_error_routes(factory: Callable[[Any], APIRouter] = routes_answeri
     current = factories.get(Api.batches.value) if isinstance(factories, dict) else None
     if current is factory:  # a second provider built in this process
         return True
-    if current is not create_router:
+    if current is not create_router and not getattr(current, "answers_openai_errors", False):
         logger.warning("The stack's batches routes are not the expected ones; errors keep the stack's shape")
         return False
+    factory.answers_openai_errors = True  # type: ignore[attr-defined]  # ours: it may be swapped for another
     factories[Api.batches.value] = factory  # type: ignore[index]
     return True

@@ -52,6 +52,7 @@ from ..stack import (
 )
 from ..storage.store import BatchStore
 from . import idempotency
+from .http_errors import body_field
 from .idempotency import CreateParams
 from .user_limits import UserLimits
 from .validation import (
@@ -61,6 +62,7 @@ from .validation import (
     validate_input_file_purpose,
     validate_list_after,
     validate_list_limit,
+    validate_output_expires_after,
 )
 from .webhook_endpoints import WebhookEndpoints
 
@@ -132,6 +134,7 @@ class BatchesService(Batches):
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         idem_tok: str | None = None,
+        output_expires_after: dict[str, Any] | None = None,
     ) -> BatchObject:
         """Create a batch, or return the one an earlier call with the same idempotency key created."""
         self.start()
@@ -144,6 +147,10 @@ class BatchesService(Batches):
         if self._apis is not None and not self._apis.serves(endpoint):  # type: ignore[arg-type]  # validated
             raise InvalidParameterError("endpoint", unavailable_message(endpoint))  # type: ignore[arg-type]
         validate_idempotency_key(key)
+        # Not in the stack's request model (it drops unknown fields): read from the request's body.
+        expires_after = validate_output_expires_after(
+            output_expires_after if output_expires_after is not None else body_field("output_expires_after")
+        )
         if not self._routes.allows(endpoint):  # type: ignore[arg-type]  # validated just above
             raise AccessDeniedError("create", BatchResource(f"for {endpoint}", None), get_authenticated_user())
         params = CreateParams(
@@ -154,6 +161,7 @@ class BatchesService(Batches):
         )
         owner = current_owner()
         candidate = self._new_batch(params, owner, key)
+        candidate.output_expires_after_seconds = expires_after
         check_may_create(self._policy, candidate.batch.id)  # the access policy's `create`, before anything is stored
         await self._check_input_file_purpose(params.input_file_id)
         # Credentials that came with this request are not stored: such a batch waits here, and only so many may.

@@ -203,3 +203,45 @@ def validate_list_limit(limit: Any) -> int:
             f"Invalid value for 'limit': {quoted(limit)}. It must be between {MIN_LIST_LIMIT} and {MAX_LIST_LIMIT}.",
         )
     return limit
+
+
+OUTPUT_EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's bounds: an hour to 30 days
+
+
+def validate_output_expires_after(value: Any) -> int | None:
+    """`output_expires_after` as OpenAI checks it: `{"anchor": "created_at", "seconds": 3600..2592000}`;
+    the seconds, or None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_type("output_expires_after", "an object", value)
+    unknown = sorted(set(value) - {"anchor", "seconds"})
+    if unknown:
+        message = f"Unrecognized parameter: 'output_expires_after.{shown(unknown[0])}'."
+        raise InvalidParameterError(f"output_expires_after.{shown(unknown[0])}", message, "unknown_parameter")
+    anchor, seconds = value.get("anchor"), value.get("seconds")
+    if anchor is None:
+        message = "Missing required parameter: 'output_expires_after.anchor'."
+        raise InvalidParameterError("output_expires_after.anchor", message, "missing_required_parameter")
+    if anchor != "created_at":
+        message = f"Invalid value: {quoted(anchor)}. Supported values are: 'created_at'."
+        raise InvalidParameterError("output_expires_after.anchor", message, "invalid_value")
+    if seconds is None:
+        message = "Missing required parameter: 'output_expires_after.seconds'."
+        raise InvalidParameterError("output_expires_after.seconds", message, "missing_required_parameter")
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise invalid_type("output_expires_after.seconds", "an integer", seconds)
+    low, high = OUTPUT_EXPIRY_SECONDS
+    if seconds < low:
+        message = (
+            "Invalid 'output_expires_after.seconds': integer below minimum value."
+            f" Expected a value >= {low}, but got {seconds} instead."
+        )
+        raise InvalidParameterError("output_expires_after.seconds", message, "integer_below_min_value")
+    if seconds > high:
+        message = (
+            "Invalid 'output_expires_after.seconds': integer above maximum value."
+            f" Expected a value <= {high}, but got {seconds} instead."
+        )
+        raise InvalidParameterError("output_expires_after.seconds", message, "integer_above_max_value")
+    return seconds

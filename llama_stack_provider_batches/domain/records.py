@@ -40,3 +40,5 @@ class StoredBatch(BaseModel):
     results_at_last_failure: int = 0
     # Requests in its input file, counted at create when a per-user request limit is set (user_limits.py).
     request_lines: int | None = None
+    # `output_expires_after.seconds` of its create: its result files expire that long after they are written.
+    output_expires_after_seconds: int | None = None

@@ -12,6 +12,7 @@
     parking         leases held while a batch waits for its turn
     startup         background work started on the server's event loop
     webhook_delivery   webhook events fanned out and delivered, with bounded retries
+    housekeeping    the sweep: retention of batch records, expiry of result files, leftovers
 
 May use: storage, requests, telemetry, config, domain, stack. Never api.
 """

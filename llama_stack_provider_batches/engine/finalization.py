@@ -28,9 +28,11 @@ from openai.types.batch_error import BatchError
 from openai.types.batch_request_counts import BatchRequestCounts
 
 from ..domain.lifecycle import transition
+from ..domain.records import StoredBatch
 from ..domain.results import ResultEntry, ResultSpool, Tally, decode_results
 from ..stack import (
     BatchObject,
+    ExpiresAfter,
     Files,
     ListFilesRequest,
     OpenAIFilePurpose,
@@ -38,6 +40,7 @@ from ..stack import (
     Order,
     UploadFileRequest,
     get_logger,
+    set_file_expiry,
 )
 from ..storage.store import BatchStore, Lease
 
@@ -106,7 +109,7 @@ class Finalizer:
                         uploading[kind] = int(self.clock())
                         await self._record(uploading=dict(uploading))
                         content.seek(0)
-                        found = await self._upload(kind, content)
+                        found = await self._upload(kind, content, stored)
                     uploaded[kind] = found
                     await self._record(uploaded_files=dict(uploaded))
         fields: dict[str, object] = {
@@ -152,12 +155,22 @@ class Finalizer:
             after = page.data[-1].id
         return None
 
-    async def _upload(self, kind: str, content: BinaryIO) -> str:
+    async def _upload(self, kind: str, content: BinaryIO, stored: StoredBatch | None) -> str:
         upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
+        seconds = stored.output_expires_after_seconds if stored is not None else None
+        expires_after = ExpiresAfter(anchor="created_at", seconds=seconds) if seconds is not None else None
         uploaded = await self.files.openai_upload_file(
-            request=UploadFileRequest(purpose=OpenAIFileUploadPurpose.BATCH), file=upload
+            request=UploadFileRequest(purpose=OpenAIFileUploadPurpose.BATCH, expires_after=expires_after), file=upload
         )
+        if seconds is not None and stored is not None:
+            await self._expire_at(uploaded.id, uploaded.created_at + seconds, stored)
         return uploaded.id
+
+    async def _expire_at(self, file_id: str, expires_at: int, stored: StoredBatch) -> None:
+        """The batch's `output_expires_after`: the file's `expires_at` says so (set here where the Files
+        provider ignored it), and the sweep deletes it then (housekeeping.py)."""
+        await set_file_expiry(self.files, file_id, expires_at)
+        await self.store.retention.expire_file_at(file_id, self.batch_id, stored.owner, expires_at)
 
 
 def final_status(batch: BatchObject, outcome: Outcome) -> Literal["completed", "expired", "failed", "cancelled"]:

@@ -43,6 +43,7 @@ from ..storage.leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease, s
 from ..storage.store import BatchStore, Lease
 from .attempts import Ending, JobAttempts
 from .governor import LoopGovernor, govern
+from .housekeeping import Housekeeper
 from .job import BatchJob
 from .parking import ParkedLeases
 from .scheduler import Scheduler
@@ -97,6 +98,8 @@ class BatchRunner:
         self._governing: asyncio.Task[None] | None = None
         self.deliverer: WebhookDeliverer | None = None  # webhook events, delivered beside the batches
         self._delivering: asyncio.Task[None] | None = None
+        self.housekeeper: Housekeeper | None = None  # retention and expiry, swept beside the batches
+        self._sweeping: asyncio.Task[None] | None = None
         self._settings = JobSettings(
             grace_seconds=config.cancel_grace_seconds,
             shutdown_grace_seconds=config.shutdown_grace_seconds,
@@ -137,6 +140,9 @@ class BatchRunner:
             if self._governor is not None:
                 governing = self._governor.run()
                 self._governing = asyncio.create_task(governing, name="batches:governor", context=contextvars.Context())
+            if self.housekeeper is not None:
+                sweeping = self.housekeeper.run(self._stopping)
+                self._sweeping = asyncio.create_task(sweeping, name="batches:sweep", context=contextvars.Context())
             if self.deliverer is not None:
                 delivering = self.deliverer.run(self._stopping)
                 self._delivering = asyncio.create_task(
@@ -200,8 +206,9 @@ class BatchRunner:
             await asyncio.gather(self._governing, return_exceptions=True)
         if self._claim_loop is not None:
             await finish_or_cancel(self._claim_loop, STORE_CALL_SECONDS)
-        if self._delivering is not None:
-            await finish_or_cancel(self._delivering, STORE_CALL_SECONDS)
+        for background in (self._delivering, self._sweeping):
+            if background is not None:
+                await finish_or_cancel(background, STORE_CALL_SECONDS)
         await self._helpers.stop()
         tasks = list(self._tasks.values())
         if tasks:

@@ -39,6 +39,7 @@ logger = get_logger(name=__name__, category="providers")
 MAX_RETRY_SECONDS = 3600.0
 PER_ENDPOINT_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 1.0  # how soon another process's events are noticed
+PENDING_EVERY_PASSES = 10  # how often the pending-deliveries gauge is counted
 OPERATOR_PREFIX = "op_"
 
 
@@ -125,12 +126,15 @@ class WebhookDeliverer:
         self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        failing = False
+        failing, passes = False, 0
         while not stopping.is_set():
             self._wake.clear()
             try:
                 await self.store.fan_out(self._operator.values())
                 await self._send_due()
+                if passes % PENDING_EVERY_PASSES == 0:
+                    telemetry.set_webhook_pending(await self.store.pending())
+                passes += 1
                 failing = False
             except Exception as exc:
                 if not failing:  # once per run of failures: an outage must not flood the log
@@ -199,7 +203,9 @@ class WebhookDeliverer:
             )
             return
         telemetry.webhook_delivered(delivery.type, "retried", None)
-        await self.store.retry_later(delivery, retry_delay(delivery.attempts + 1, self.config.first_retry_seconds), error)
+        await self.store.retry_later(
+            delivery, retry_delay(delivery.attempts + 1, self.config.first_retry_seconds), error
+        )
 
     async def _target(self, endpoint_id: str) -> tuple[str, list[str]] | None:
         """The URL and signing secrets of an endpoint; None if it is gone."""

@@ -9,6 +9,7 @@ and replica, and the lease protocol that lets one process at a time run a batch 
     upgrade     moving an earlier release's kvstore data into the database, once
     webhooks    webhook endpoints, events and deliveries
     secrets     signing secrets encrypted at rest with the operator's key
+    retention   when batches ended and their files expire, and removing what is due
 
 May use: domain, config, telemetry, stack. Never api, engine or requests.
 """

@@ -6,6 +6,7 @@ Tables named after `sql_store.table_name` (`batches` unless set):
     <name>_shards   one row per range of a running batch's requests: its lease and progress (shards.py)
     <name>_chunks   key -> text: result chunks and custom_id lists of unfinished batches (store.py)
     <name>_webhook_endpoints, <name>_events, <name>_deliveries   webhooks (webhooks.py)
+    <name>_ended, <name>_file_expiries   when batches ended and when their result files expire (retention.py)
 
 The database is the stack's `sql_default` backend unless configured otherwise: SQLite on one host
 (every worker process of a server, and every server on that host, shares the file safely) or
@@ -163,6 +164,27 @@ def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, 
     return endpoints, events, deliveries
 
 
+def define_retention_tables(metadata: MetaData, name: str) -> tuple[Table, Table]:
+    """When each batch ended (for its record's retention), and when its result files expire (retention.py)."""
+    ended = Table(
+        f"{name}_ended",
+        metadata,
+        Column("batch_id", String(64), primary_key=True),
+        Column("ended_at", Float, nullable=False),  # epoch seconds, written with the move that ended it
+    )
+    Index(f"{name}_ended_by_time", ended.c.ended_at)
+    file_expiries = Table(
+        f"{name}_file_expiries",
+        metadata,
+        Column("file_id", String(128), primary_key=True),
+        Column("batch_id", String(64), nullable=False),
+        Column("owner", Text, nullable=True),  # whose file: it is deleted with that user's rights
+        Column("expires_at", Float, nullable=False),
+    )
+    Index(f"{name}_file_expiries_due", file_expiries.c.expires_at)
+    return ended, file_expiries
+
+
 def idempotency_ref(scope: str, key: str) -> str:
     """The unique `idempotency_ref` of a batch created with key `key` in an owner's scope."""
     return f"{scope}/{hashlib.sha256(key.encode()).hexdigest()}"
@@ -202,6 +224,7 @@ class Database:
         self.batches, self.shards, self.chunks = define_tables(reference.table_name)
         webhook_tables = define_webhook_tables(self.batches.metadata, reference.table_name)
         self.endpoints, self.events, self.deliveries = webhook_tables
+        self.ended, self.file_expiries = define_retention_tables(self.batches.metadata, reference.table_name)
         self._engine: AsyncEngine | None = None
         self._engine_loop: asyncio.AbstractEventLoop | None = None
         self._statements: set[asyncio.Task[Any]] = set()
@@ -325,15 +348,15 @@ class SqlChunks:
     async def delete_under(self, prefix: str) -> None:
         """Delete every key that starts with `prefix`."""
         table = self._db.chunks
-        await self._db.write(delete(table).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+        await self._db.write(delete(table).where(table.c.key.like(like_prefix(prefix), escape="\\")))
 
     async def keys_under(self, prefix: str) -> list[str]:
         """Every key that starts with `prefix`."""
         table = self._db.chunks
-        rows = await self._db.read(select(table.c.key).where(table.c.key.like(_like_prefix(prefix), escape="\\")))
+        rows = await self._db.read(select(table.c.key).where(table.c.key.like(like_prefix(prefix), escape="\\")))
         return [row.key for row in rows]
 
 
-def _like_prefix(prefix: str) -> str:
+def like_prefix(prefix: str) -> str:
     """A LIKE pattern matching what starts with `prefix` (batch ids hold `_`, a LIKE wildcard)."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -46,6 +46,7 @@ from ..domain.records import StoredBatch
 from ..domain.webhook_events import event_type_for, new_event_id
 from ..stack import BatchNotFoundError, BatchObject, KVStore, SqlStoreReference
 from .database import Database, SqlChunks, batch_row, idempotency_ref
+from .retention import RetentionStore
 from .secrets import SecretBox
 from .shards import ShardStore
 from .store import BatchPage, BatchStore, Lease, LeaseLostError, RequestIds, ResultChunks
@@ -71,6 +72,7 @@ class SQLBatchStore(BatchStore):
         self.results = ResultChunks(chunks)
         self.request_ids = RequestIds(chunks)
         self.shards = ShardStore(self._db)
+        self.retention = RetentionStore(self._db)
         self._upgrade = LegacyUpgrade(kvstore, namespace, self._db) if kvstore is not None else None
 
     def webhook_store(self, box: SecretBox) -> WebhookStore:
@@ -156,19 +158,22 @@ class SQLBatchStore(BatchStore):
             # Somebody wrote in between: compute the change again from what they wrote.
 
     def _events_of(self, before: StoredBatch, after: StoredBatch) -> list[Executable]:
-        """The webhook event a status change sends (a batch that ended), written with the change
-        itself: no crash can lose it, nor send it for a batch that did not end."""
+        """What a status change that ends a batch writes with the change itself: its webhook event (no
+        crash can lose it, nor send it for a batch that did not end) and the time it ended."""
         event_type = event_type_for(after.batch.status) if after.batch.status != before.batch.status else None
         if event_type is None:
             return []
+        now = time.time()
         event = {
             "id": new_event_id(),
             "batch_id": after.batch.id,
             "scope": scope_of(after.owner),
             "type": event_type,
-            "created_at": int(time.time()),
+            "created_at": int(now),
         }
-        return [self._db.events.insert().values(**event)]
+        # And when it ended, from which its record's retention counts (retention.py).
+        ended = self._db.insert(self._db.ended).values(batch_id=after.batch.id, ended_at=now).on_conflict_do_nothing()
+        return [self._db.events.insert().values(**event), ended]
 
     async def page(self, scope: str, after: str | None, limit: int) -> BatchPage | None:
         table = self._table

@@ -14,7 +14,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..domain.records import StoredBatch
 from ..domain.results import ResultEntry, encode_results
@@ -150,12 +150,17 @@ class RequestIds:
         await self._kv.delete_under(f"ids/{batch_id}/")
 
 
+if TYPE_CHECKING:
+    from .retention import RetentionStore
+
+
 class BatchStore(ABC):
     """Batch records, idempotency keys, the list order and the leases: one connector's job."""
 
     results: ResultChunks
     request_ids: RequestIds
     shards: ShardStore
+    retention: "RetentionStore"
 
     @abstractmethod
     async def initialize(self) -> None:

@@ -1,0 +1,111 @@
+"""What keeps the store bounded: batch records removed after their retention, result files deleted
+when they expire, and what a crashed or overtaken process left behind.
+
+    <name>_ended          when each batch ended, written in the transaction that ended it (sql_store.py)
+    <name>_file_expiries  result files to delete at `expires_at` (a batch's `output_expires_after`)
+
+Every method works on a bounded number of rows, oldest first, so one sweep never holds the database
+long; the sweep (engine/housekeeping.py) runs them again until nothing is left.
+"""
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, or_, select
+
+from ..domain.lifecycle import TERMINAL_STATUSES
+from ..domain.ownership import Owner
+from .database import Database, like_prefix
+
+
+@dataclass(frozen=True)
+class ExpiringFile:
+    file_id: str
+    batch_id: str
+    owner: Owner | None
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What a sweep step removed: rows of every table, and the bytes of the batch records and chunks."""
+
+    rows: int = 0
+    bytes: int = 0
+
+
+class RetentionStore:
+    """Retention and clean-up over the provider's tables."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def expire_file_at(self, file_id: str, batch_id: str, owner: Owner | None, expires_at: float) -> None:
+        insert = self._db.insert(self._db.file_expiries).values(
+            file_id=file_id,
+            batch_id=batch_id,
+            owner=owner.model_dump_json() if owner is not None else None,
+            expires_at=expires_at,
+        )
+        await self._db.write(insert.on_conflict_do_nothing())
+
+    async def files_due(self, now: float, limit: int) -> list[ExpiringFile]:
+        table = self._db.file_expiries
+        due = select(table).where(table.c.expires_at <= now).order_by(table.c.expires_at).limit(limit)
+        return [
+            ExpiringFile(row.file_id, row.batch_id, Owner.model_validate_json(row.owner) if row.owner else None)
+            for row in await self._db.read(due)
+        ]
+
+    async def file_expired(self, file_id: str) -> None:
+        table = self._db.file_expiries
+        await self._db.write(delete(table).where(table.c.file_id == file_id))
+
+    async def remove_ended_before(self, cutoff: float, limit: int) -> Removed:
+        """Remove the records (and anything left of them) of up to `limit` batches that ended before `cutoff`."""
+        ended = self._db.ended
+        rows = await self._db.read(select(ended.c.batch_id).where(ended.c.ended_at < cutoff).limit(limit))
+        removed = Removed()
+        for row in rows:
+            removed = _plus(removed, await self._remove_batch(row.batch_id))
+            await self._db.write(delete(ended).where(ended.c.batch_id == row.batch_id))
+            removed = _plus(removed, Removed(rows=1))
+        return removed
+
+    async def remove_leftovers(self, limit: int) -> Removed:
+        """Remove shard rows and result chunks of batches that have ended: what a process that lost
+        its lease, or crashed while a batch was being ended, may have left."""
+        batches, shards = self._db.batches, self._db.shards
+        ended_batches = select(batches.c.id).where(batches.c.status.in_(TERMINAL_STATUSES))
+        stale = select(shards.c.batch_id).where(shards.c.batch_id.in_(ended_batches)).distinct().limit(limit)
+        removed = Removed()
+        for row in await self._db.read(stale):
+            removed = _plus(removed, await self._remove_stored_work(row.batch_id))
+        return removed
+
+    async def _remove_batch(self, batch_id: str) -> Removed:
+        batches = self._db.batches
+        [(size,)] = await self._db.read(
+            select(func.coalesce(func.sum(func.length(batches.c.record)), 0)).where(batches.c.id == batch_id)
+        )
+        gone = await self._db.write(delete(batches).where(batches.c.id == batch_id))
+        return _plus(Removed(gone.rowcount, int(size)), await self._remove_stored_work(batch_id))
+
+    async def _remove_stored_work(self, batch_id: str) -> Removed:
+        """A batch's shard rows and chunks (store.py: `results/<batch_id>/...`, `ids/<batch_id>/...`)."""
+        shards, chunks = self._db.shards, self._db.chunks
+        under = or_(
+            *(chunks.c.key.like(like_prefix(f"{kind}/{batch_id}/"), escape="\\") for kind in ("results", "ids"))
+        )
+        [(count, size)] = await self._db.read(
+            select(func.count(), func.coalesce(func.sum(func.length(chunks.c.value)), 0)).where(under)
+        )
+        await self._db.write(delete(chunks).where(under))
+        gone = await self._db.write(delete(shards).where(shards.c.batch_id == batch_id))
+        return Removed(int(count) + gone.rowcount, int(size))
+
+    async def ended_count(self) -> int:
+        [(count,)] = await self._db.read(select(func.count()).select_from(self._db.ended))
+        return int(count)
+
+
+def _plus(a: Removed, b: Removed) -> Removed:
+    return Removed(a.rows + b.rows, a.bytes + b.bytes)

@@ -253,6 +253,14 @@ class BatchesProviderConfig(BaseModel):
             " own retention, or the batch's `output_expires_after`."
         ),
     )
+    min_output_expires_after_seconds: int = Field(
+        default=3600,
+        ge=1,
+        description=(
+            "The shortest `output_expires_after.seconds` a create may ask for: OpenAI's hour unless an operator"
+            " (or a test) wants shorter."
+        ),
+    )
     sweep_interval_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -149,7 +149,8 @@ class BatchesService(Batches):
         validate_idempotency_key(key)
         # Not in the stack's request model (it drops unknown fields): read from the request's body.
         expires_after = validate_output_expires_after(
-            output_expires_after if output_expires_after is not None else body_field("output_expires_after")
+            output_expires_after if output_expires_after is not None else body_field("output_expires_after"),
+            self._config.min_output_expires_after_seconds,
         )
         if not self._routes.allows(endpoint):  # type: ignore[arg-type]  # validated just above
             raise AccessDeniedError("create", BatchResource(f"for {endpoint}", None), get_authenticated_user())

@@ -208,9 +208,9 @@ def validate_list_limit(limit: Any) -> int:
 OUTPUT_EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's bounds: an hour to 30 days
 
 
-def validate_output_expires_after(value: Any) -> int | None:
-    """`output_expires_after` as OpenAI checks it: `{"anchor": "created_at", "seconds": 3600..2592000}`;
-    the seconds, or None when not given."""
+def validate_output_expires_after(value: Any, minimum: int = OUTPUT_EXPIRY_SECONDS[0]) -> int | None:
+    """`output_expires_after` as OpenAI checks it: `{"anchor": "created_at", "seconds": 3600..2592000}`
+    (from `minimum` where an operator lowered it); the seconds, or None when not given."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -231,7 +231,7 @@ def validate_output_expires_after(value: Any) -> int | None:
         raise InvalidParameterError("output_expires_after.seconds", message, "missing_required_parameter")
     if isinstance(seconds, bool) or not isinstance(seconds, int):
         raise invalid_type("output_expires_after.seconds", "an integer", seconds)
-    low, high = OUTPUT_EXPIRY_SECONDS
+    low, high = minimum, OUTPUT_EXPIRY_SECONDS[1]
     if seconds < low:
         message = (
             "Invalid 'output_expires_after.seconds': integer below minimum value."

@@ -158,7 +158,7 @@ class Finalizer:
     async def _upload(self, kind: str, content: BinaryIO, stored: StoredBatch | None) -> str:
         upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
         seconds = stored.output_expires_after_seconds if stored is not None else None
-        expires_after = ExpiresAfter(anchor="created_at", seconds=seconds) if seconds is not None else None
+        expires_after = _expires_after(seconds)
         uploaded = await self.files.openai_upload_file(
             request=UploadFileRequest(purpose=OpenAIFileUploadPurpose.BATCH, expires_after=expires_after), file=upload
         )
@@ -171,6 +171,17 @@ class Finalizer:
         provider ignored it), and the sweep deletes it then (housekeeping.py)."""
         await set_file_expiry(self.files, file_id, expires_at)
         await self.store.retention.expire_file_at(file_id, self.batch_id, stored.owner, expires_at)
+
+
+def _expires_after(seconds: int | None) -> ExpiresAfter | None:
+    """The Files API's `expires_after`, where its bounds (OpenAI's) take `seconds`; shorter ones (an
+    operator lowered `min_output_expires_after_seconds`) are applied by the provider alone."""
+    if seconds is None:
+        return None
+    try:
+        return ExpiresAfter(anchor="created_at", seconds=seconds)
+    except ValueError:  # pydantic's ValidationError
+        return None
 
 
 def final_status(batch: BatchObject, outcome: Outcome) -> Literal["completed", "expired", "failed", "cancelled"]:

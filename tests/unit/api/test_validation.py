@@ -18,6 +18,7 @@ from llama_stack_provider_batches.api.validation import (
     validate_list_after,
     validate_list_limit,
     validate_metadata,
+    validate_output_expires_after,
 )
 from llama_stack_provider_batches.domain.errors import MAX_QUOTED_CHARS, InvalidParameterError, quoted, shown
 from llama_stack_provider_batches.domain.records import MAX_BATCH_ID_CHARS, is_batch_id
@@ -244,3 +245,25 @@ def test_validators_pass_or_raise_invalid_parameter_error_only(
         except InvalidParameterError as error:
             str(error).encode("utf-8")  # the message is always safe to send back
             assert len(str(error)) < 400
+
+
+@given(st.integers(-(10**9), 10**9))
+def test_output_expiry_seconds_pass_exactly_within_openais_bounds(seconds: int) -> None:
+    value = {"anchor": "created_at", "seconds": seconds}
+    if 3600 <= seconds <= 2592000:
+        assert validate_output_expires_after(value) == seconds
+    else:
+        with pytest.raises(InvalidParameterError) as refused:
+            validate_output_expires_after(value)
+        assert refused.value.param == "output_expires_after.seconds"
+        assert refused.value.code in ("integer_below_min_value", "integer_above_max_value")
+
+
+@given(
+    st.one_of(st.none(), st.text(), st.integers(), st.lists(st.integers()), st.dictionaries(st.text(), st.integers()))
+)
+def test_any_output_expiry_is_accepted_or_refused_naming_a_parameter(value: object) -> None:
+    try:
+        validate_output_expires_after(value)
+    except InvalidParameterError as refused:
+        assert refused.param.startswith("output_expires_after") and refused.code

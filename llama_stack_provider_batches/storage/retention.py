@@ -10,11 +10,15 @@ long; the sweep (engine/housekeeping.py) runs them again until nothing is left.
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 
 from ..domain.lifecycle import TERMINAL_STATUSES
 from ..domain.ownership import Owner
-from .database import Database, like_prefix
+from .database import Database
+
+# Batches whose chunks one statement looks for (two key ranges each): SQLite refuses expressions
+# deeper than 1,000 terms.
+RANGES_PER_STATEMENT = 100
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,20 @@ class RetentionStore:
         await self._db.write(delete(table).where(table.c.file_id == file_id))
 
     async def remove_ended_before(self, cutoff: float, limit: int) -> Removed:
-        """Remove the records (and anything left of them) of up to `limit` batches that ended before `cutoff`."""
-        ended = self._db.ended
+        """Remove the records (and anything left of them) of up to `limit` batches that ended before
+        `cutoff`, in a few statements for all of them."""
+        ended, batches = self._db.ended, self._db.batches
         rows = await self._db.read(select(ended.c.batch_id).where(ended.c.ended_at < cutoff).limit(limit))
-        removed = Removed()
-        for row in rows:
-            removed = _plus(removed, await self._remove_batch(row.batch_id))
-            await self._db.write(delete(ended).where(ended.c.batch_id == row.batch_id))
-            removed = _plus(removed, Removed(rows=1))
-        return removed
+        batch_ids = [row.batch_id for row in rows]
+        if not batch_ids:
+            return Removed()
+        [(size,)] = await self._db.read(
+            select(func.coalesce(func.sum(func.length(batches.c.record)), 0)).where(batches.c.id.in_(batch_ids))
+        )
+        gone = await self._db.write(delete(batches).where(batches.c.id.in_(batch_ids)))
+        left = await self._remove_stored_work(batch_ids)
+        await self._db.write(delete(ended).where(ended.c.batch_id.in_(batch_ids)))
+        return Removed(gone.rowcount + len(batch_ids) + left.rows, int(size) + left.bytes)
 
     async def remove_leftovers(self, limit: int) -> Removed:
         """Remove shard rows and result chunks of batches that have ended: what a process that lost
@@ -76,36 +85,32 @@ class RetentionStore:
         batches, shards = self._db.batches, self._db.shards
         ended_batches = select(batches.c.id).where(batches.c.status.in_(TERMINAL_STATUSES))
         stale = select(shards.c.batch_id).where(shards.c.batch_id.in_(ended_batches)).distinct().limit(limit)
-        removed = Removed()
-        for row in await self._db.read(stale):
-            removed = _plus(removed, await self._remove_stored_work(row.batch_id))
-        return removed
+        batch_ids = [row.batch_id for row in await self._db.read(stale)]
+        return await self._remove_stored_work(batch_ids) if batch_ids else Removed()
 
-    async def _remove_batch(self, batch_id: str) -> Removed:
-        batches = self._db.batches
-        [(size,)] = await self._db.read(
-            select(func.coalesce(func.sum(func.length(batches.c.record)), 0)).where(batches.c.id == batch_id)
-        )
-        gone = await self._db.write(delete(batches).where(batches.c.id == batch_id))
-        return _plus(Removed(gone.rowcount, int(size)), await self._remove_stored_work(batch_id))
-
-    async def _remove_stored_work(self, batch_id: str) -> Removed:
-        """A batch's shard rows and chunks (store.py: `results/<batch_id>/...`, `ids/<batch_id>/...`)."""
+    async def _remove_stored_work(self, batch_ids: list[str]) -> Removed:
+        """The batches' shard rows and chunks (store.py: `results/<batch_id>/...`, `ids/<batch_id>/...`),
+        each found by a range of the chunks' primary key."""
         shards, chunks = self._db.shards, self._db.chunks
-        under = or_(
-            *(chunks.c.key.like(like_prefix(f"{kind}/{batch_id}/"), escape="\\") for kind in ("results", "ids"))
-        )
-        [(count, size)] = await self._db.read(
-            select(func.count(), func.coalesce(func.sum(func.length(chunks.c.value)), 0)).where(under)
-        )
-        await self._db.write(delete(chunks).where(under))
-        gone = await self._db.write(delete(shards).where(shards.c.batch_id == batch_id))
-        return Removed(int(count) + gone.rowcount, int(size))
+        count = size = 0
+        for start in range(0, len(batch_ids), RANGES_PER_STATEMENT):
+            # Keys under "<kind>/<id>/" sort from that prefix up to "<kind>/<id>0" ("0" follows "/").
+            under = or_(
+                *(
+                    and_(chunks.c.key >= f"{kind}/{batch_id}/", chunks.c.key < f"{kind}/{batch_id}0")
+                    for batch_id in batch_ids[start : start + RANGES_PER_STATEMENT]
+                    for kind in ("results", "ids")
+                )
+            )
+            [(found, length)] = await self._db.read(
+                select(func.count(), func.coalesce(func.sum(func.length(chunks.c.value)), 0)).where(under)
+            )
+            if found:
+                await self._db.write(delete(chunks).where(under))
+            count, size = count + int(found), size + int(length)
+        gone = await self._db.write(delete(shards).where(shards.c.batch_id.in_(batch_ids)))
+        return Removed(count + gone.rowcount, size)
 
     async def ended_count(self) -> int:
         [(count,)] = await self._db.read(select(func.count()).select_from(self._db.ended))
         return int(count)
-
-
-def _plus(a: Removed, b: Removed) -> Removed:
-    return Removed(a.rows + b.rows, a.bytes + b.bytes)

@@ -62,7 +62,7 @@ async def get_provider_impl(
 
     store = SQLBatchStore(config.sql_store, kvstore, namespace, on_move=moved)
     webhook_store = store.webhook_store(
-        SecretBox.from_config(config.webhooks.encryption_key, config.webhooks.encryption_key_file)
+        SecretBox.from_config(config.webhooks.secrets_key, config.webhooks.secrets_key_file)
     )
     deliverer = WebhookDeliverer(webhook_store, config.webhooks)
     apis = StackAPIs(

@@ -68,17 +68,18 @@ class WebhooksConfig(BaseModel):
     )
     attempt_timeout_seconds: float = Field(default=10.0, gt=0, description="How long one delivery attempt may take.")
     max_concurrent_deliveries: int = Field(default=16, ge=1, description="Deliveries in flight, per process.")
-    encryption_key: str | None = Field(
+    # Named with "secret" so that the stack's log of its configuration redacts it.
+    secrets_key: str | None = Field(
         default=None,
         description=(
             "The key (Fernet: 32 url-safe base64 bytes) that encrypts signing secrets in the store, so that a dump"
-            " of the database alone cannot sign events. Unset: a key file `encryption_key_file`, made at the first"
+            " of the database alone cannot sign events. Unset: a key file `secrets_key_file`, made at the first"
             " start. Every replica must use the same key."
         ),
     )
-    encryption_key_file: str = Field(
+    secrets_key_file: str = Field(
         default="~/.llama/batches-webhook-secrets.key",
-        description="Where the key is kept when `encryption_key` is unset (created with mode 0600).",
+        description="Where the key is kept when `secrets_key` is unset (created with mode 0600).",
     )
 
 

@@ -2,7 +2,7 @@
 
 A dump of the database alone must not let anyone sign events as the server. Secrets are stored
 encrypted with Fernet (the `cryptography` package: AES-128-CBC and HMAC-SHA256, a maintained
-implementation) under the operator's key: `webhooks.encryption_key`, or a key file made at the
+implementation) under the operator's key: `webhooks.secrets_key`, or a key file made at the
 first start with mode 0600. Every replica must use the same key.
 """
 
@@ -24,7 +24,7 @@ class SecretBox:
         try:
             self._fernet = Fernet(key)
         except ValueError as exc:
-            raise SecretKeyError(f"webhooks.encryption_key is not a Fernet key: {exc}") from None
+            raise SecretKeyError(f"webhooks.secrets_key is not a Fernet key: {exc}") from None
 
     @classmethod
     def from_config(cls, key: str | None, key_file: str) -> "SecretBox":

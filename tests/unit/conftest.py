@@ -264,7 +264,7 @@ def config(
         sql_store=sql_store_reference,
         max_concurrent_requests_per_batch=4,
         interactive_lag_target_ms=None,
-        webhooks=WebhooksConfig(encryption_key_file=str(tmp_path / "webhook.key"), allowed_hosts=["127.0.0.1"]),
+        webhooks=WebhooksConfig(secrets_key_file=str(tmp_path / "webhook.key"), allowed_hosts=["127.0.0.1"]),
     )
 
 

@@ -26,7 +26,7 @@ from ..config import WebhooksConfig
 from ..domain.errors import InvalidParameterError, LimitReachedError, WebhookEndpointNotFoundError
 from ..domain.ownership import check_may_create, current_owner, may, scope_of
 from ..domain.webhook_events import EVENT_TYPES, event_body, new_event_id, new_secret, secret_hint, signed_headers
-from ..domain.webhook_urls import AllowedHosts, UnsafeURL, check_url
+from ..domain.webhook_urls import AllowedHosts, Resolver, UnsafeURL, check_url, resolve_allowed, resolve_host
 from ..engine.webhook_delivery import post_event
 from ..stack import AccessRule, Action
 from ..storage.webhooks import EndpointRecord, WebhookStore
@@ -86,8 +86,10 @@ class WebhookEndpoints:
         config: WebhooksConfig,
         policy: list[AccessRule],
         clock: Callable[[], float] = time.time,
+        resolve: Resolver = resolve_host,
     ) -> None:
         self._store = store
+        self._resolve = resolve
         self._config = config
         self._policy = policy
         self._clock = clock
@@ -95,7 +97,7 @@ class WebhookEndpoints:
 
     async def create(self, params: CreateEndpoint) -> dict[str, Any]:
         name, event_types = self._name(params.name), self._event_types(params.event_types)
-        url = self._url(params.url)
+        url = await self._url(params.url)
         check_may_create(self._policy, ID_PREFIX)
         owner = current_owner()
         limit = self._config.max_endpoints_per_user
@@ -122,7 +124,7 @@ class WebhookEndpoints:
     async def update(self, endpoint_id: str, params: UpdateEndpoint) -> dict[str, Any]:
         await self._visible(endpoint_id, Action.UPDATE)
         name = self._name(params.name) if params.name is not None else None
-        url = self._url(params.url) if params.url is not None else None
+        url = await self._url(params.url) if params.url is not None else None
         event_types = self._event_types(params.event_types) if params.event_types is not None else None
         await self._store.update_endpoint(endpoint_id, int(self._clock()), name, url, event_types)
         return await self.retrieve(endpoint_id)
@@ -171,8 +173,15 @@ class WebhookEndpoints:
             raise InvalidParameterError("name", f"The name must be 1 to {MAX_NAME_LENGTH} characters.")
         return name
 
-    def _url(self, url: str) -> str:
-        self._destination(url)
+    async def _url(self, url: str) -> str:
+        """A URL to register: its form, and the addresses its host resolves to now (each delivery
+        checks them again). A name that does not resolve yet is accepted: its deliveries wait for it."""
+        destination = self._destination(url)
+        try:
+            await resolve_allowed(destination, self._allowed, self._resolve)
+        except UnsafeURL as exc:
+            if "does not resolve" not in str(exc):
+                raise InvalidParameterError("url", str(exc), "invalid_url") from None
         return url
 
     def _destination(self, url: str) -> Any:

@@ -18,9 +18,15 @@ ALICE = Owner(principal="alice", attributes={"teams": ["a"]})
 BOB = Owner(principal="bob", attributes={"teams": ["b"]})
 
 
+async def public(host: str, port: int) -> list[str]:
+    """Every name resolves to a public address (no DNS in unit tests)."""
+    return ["93.184.215.14"]
+
+
 @pytest.fixture
 def endpoints(idle_provider: BatchesService) -> WebhookEndpoints:
     assert idle_provider.webhooks is not None
+    idle_provider.webhooks._resolve = public
     return idle_provider.webhooks
 
 
@@ -103,3 +109,14 @@ async def test_ids_that_cannot_be_endpoints_are_not_found_without_a_lookup(endpo
     for endpoint_id in ("batch_1", "", "we_" + "x" * 500):
         with pytest.raises(WebhookEndpointNotFoundError):
             await endpoints.retrieve(endpoint_id)
+
+
+async def test_a_name_that_resolves_inside_the_machine_is_refused_at_create(endpoints: WebhookEndpoints) -> None:
+    async def to_metadata(host: str, port: int) -> list[str]:
+        return ["169.254.169.254"] if host == "inside.example.com" else ["93.184.215.14"]
+
+    endpoints._resolve = to_metadata
+    with pytest.raises(InvalidParameterError) as refused:
+        await endpoints.create(create(url="https://inside.example.com/h"))
+    assert refused.value.code == "invalid_url" and "169.254.169.254" in refused.value.message
+    assert (await endpoints.create(create(url="https://outside.example.com/h")))["url"].startswith("https://outside")

@@ -201,6 +201,8 @@ class BatchRunner:
             return
         self._stopping.set()
         self._wake.set()
+        if self.deliverer is not None:
+            self.deliverer.wake()  # it polls every second: it sees the stop at once
         if self._governing is not None:
             self._governing.cancel()
             await asyncio.gather(self._governing, return_exceptions=True)

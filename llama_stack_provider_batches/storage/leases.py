@@ -60,11 +60,12 @@ async def _renew_within(
     `on_stall` while it goes on: a partitioned store answers nothing for minutes, and the work that
     needs the store should pause well before the lease runs out."""
     renewal = asyncio.ensure_future(renew())
-    _, pending = await asyncio.wait({renewal}, timeout=min(STALLED_AFTER_SECONDS, max(0.0, seconds)))
+    patience = min(STALLED_AFTER_SECONDS, max(0.0, seconds))
+    _, pending = await asyncio.wait({renewal}, timeout=patience)
     if pending:
-        on_stall(StoreStalled(f"a lease renewal has not answered in {STALLED_AFTER_SECONDS:g} s"))
+        on_stall(StoreStalled(f"a lease renewal has not answered in {patience:.1f} s"))
     try:
-        return await asyncio.wait_for(renewal, max(0.0, seconds - STALLED_AFTER_SECONDS))
+        return await asyncio.wait_for(renewal, max(0.0, seconds - patience))
     except TimeoutError:
         raise StoreStalled("a lease renewal did not answer before the lease ran out") from None
 

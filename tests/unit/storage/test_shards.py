@@ -115,7 +115,9 @@ async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_
     monkeypatch: Any, two_processes: TwoProcesses, files: FakeFiles, replica_config: BatchesProviderConfig
 ) -> None:
     # monkeypatch comes first, so that its patches are undone only after the servers are shut down.
-    servers, inferences = await two_processes(requests_per_shard=20)
+    # Leases of 3 s, not the fixture's 1 s: on a loaded CI machine a SQLite renewal of the healthy
+    # process took longer than what was left of a 1 s lease, and its batch moved to the frozen one.
+    servers, inferences = await two_processes(requests_per_shard=20, lease_seconds=3.0)
     inferences[0].behaviour = slow(0.05)
     inferences[1].stall_after(3)  # the helper's requests hang from the fourth on, as in a frozen process
     batch = await start_distinct(servers[0], files, 200)

@@ -39,7 +39,8 @@ logger = get_logger(name=__name__, category="providers")
 MAX_RETRY_SECONDS = 3600.0
 PER_ENDPOINT_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 1.0  # how soon another process's events are noticed
-PENDING_EVERY_PASSES = 10  # how often the pending-deliveries gauge is counted
+PENDING_EVERY_PASSES = 10
+DELIVERY_BOOKKEEPING_SECONDS = 5.0  # how often the pending-deliveries gauge is counted
 OPERATOR_PREFIX = "op_"
 
 
@@ -153,7 +154,8 @@ class WebhookDeliverer:
         if room <= 0:
             return
         busy = [endpoint for endpoint, count in self._in_flight.items() if count >= PER_ENDPOINT_IN_FLIGHT]
-        lease = self.config.attempt_timeout_seconds + 30.0  # the attempt, and its bookkeeping
+        # The attempt and its bookkeeping: a process that dies mid-attempt holds the delivery no longer.
+        lease = self.config.attempt_timeout_seconds + DELIVERY_BOOKKEEPING_SECONDS
         for delivery in await self.store.claim_due(room, lease, busy):
             if self._in_flight.get(delivery.endpoint_id, 0) >= PER_ENDPOINT_IN_FLIGHT:
                 await self.store.retry_later(delivery, 0.0, "")  # its endpoint is busy: back in the queue

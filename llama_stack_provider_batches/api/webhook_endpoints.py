@@ -26,7 +26,15 @@ from ..config import WebhooksConfig
 from ..domain.errors import InvalidParameterError, LimitReachedError, WebhookEndpointNotFoundError
 from ..domain.ownership import check_may_create, current_owner, may, scope_of
 from ..domain.webhook_events import EVENT_TYPES, event_body, new_event_id, new_secret, secret_hint, signed_headers
-from ..domain.webhook_urls import AllowedHosts, Resolver, UnsafeURL, check_url, resolve_allowed, resolve_host
+from ..domain.webhook_urls import (
+    AllowedHosts,
+    Destination,
+    Resolver,
+    UnsafeURL,
+    check_url,
+    resolve_allowed,
+    resolve_host,
+)
 from ..engine.webhook_delivery import post_event
 from ..stack import AccessRule, Action
 from ..storage.webhooks import EndpointRecord, WebhookStore
@@ -184,7 +192,7 @@ class WebhookEndpoints:
                 raise InvalidParameterError("url", str(exc), "invalid_url") from None
         return url
 
-    def _destination(self, url: str) -> Any:
+    def _destination(self, url: str) -> Destination:
         try:
             return check_url(url, self._allowed)
         except UnsafeURL as exc:

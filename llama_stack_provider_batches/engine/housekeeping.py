@@ -21,7 +21,7 @@ from .. import telemetry
 from ..config import BatchesProviderConfig
 from ..domain.outages import log_failure
 from ..domain.ownership import acting_as
-from ..stack import DeleteFileRequest, get_logger
+from ..stack import DeleteFileRequest, ResourceNotFoundError, get_logger
 from ..storage.leases import wait_at_most
 from ..storage.retention import Removed, RetentionStore
 
@@ -82,12 +82,7 @@ class Housekeeper:
                     try:
                         await self.files.openai_delete_file(DeleteFileRequest(file_id=expiring.file_id))
                         deleted += 1
-                    except Exception as exc:
-                        if not _is_not_found(exc):
-                            raise
+                    except ResourceNotFoundError:  # deleted by its owner, or by another process's sweep
+                        pass
                 await self.store.file_expired(expiring.file_id)
         return deleted
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    return "not found" in str(exc).lower() or type(exc).__name__ in ("ResourceNotFoundError", "FileNotFoundError")

@@ -158,7 +158,7 @@ class WebhookDeliverer:
         lease = self.config.attempt_timeout_seconds + DELIVERY_BOOKKEEPING_SECONDS
         for delivery in await self.store.claim_due(room, lease, busy):
             if self._in_flight.get(delivery.endpoint_id, 0) >= PER_ENDPOINT_IN_FLIGHT:
-                await self.store.retry_later(delivery, 0.0, "")  # its endpoint is busy: back in the queue
+                await self.store.release(delivery)  # its endpoint is busy: back in the queue, no attempt used
                 continue
             self._in_flight[delivery.endpoint_id] = self._in_flight.get(delivery.endpoint_id, 0) + 1
             task = asyncio.create_task(self._deliver(delivery))

@@ -173,11 +173,14 @@ class WebhookStore:
         events, endpoints = self._db.events, self._db.endpoints
         rows = await self._db.read(select(events).order_by(events.c.created_at).limit(limit))
         operator = list(operator)
+        by_scope: dict[str, list[tuple[str, list[str]]]] = {}  # read once per owner in this pass
         for event in rows:
-            mine = await self._db.read(
-                select(endpoints.c.id, endpoints.c.event_types).where(endpoints.c.scope == event.scope)
-            )
-            targets = [row.id for row in mine if event.type in json.loads(row.event_types)]
+            if event.scope not in by_scope:
+                mine = await self._db.read(
+                    select(endpoints.c.id, endpoints.c.event_types).where(endpoints.c.scope == event.scope)
+                )
+                by_scope[event.scope] = [(row.id, json.loads(row.event_types)) for row in mine]
+            targets = [endpoint_id for endpoint_id, types in by_scope[event.scope] if event.type in types]
             targets += [endpoint.id for endpoint in operator if event.type in endpoint.event_types]
             inserts = [
                 self._db.insert(self._db.deliveries)
@@ -229,6 +232,11 @@ class WebhookStore:
     async def delivered(self, delivery: Delivery) -> Written:
         """Forget a delivery that was made (or given up)."""
         return await self._db.write(delete(self._db.deliveries).where(*self._held(delivery)))
+
+    async def release(self, delivery: Delivery) -> None:
+        """Give a claimed delivery back untried: due at once, its attempts unchanged."""
+        table = self._db.deliveries
+        await self._db.write(update(table).where(*self._held(delivery)).values(lease_token=None, lease_expires_at=None))
 
     async def retry_later(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
         table = self._db.deliveries

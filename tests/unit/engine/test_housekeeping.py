@@ -1,9 +1,12 @@
 import asyncio
 from typing import Any
 
+import pytest
+
 from llama_stack_provider_batches.config import BatchesProviderConfig
 from llama_stack_provider_batches.domain.ownership import Owner, current_owner
 from llama_stack_provider_batches.engine.housekeeping import Housekeeper
+from llama_stack_provider_batches.stack import ResourceNotFoundError
 from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
 
 ALICE = Owner(principal="alice", attributes={"teams": ["a"]})
@@ -18,7 +21,7 @@ class DeletingFiles:
 
     async def openai_delete_file(self, request: Any) -> None:
         if request.file_id in self.missing:
-            raise ValueError(f"File {request.file_id} not found")
+            raise ResourceNotFoundError(request.file_id, "File")
         self.deleted.append((request.file_id, current_owner()))
 
 
@@ -59,3 +62,17 @@ async def test_a_sweep_that_fails_is_tried_again_and_the_loop_stops_when_told(
 async def test_retention_unset_keeps_records_forever(store: SQLBatchStore, config: BatchesProviderConfig) -> None:
     keeper = Housekeeper(store.retention, DeletingFiles(set()), config.model_copy(update={"retention_days": None}))
     assert (await keeper.sweep()).rows == 0
+
+
+async def test_a_delete_that_fails_otherwise_keeps_the_file_due(
+    store: SQLBatchStore, config: BatchesProviderConfig
+) -> None:
+    class Broken(DeletingFiles):
+        async def openai_delete_file(self, request: Any) -> None:
+            raise OSError(5, "Input/output error")
+
+    await store.retention.expire_file_at("file-b", "batch_1", ALICE, 10.0)
+    keeper = Housekeeper(store.retention, Broken(set()), config, clock=lambda: 100.0)
+    with pytest.raises(OSError):  # the sweep fails (run() logs it once and tries again later)
+        await keeper.sweep()
+    assert [f.file_id for f in await store.retention.files_due(100.0, 10)] == ["file-b"]  # tried again next sweep

@@ -124,3 +124,15 @@ async def test_endpoints_are_listed_per_scope_newest_first(hooks: WebhookStore) 
     assert rest is not None and [e.name for e in rest[0]] == ["e0"] and not rest[1]
     assert await hooks.page_endpoints(scope_of(BOB), made[0].id, 2) is None
     assert await hooks.count_endpoints(scope_of(ALICE)) == 3
+
+
+async def test_a_delivery_given_back_untried_is_due_again_with_no_attempt_counted(
+    store: SQLBatchStore, hooks: WebhookStore
+) -> None:
+    await hooks.create_endpoint(None, "e", "https://a.example/h", EVERY_TYPE, "whsec_c2VjcmV0", 1)
+    await end_batch(store, "batch_g", None)
+    await hooks.fan_out([])
+    [delivery] = await hooks.claim_due(10, 30)
+    await hooks.release(delivery)
+    [again] = await hooks.claim_due(10, 30)
+    assert (again.event_id, again.attempts) == (delivery.event_id, 0)

@@ -1,7 +1,9 @@
 """Run batch workloads through a real stack, once with this provider and once with llama-stack's
-built-in `inline::reference`, and print the figures side by side.
+built-in `inline::reference`, and print the figures side by side, with the machine's limit beside
+them: the same requests sent by a plain `openai.AsyncOpenAI` client straight to the same stand-in,
+as many at once as the batch's window ("plain").
 
-    .venv/bin/python bench/compare.py                              # every workload, both providers
+    .venv/bin/python bench/compare.py                              # every workload, both providers, plain
     .venv/bin/python bench/compare.py --workloads latency,cpu --providers ours
     .venv/bin/python bench/compare.py --workloads latency,failures --chart docs/images/compare.png
 
@@ -13,10 +15,12 @@ Workloads (requests go to the stand-in model server, started here):
     concurrency  1,000 requests, mean latency 1 s (sigma 0.6), concurrency 64; against the ideal
     memory       50,000 requests of about 1 KB each at zero latency, concurrency 10: the server's peak
                  RSS growth, and the latency of /v1/health polled every 50 ms while the batch runs
-Each (provider, workload) pair gets a fresh stack and state directory.
+Each (provider, workload) pair gets a fresh stack and state directory. Under each table: this
+provider's rate against the built-in's and against the plain client's.
 """
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.harness import RUN_YAML, ServerProcess, StandInControl, start_stack, start_standin, warm_up
@@ -203,6 +207,51 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
     return result
 
 
+async def send_plainly(workload: Workload, base_url: str) -> tuple[int, int]:
+    """Send the workload's requests straight to the model server, `concurrency` at a time: (completed, failed)."""
+    # The stand-in's own model id: the stack's `local/m-chat` is `m-chat` of its provider `local`.
+    bodies = [{**json.loads(line)["body"], "model": "m-chat"} for line in input_lines(workload).splitlines()]
+    pending = iter(bodies)
+    counts = {"completed": 0, "failed": 0}
+
+    async def sender(client: AsyncOpenAI) -> None:
+        for body in pending:
+            try:
+                await client.chat.completions.create(**body)
+                counts["completed"] += 1
+            except Exception:
+                counts["failed"] += 1
+
+    async with AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600) as client:
+        await asyncio.gather(*(sender(client) for _ in range(workload.concurrency)))
+    return counts["completed"], counts["failed"]
+
+
+def run_plain(workload: Workload, standin: ServerProcess) -> Result:
+    """The machine's limit for `workload`: no stack, no batch, the same requests and concurrency."""
+    result = Result("plain", workload.name, status="completed")
+    StandInControl(standin.url).configure(
+        latency_mean=workload.latency_mean, latency_sigma=workload.latency_sigma, fail_503=workload.fail_503, fail_429=0
+    )
+    started = time.perf_counter()
+    result.completed, result.failed = asyncio.run(send_plainly(workload, f"{standin.url}/v1"))
+    result.seconds = round(time.perf_counter() - started, 2)
+    result.requests_per_second = round(result.completed / result.seconds, 1)
+    if workload.ideal_seconds:
+        result.share_of_ideal = round(workload.ideal_seconds / result.seconds, 3)
+    return result
+
+
+def ratios(rows: list[Result]) -> str:
+    """This provider's rate against the others', for the line under a table."""
+    rates = {r.provider: r.requests_per_second for r in rows if r.status == "completed"}
+    if not rates.get("ours"):
+        return ""
+    ours = rates["ours"]
+    parts = [f"ours / {other} = {ours / rate:.2f}" for other, rate in rates.items() if other != "ours" and rate]
+    return "  rate: " + ", ".join(parts) if parts else ""
+
+
 def print_table(results: list[Result], workloads: list[Workload]) -> None:
     columns = [
         ("status", "status"),
@@ -223,12 +272,14 @@ def print_table(results: list[Result], workloads: list[Workload]) -> None:
         print(f"  {'':<14}" + "".join(f"{r.provider:>16}" for r in rows))
         for attribute, label in columns:
             print(f"  {label:<14}" + "".join(f"{getattr(r, attribute)!s:>16}" for r in rows))
+        if line := ratios(rows):
+            print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--providers", default="ours,builtin")
+    parser.add_argument("--providers", default="ours,builtin,plain", help="ours, builtin, plain (no stack)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--timeout", type=float, help="give up on a batch after this many seconds")
     parser.add_argument("--chart", type=Path, help="also draw requests finished over time here (PNG; needs matplotlib)")
@@ -245,7 +296,10 @@ def main() -> None:
         for workload in workloads:
             for provider in providers:
                 print(f"running {workload.name} on {provider}...", flush=True)
-                results.append(run_one(provider, workload, standin, work_dir))
+                if provider == "plain":
+                    results.append(run_plain(workload, standin))
+                else:
+                    results.append(run_one(provider, workload, standin, work_dir))
                 figures = {k: v for k, v in asdict(results[-1]).items() if k != "progress"}
                 print(f"  {figures}", flush=True)
     finally:

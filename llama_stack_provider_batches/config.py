@@ -244,6 +244,15 @@ class BatchesProviderConfig(BaseModel):
     requests_per_second_per_model: float | None = Field(
         default=None, gt=0, description="Optional pace of batch requests per model."
     )
+    model_lookup_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "How long the stack's answer to a model lookup (which provider serves it, whether the owner may use it)"
+            " is reused by the batch requests of one owner, instead of asking the stack's registry for each request."
+            " A model removed or a policy changed reaches running batches within this time. 0: look up every request."
+        ),
+    )
 
     retention_days: float | None = Field(
         default=30.0,

@@ -1,7 +1,8 @@
 """The durable log of one shard's results: finished results go to the store in chunks as they come.
 
 A result is added the moment its request finishes; a writer task stores everything added so far as
-one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write (group commit).
+one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write (group commit),
+unless the dispatcher waits for room (`max_unstored` results unstored): then it writes at once.
 Under load a chunk carries the results of one interval; when results trickle in, each is stored
 at once. A request counts as done, in `request_counts`, only once its result is stored: after a
 crash, the requests to repeat are those in flight and those of at most one unwritten interval.
@@ -46,6 +47,7 @@ class ResultLog:
         self._max_unstored = max_unstored
         self._room = asyncio.Event()
         self._room.set()
+        self._waiting_for_room = asyncio.Event()  # cuts the writer's pause short
         self._gate = gate or DependencyGate()
         self._unwritten: tuple[list[ResultEntry], Tally] | None = None  # a chunk whose write failed
         self._lease = lease
@@ -68,6 +70,7 @@ class ResultLog:
         """Return once fewer than `max_unstored` results wait to be stored."""
         while self.unstored >= self._max_unstored:
             self._room.clear()
+            self._waiting_for_room.set()
             await self._room.wait()
 
     def add_success(self, entry: ResultEntry, input_tokens: int, output_tokens: int) -> None:
@@ -100,7 +103,9 @@ class ResultLog:
                 continue
             if self._unreported and self._clock() >= self._next_progress_at():
                 await asyncio.shield(self.report_progress())
-            await asyncio.sleep(MIN_FLUSH_INTERVAL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waiting_for_room.wait(), MIN_FLUSH_INTERVAL_SECONDS)
+            self._waiting_for_room.clear()
 
     def _next_progress_at(self) -> float:
         return self._last_progress + PROGRESS_INTERVAL_SECONDS

@@ -82,6 +82,7 @@ class BatchRunner:
             RetryPolicy(config.max_attempts, config.backoff_initial_seconds, config.backoff_max_seconds),
             config.request_timeout_seconds,
             pacer=RateLimiter(config.requests_per_second_per_model) if config.requests_per_second_per_model else None,
+            lookup_seconds=config.model_lookup_seconds,
         )
         self._files = files
         self._apis = apis
@@ -219,6 +220,7 @@ class BatchRunner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._parked.release_all(self._release)
+        await self._sender.routes.aclose()
 
     # --- claiming -------------------------------------------------------------------------------
 

@@ -2,10 +2,9 @@
 
 import asyncio
 import contextlib
-import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
@@ -17,7 +16,6 @@ from ..domain.errors import status_code_of
 from ..domain.outages import DependencyGate, is_dependency_outage
 from ..stack import (
     CreateResponseRequest,
-    Inference,
     OpenAIChatCompletionRequestWithExtraBody,
     OpenAICompletionRequestWithExtraBody,
     OpenAIEmbeddingsRequestWithExtraBody,
@@ -27,27 +25,10 @@ from ..stack import (
 )
 from .input_file import RequestLine
 from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .routes import StackRoutes
 from .stack_apis import EndpointUnavailableError, StackAPIs
 
 logger = get_logger(name=__name__, category="providers")
-
-
-def without_completion_store(inference: Inference) -> Inference:
-    """The stack's inference router, minus the store it records every chat completion in.
-
-    Batch chat completions use this view unless their body says `store: true`, for two reasons. OpenAI
-    stores a chat completion only when asked to. And the stack's SQLite store writes each completion
-    in its own task with no queue: at batch rates (hundreds a second) its writes fail ("database is
-    locked", pool exhausted), and logging those failures stalled the whole server in our runs. The
-    view is a shallow copy sharing everything else (routing, access checks, metrics). Responses and
-    moderations cannot skip it: the stack's Responses and Safety providers call the inference router
-    they were built with.
-    """
-    if getattr(inference, "store", None) is None:
-        return inference
-    view = copy.copy(inference)
-    view.store = None  # type: ignore[attr-defined]
-    return view
 
 
 async def call_endpoint(apis: StackAPIs, endpoint: str, body: dict[str, Any]) -> BaseModel:
@@ -161,8 +142,9 @@ class RequestSender:
     """Sends batch requests with retries, a timeout per attempt and a pace. How many are in flight is
     the scheduler's business (scheduler.py): a request is sent once it holds a slot.
 
-    Batch chat completions go through `without_completion_store(inference)` unless their body says
-    `store: true`.
+    Requests go through the stack's APIs as `routes` (routes.py) hands them out: chat completions
+    skip the completion store unless their body says `store: true`, and model lookups are reused
+    for `lookup_seconds`.
 
     A request that fails because a dependency of the stack is out (outages.py) waits at the gate and
     goes again once it opens: that costs it no attempt and its model no capacity. Every request
@@ -174,9 +156,10 @@ class RequestSender:
     timeout_seconds: float
     pacer: RateLimiter | None = None
     gate: DependencyGate = field(default_factory=DependencyGate)
+    lookup_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self._apis_unstored = replace(self.apis, inference=without_completion_store(self.apis.inference))
+        self.routes = StackRoutes(self.apis, self.lookup_seconds)
         self._retry_log = RetryLog()
 
     async def send(
@@ -216,7 +199,7 @@ class RequestSender:
         expired: Callable[[], bool],
         model: str,
     ) -> BaseModel:
-        apis = self.apis if body.get("store") is True else self._apis_unstored
+        apis = self.routes.for_request(stored=body.get("store") is True)
         attempt = 0
         while True:
             await self.gate.wait_open()

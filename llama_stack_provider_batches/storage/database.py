@@ -238,8 +238,10 @@ class Database:
         loop = asyncio.get_running_loop()
         if self._engine is None or self._engine_loop is not loop:
             is_sqlite = self.url.get_backend_name() == "sqlite"
+            # Pre-ping finds a PostgreSQL connection the server dropped; a SQLite file drops none, and
+            # there each statement is a hop to aiosqlite's thread (a result write paid one more).
             engine = create_async_engine(
-                self.url, pool_pre_ping=True, connect_args={"timeout": 15.0} if is_sqlite else {}
+                self.url, pool_pre_ping=not is_sqlite, connect_args={"timeout": 15.0} if is_sqlite else {}
             )
             if is_sqlite:
                 event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

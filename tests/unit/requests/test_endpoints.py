@@ -23,7 +23,6 @@ from llama_stack_provider_batches.requests.endpoints import (
     response_tokens,
     result_for_exception,
     result_for_response,
-    without_completion_store,
 )
 from llama_stack_provider_batches.requests.input_file import RequestLine
 from llama_stack_provider_batches.requests.resilience import AdaptiveLimit, RateLimiter, RetryPolicy
@@ -169,22 +168,6 @@ async def test_an_endpoint_whose_api_the_stack_lacks_fails_its_request_with_a_40
     line = json.loads(result_for_exception(REQUEST, raised.value))
     assert line["response"]["status_code"] == 400
     assert f"{api} API" in line["response"]["body"]["error"]["message"]
-
-
-class RouterWithStore:
-    def __init__(self) -> None:
-        self.store = object()
-        self.routing_table = object()
-
-
-def test_without_completion_store_is_a_view_that_leaves_the_router_alone() -> None:
-    router = RouterWithStore()
-    view = without_completion_store(router)
-    assert view.store is None
-    assert view.routing_table is router.routing_table
-    assert router.store is not None
-    plain = FakeInference()
-    assert without_completion_store(plain) is plain
 
 
 def make_sender(inference: FakeInference, attempts: int = 3, timeout: float = 5.0) -> RequestSender:

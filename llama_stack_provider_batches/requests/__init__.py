@@ -5,8 +5,9 @@ serves its endpoint.
     input_reader   reading the input file and its models through the stack's Files and Models APIs
     model_hints    why a model is unknown: a missing provider prefix, a near miss, a backend not answering
     endpoints      one request sent through the stack, its outcome turned into a result line
+    routes         which views of the stack's APIs a request goes through (no completion store, kept lookups)
     resilience     which failures to retry, backoff, adaptive capacity, pacing
     stack_apis     the stack's APIs and the endpoints each serves
 
-May use: domain, config, telemetry, stack. Never api, engine or storage.
+May use: domain, config, telemetry, stack, stack_routing. Never api, engine or storage.
 """

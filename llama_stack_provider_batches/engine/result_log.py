@@ -2,7 +2,7 @@
 
 A result is added the moment its request finishes; a writer task stores everything added so far as
 one chunk, then waits at least MIN_FLUSH_INTERVAL_SECONDS before the next write (group commit),
-unless the dispatcher waits for room (`max_unstored` results unstored): then it writes at once.
+unless the dispatcher waits for room (`wait_for_room`): then it writes at once.
 Under load a chunk carries the results of one interval; when results trickle in, each is stored
 at once. A request counts as done, in `request_counts`, only once its result is stored: after a
 crash, the requests to repeat are those in flight and those of at most one unwritten interval.
@@ -41,10 +41,10 @@ class ResultLog:
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
         gate: DependencyGate | None = None,
-        max_unstored: int = 100,
+        max_at_risk: int = 100,
     ) -> None:
         self._store = store
-        self._max_unstored = max_unstored
+        self._max_at_risk = max_at_risk
         self._room = asyncio.Event()
         self._room.set()
         self._waiting_for_room = asyncio.Event()  # cuts the writer's pause short
@@ -66,9 +66,12 @@ class ResultLog:
         """Results added and not yet stored."""
         return len(self._pending) + (len(self._unwritten[0]) if self._unwritten is not None else 0)
 
-    async def wait_for_room(self) -> None:
-        """Return once fewer than `max_unstored` results wait to be stored."""
-        while self.unstored >= self._max_unstored:
+    async def wait_for_room(self, in_flight: int = 0) -> None:
+        """Return once fewer than `max_at_risk` requests are at risk: `in_flight`, or finished with their
+        result not yet stored. They are what runs again if this process is cut off from the store; the
+        bound holds while writes hang, and only on the sum, so that a window finishing at once (a fast
+        model answers together) does not stop sending while one chunk is written."""
+        while self.unstored + in_flight >= self._max_at_risk:
             self._room.clear()
             self._waiting_for_room.set()
             await self._room.wait()

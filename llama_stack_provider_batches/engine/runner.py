@@ -106,9 +106,9 @@ class BatchRunner:
             shutdown_grace_seconds=config.shutdown_grace_seconds,
             lease_seconds=config.lease_seconds,
             requests_per_shard=config.requests_per_shard,
-            # A window: a group commit rarely holds more (only a window is in flight), and what runs
-            # again after a partition stays within two windows.
-            max_unstored_results=config.max_concurrent_requests_per_batch,
+            # Two windows: a window in flight and a window of results being stored, whatever their
+            # mix; what runs again after a partition stays within that.
+            max_at_risk_requests=2 * config.max_concurrent_requests_per_batch,
         )
         self.lease_seconds = config.lease_seconds
         self.holder = server_name()

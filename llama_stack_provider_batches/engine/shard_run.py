@@ -58,7 +58,7 @@ class JobSettings:
     shutdown_grace_seconds: float
     lease_seconds: float = 15.0
     requests_per_shard: int = 1000
-    max_unstored_results: int = 100  # per shard run: how many results may wait for the store (result_log.py)
+    max_at_risk_requests: int = 100  # per shard run: requests in flight or with results unstored (result_log.py)
 
 
 @dataclass
@@ -153,7 +153,7 @@ class ShardRun:
             stored_chunks=chunks_of_epoch,
             tally=tally,
             gate=self.sender.gate,
-            max_unstored=self.settings.max_unstored_results,
+            max_at_risk=self.settings.max_at_risk_requests,
         )
 
     async def _execute(self) -> Stop | None:
@@ -179,7 +179,7 @@ class ShardRun:
             for position in range(first, self.lease.end):
                 if self._done[position - first]:
                     continue
-                await log.wait_for_room()  # no request whose result could not be stored
+                await log.wait_for_room(len(in_flight))  # no request whose result could not be stored
                 request = self.index.request(position)
                 # A moderation naming no model runs the stack's default, which validation stored as the batch's.
                 model = request.model or self.batch.model or self.batch.endpoint

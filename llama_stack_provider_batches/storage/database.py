@@ -18,7 +18,6 @@ stack's SqlStore interface does not report.
 import asyncio
 import hashlib
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -37,7 +36,6 @@ from sqlalchemy import (
     Text,
     cast,
     delete,
-    event,
     exists,
     extract,
     func,
@@ -47,22 +45,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..domain.ownership import scope_of
 from ..domain.records import StoredBatch
 from ..stack import SqlStoreReference, sql_engine_url
+from .connections import Written, connections_to
 
 CREATE_ATTEMPTS = 5  # worker processes starting together race to create the tables
 STATEMENT_DRAIN_SECONDS = 5.0  # at close, how long statements under way may still finish
-
-
-@dataclass(frozen=True)
-class Written:
-    """What a write did: how many rows it matched, and the rows it returned."""
-
-    rowcount: int
-    rows: list[Row[Any]]
 
 
 def lease_columns() -> list[Column[Any]]:
@@ -206,18 +196,8 @@ def batch_row(stored: StoredBatch, created_ns: int) -> dict[str, Any]:
     }
 
 
-def _sqlite_pragmas(connection: Any, _: Any) -> None:
-    # WAL lets readers run beside the one writer, across processes too; busy_timeout makes a writer
-    # wait for the lock instead of failing at once when another process writes.
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at every checkpoint; WAL keeps commits atomic
-    cursor.close()
-
-
 class Database:
-    """Connections to the provider's SQL database, made for the running event loop."""
+    """The provider's SQL database: its tables, and statements each run in a transaction of its own."""
 
     def __init__(self, reference: SqlStoreReference) -> None:
         self.url = make_url(sql_engine_url(reference))
@@ -225,28 +205,12 @@ class Database:
         webhook_tables = define_webhook_tables(self.batches.metadata, reference.table_name)
         self.endpoints, self.events, self.deliveries = webhook_tables
         self.ended, self.file_expiries = define_retention_tables(self.batches.metadata, reference.table_name)
-        self._engine: AsyncEngine | None = None
-        self._engine_loop: asyncio.AbstractEventLoop | None = None
+        self._connections = connections_to(self.url)
         self._statements: set[asyncio.Task[Any]] = set()
 
     @property
     def is_postgres(self) -> bool:
         return self.url.get_backend_name() == "postgresql"
-
-    def engine(self) -> AsyncEngine:
-        """The engine of the running event loop (the stack starts providers in a loop of its own)."""
-        loop = asyncio.get_running_loop()
-        if self._engine is None or self._engine_loop is not loop:
-            is_sqlite = self.url.get_backend_name() == "sqlite"
-            # Pre-ping finds a PostgreSQL connection the server dropped; a SQLite file drops none, and
-            # there each statement is a hop to aiosqlite's thread (a result write paid one more).
-            engine = create_async_engine(
-                self.url, pool_pre_ping=not is_sqlite, connect_args={"timeout": 15.0} if is_sqlite else {}
-            )
-            if is_sqlite:
-                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            self._engine, self._engine_loop = engine, loop
-        return self._engine
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """An INSERT of this database's dialect, which has `on_conflict_do_nothing` and `_do_update`."""
@@ -262,8 +226,7 @@ class Database:
         """Create the tables that are missing; another process creating them at the same time is fine."""
         for attempt in range(CREATE_ATTEMPTS):
             try:
-                async with self.engine().begin() as connection:
-                    await connection.run_sync(self.batches.metadata.create_all, checkfirst=True)
+                await self._connections.create_all(self.batches.metadata)
                 return
             except DatabaseError:
                 if attempt == CREATE_ATTEMPTS - 1:
@@ -272,34 +235,15 @@ class Database:
 
     async def read(self, statement: Executable) -> list[Row[Any]]:
         """The rows a query returns."""
-        return await self._uncancelled(self._read(statement))
+        return await self._uncancelled(self._connections.read(statement))
 
     async def write(self, statement: Executable) -> Written:
         """Run one statement in a transaction of its own."""
-        return await self._uncancelled(self._write(statement))
+        return await self._uncancelled(self._connections.write_if(statement, ()))
 
     async def write_if(self, first: Executable, *then: Executable) -> Written:
         """Run `first`, and `then` only if it matched a row, in one transaction: together or not at all."""
-        return await self._uncancelled(self._write_if(first, then))
-
-    async def _write_if(self, first: Executable, then: tuple[Executable, ...]) -> Written:
-        async with self.engine().begin() as connection:
-            result = await connection.execute(first)
-            rows = list(result.all()) if result.returns_rows else []
-            if result.rowcount > 0 or rows:
-                for statement in then:
-                    await connection.execute(statement)
-            return Written(result.rowcount, rows)
-
-    async def _read(self, statement: Executable) -> list[Row[Any]]:
-        async with self.engine().connect() as connection:
-            return list((await connection.execute(statement)).all())
-
-    async def _write(self, statement: Executable) -> Written:
-        async with self.engine().begin() as connection:
-            result = await connection.execute(statement)
-            rows = list(result.all()) if result.returns_rows else []
-            return Written(result.rowcount, rows)
+        return await self._uncancelled(self._connections.write_if(first, then))
 
     async def _uncancelled[T](self, work: Coroutine[Any, Any, T]) -> T:
         # A statement cancelled half-way (a caller's timeout) can leave its connection inside an open
@@ -313,9 +257,7 @@ class Database:
     async def close(self) -> None:
         if self._statements:
             await asyncio.wait(set(self._statements), timeout=STATEMENT_DRAIN_SECONDS)
-        if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
+        await self._connections.close()
 
 
 class SqlChunks:

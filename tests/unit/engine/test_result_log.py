@@ -174,10 +174,10 @@ async def test_results_are_written_only_while_the_shards_lease_holds(store: Batc
     assert [entry.position for entry in await stored_entries(store, "batch_h")] == [0]  # nothing written late
 
 
-async def test_a_store_that_does_not_answer_stops_new_requests_once_max_unstored_results_wait(
+async def test_a_store_that_does_not_answer_stops_new_requests_once_max_at_risk_results_wait(
     store: BatchStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = ResultLog(store, await running(store, "batch_h", total=20), max_unstored=4)
+    log = ResultLog(store, await running(store, "batch_h", total=20), max_at_risk=4)
     answers = asyncio.Event()  # a partition: the write neither fails nor returns until it heals
     real_save = store.results.save
 
@@ -205,3 +205,16 @@ async def test_a_store_that_does_not_answer_stops_new_requests_once_max_unstored
     await log.flush()
     writer.cancel()
     assert sorted(entry.position for entry in await stored_entries(store, "batch_h")) == list(range(20))
+
+
+async def test_requests_in_flight_count_towards_the_bound_with_unstored_results(
+    store: BatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = ResultLog(store, await running(store, "batch_r", total=20), max_at_risk=4)
+    await asyncio.wait_for(log.wait_for_room(in_flight=3), 1)  # 3 at risk: room for one more
+    log.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    waiting = asyncio.create_task(log.wait_for_room(in_flight=3))  # 3 in flight and 1 unstored: full
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await log.flush()
+    await asyncio.wait_for(waiting, 1)  # the stored result made room

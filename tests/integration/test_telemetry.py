@@ -56,6 +56,15 @@ class Receiver:
         with self.lock:
             return self.points.get((PREFIX + name, frozenset(attributes.items())), 0)
 
+    def inference_requests(self, model: str) -> float:
+        """Requests the stack's own inference-duration histogram counted for `model` (any provider, status)."""
+        with self.lock:
+            return sum(
+                count
+                for (name, attributes), count in self.points.items()
+                if name.endswith(".inference.duration_seconds") and ("model", model) in attributes
+            )
+
     def names(self) -> set[str]:
         with self.lock:
             return {name for name, _ in self.points}
@@ -131,6 +140,8 @@ def test_a_batch_is_seen_in_the_exported_metrics_and_spans(
     # The gauge of unfinished batches and the stack's own route metrics arrive at the same receiver.
     eventually(lambda: PREFIX + "batches" in received.names())
     assert any(not name.startswith(PREFIX) for name in received.names())  # the stack's own metrics too
+    # The stack's inference metrics count batch requests as they count a client's: they run through its router.
+    eventually(lambda: received.inference_requests(model) >= 6)
     eventually(lambda: any(span.name == "batches.job" for span in received.spans))
     with received.lock:
         jobs = [span for span in received.spans if span.name == "batches.job"]

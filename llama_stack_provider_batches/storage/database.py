@@ -271,6 +271,12 @@ class SqlChunks:
         rows = await self._db.read(select(table.c.value).where(table.c.key == key))
         return rows[0].value if rows else None
 
+    async def get_many(self, keys: list[str]) -> dict[str, str]:
+        """The values of those of `keys` that are stored."""
+        table = self._db.chunks
+        rows = await self._db.read(select(table.c.key, table.c.value).where(table.c.key.in_(keys)))
+        return {row.key: row.value for row in rows}
+
     async def set(self, key: str, value: str) -> None:
         """Write `value` under `key`, replacing what is there."""
         table = self._db.chunks

@@ -29,6 +29,8 @@ class Chunks(Protocol):
 
     async def get(self, key: str) -> str | None: ...
 
+    async def get_many(self, keys: list[str]) -> dict[str, str]: ...
+
     async def set(self, key: str, value: str) -> None: ...
 
     async def set_while_held(self, key: str, value: str, batch_id: str, shard: int, token: str) -> bool: ...
@@ -61,6 +63,9 @@ class LeaseLostError(Exception):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"The lease on batch {batch_id!r} is held by another server now.")
         self.batch_id = batch_id
+
+
+READ_PAGE = 64  # result chunks per query: a chunk holds a group commit's results (tens of KB at most)
 
 
 class ResultChunks:
@@ -97,11 +102,16 @@ class ResultChunks:
 
     async def read(self, batch_id: str, shard: int | None = None) -> AsyncIterator[str]:
         """Yield the stored chunks of a batch, oldest first, one at a time: those of earlier releases,
-        then every shard's, or only shard `shard`'s."""
-        for key in sorted(await self._chunks.keys_under(f"results/{batch_id}/"), key=_chunk_order):
-            wanted = shard is None or _chunk_order(key)[1] in (-1, shard)
-            if wanted and (text := await self._chunks.get(key)) is not None:
-                yield text
+        then every shard's, or only shard `shard`'s. They are read READ_PAGE at a time: one query per
+        chunk made a batch's finalization a round trip per group commit (350 ms for 600 requests)."""
+        keys = sorted(await self._chunks.keys_under(f"results/{batch_id}/"), key=_chunk_order)
+        keys = [key for key in keys if shard is None or _chunk_order(key)[1] in (-1, shard)]
+        for start in range(0, len(keys), READ_PAGE):
+            page = keys[start : start + READ_PAGE]
+            texts = await self._chunks.get_many(page)
+            for key in page:
+                if (text := texts.get(key)) is not None:
+                    yield text
 
     async def delete(self, batch_id: str) -> None:
         """Drop a finished batch's chunks (its files now hold them)."""

@@ -68,6 +68,13 @@ async def until(condition: Any, seconds: float = 10) -> None:
     raise AssertionError("the condition did not hold in time")
 
 
+async def start_helper(servers: list[Any], inferences: list[FakeInference]) -> None:
+    """Start the second process once the first holds the batch (it sends its requests): the tests
+    mean the first to run the batch's job and the second to help with shards."""
+    await until(lambda: inferences[0].calls)
+    servers[1].start()
+
+
 def slow(seconds: float) -> Any:
     async def wait(_: dict[str, Any]) -> None:
         await asyncio.sleep(seconds)
@@ -82,7 +89,7 @@ async def test_one_batch_runs_on_both_processes_and_every_request_once(
     for inference in inferences:
         inference.behaviour = slow(0.05)  # 200 requests, 4 at a time: 2.5 s on one process
     batch = await start_distinct(servers[0], files, 200)
-    servers[1].start()
+    await start_helper(servers, inferences)
     final = await wait_for_status(servers[0], batch.id, "completed", seconds=30)
     assert final.status == "completed"
     assert (final.request_counts.completed, final.request_counts.failed, final.request_counts.total) == (200, 0, 200)
@@ -99,7 +106,7 @@ async def test_a_cancel_reaches_the_shards_another_process_runs(two_processes: T
     for inference in inferences:
         inference.behaviour = slow(0.05)
     batch = await start_distinct(servers[0], files, 400)
-    servers[1].start()
+    await start_helper(servers, inferences)
     await until(lambda: inferences[1].calls)  # the other process helps
     await servers[1].cancel_batch(batch.id)  # through the other process, as through any replica
     cancelled = await wait_for_status(servers[0], batch.id, "cancelled", seconds=5)
@@ -121,7 +128,7 @@ async def test_a_shard_whose_process_stops_renewing_is_taken_over_and_the_batch_
     inferences[0].behaviour = slow(0.05)
     inferences[1].stall_after(3)  # the helper's requests hang from the fourth on, as in a frozen process
     batch = await start_distinct(servers[0], files, 200)
-    servers[1].start()
+    await start_helper(servers, inferences)
     await until(lambda: len(inferences[1].calls) >= 5)  # 3 answered, the others hang
 
     async def unreachable(*_: Any, **__: Any) -> None:
@@ -148,7 +155,7 @@ async def test_a_cancelled_batch_closes_only_after_the_other_processes_stored_wh
     inferences[0].behaviour = slow(0.05)
     inferences[1].behaviour = slow(1.0)  # the helper's requests are still in flight at the cancel
     batch = await start_distinct(servers[0], files, 200)
-    servers[1].start()
+    await start_helper(servers, inferences)
     await until(lambda: inferences[1].calls)
     await servers[0].cancel_batch(batch.id)
     cancelled = await wait_for_status(servers[0], batch.id, "cancelled", seconds=10)
@@ -175,10 +182,12 @@ async def test_a_batch_that_gives_up_stops_its_shards_everywhere_and_leaves_noth
 ) -> None:
     settings = {"requests_per_shard": 10, "max_job_attempts": 1, "cancel_grace_seconds": 5}
     servers, inferences = await two_processes(**settings)
-    inferences[0].behaviour = slow(0.05)
-    inferences[1].behaviour = slow(0.05)
+    # Slow enough that the job's process is still running shards when its progress writes start to
+    # fail (at 50 ms, a fast run had finished its part before the patch and the batch completed).
+    inferences[0].behaviour = slow(0.2)
+    inferences[1].behaviour = slow(0.2)
     batch = await start_distinct(servers[0], files, 300)
-    servers[1].start()
+    await start_helper(servers, inferences)
     await until(lambda: len(inferences[1].calls) >= 5)  # the other process helps with shards of its own
 
     async def refused(*_: Any, **__: Any) -> bool:

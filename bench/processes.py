@@ -48,6 +48,9 @@ a request inside the inference router counts as routing, h11 parsing inside http
                sit at the root of every event-loop sample.
     other      none of the above: the event loop itself (selectors, callbacks), idle-looking executor
                threads, samples without Python frames
+
+    own        not a category but the provider's own share: its samples (provider) and the SQL samples
+               whose stack passes through its storage modules (its database writes and reads)
 """
 
 import argparse
@@ -86,6 +89,8 @@ from tools.harness import (
 PY_SPY = Path(sys.executable).parent / "py-spy"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 CATEGORIES = ("provider", "routing", "http", "sql", "other")
+# Not a category: the provider's own share, its code and the SQL its storage runs (`own` below).
+OWN_SQL_MARKER = "/llama_stack_provider_batches/storage/"
 # Checked in this order for each frame; only /llama_stack/core/storage/ (sql) also matches a later rule.
 MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("provider", ("/llama_stack_provider_batches/",)),
@@ -144,19 +149,24 @@ def classify(frames: list[str]) -> str:
 
 
 def category_samples(raw: Path) -> Counter[str]:
-    """Samples per category in a py-spy raw file: a line per distinct stack, `f1;f2;...;leaf count`."""
+    """Samples per category in a py-spy raw file: a line per distinct stack, `f1;f2;...;leaf count`;
+    also `own`: the provider's samples and the SQL samples under its storage modules."""
     counts: Counter[str] = Counter()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if count.isdigit():
-            counts[classify(stack.split(";") if stack else [])] += int(count)
+            frames = stack.split(";") if stack else []
+            category = classify(frames)
+            counts[category] += int(count)
+            if category == "provider" or (category == "sql" and any(OWN_SQL_MARKER in f for f in frames)):
+                counts["own"] += int(count)
     return counts
 
 
 class Profiler:
     """py-spy recording one process into a raw file until stopped."""
 
-    def __init__(self, pid: int, output: Path, rate: int, seconds: float) -> None:
+    def __init__(self, pid: int, output: Path, rate: int, seconds: float, gil_only: bool = False) -> None:
         self.pid = pid
         self.output = output
         self.log = output.with_suffix(".log")
@@ -164,6 +174,8 @@ class Profiler:
         command += ["--output", str(output), "--nonblocking", "--full-filenames"]
         if seconds > 0:
             command += ["--duration", f"{seconds:g}"]
+        if gil_only:  # only the thread holding the GIL: Python's CPU, without threads waiting for it
+            command += ["--gil"]
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -232,7 +244,8 @@ class ProfileWindow:
         if self.args.profile and not self.profilers and elapsed >= self.args.profile_delay:
             for process in self.outcome.processes:
                 output = self.args.work_dir / f"{self.outcome.config}-{process.pid}.raw"
-                self.profilers.append(Profiler(process.pid, output, self.args.rate, self.args.profile_seconds))
+                profiler = Profiler(process.pid, output, self.args.rate, self.args.profile_seconds, self.args.gil)
+                self.profilers.append(profiler)
             self.running = True
             self.outcome.profile_window_seconds = [round(elapsed, 1)]
         elif self.running and elapsed >= self.until:
@@ -249,8 +262,8 @@ class ProfileWindow:
             if counts is not None and not counts:
                 process.profile_error = "py-spy recorded no samples"
             elif counts:
-                process.samples = sum(counts.values())
-                process.shares = {c: round(100 * counts[c] / process.samples, 1) for c in CATEGORIES}
+                process.samples = sum(counts[c] for c in CATEGORIES)
+                process.shares = {c: round(100 * counts[c] / process.samples, 1) for c in (*CATEGORIES, "own")}
 
 
 def run_batch(
@@ -350,7 +363,7 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
         span = f"for {args.profile_seconds:g} s" if args.profile_seconds > 0 else "until the batch ends"
         print(f"py-spy at {args.rate} Hz from {args.profile_delay:g} s after create {span}; shares in % of samples")
     head = f"{'configuration':<14}{'seconds':>9}{'req/s':>8}{'ids once':>9}  {'process':<16}{'CPU s':>7}{'shards':>7}"
-    print(head + "".join(f"{c:>9}" for c in CATEGORIES) + f"{'samples':>9}")
+    print(head + "".join(f"{c:>9}" for c in (*CATEGORIES, "own")) + f"{'samples':>9}")
     for outcome in outcomes:
         first = f"{outcome.config:<14}{outcome.seconds:>9}{outcome.requests_per_second:>8}"
         first += f"{'yes' if outcome.all_custom_ids_once else 'NO':>9}"
@@ -358,7 +371,7 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
             row = (first if n == 0 else " " * len(first)) + f"  {process.role + ' ' + str(process.pid):<16}"
             row += f"{process.cpu_seconds:>7}{process.shards:>7}"
             if process.shares:
-                row += "".join(f"{process.shares[c]:>9}" for c in CATEGORIES) + f"{process.samples:>9}"
+                row += "".join(f"{process.shares[c]:>9}" for c in (*CATEGORIES, "own")) + f"{process.samples:>9}"
             elif process.profile_error:
                 row += f"  {process.profile_error}"
             print(row)
@@ -380,6 +393,9 @@ def main() -> None:
     parser.add_argument("--profile-delay", type=float, default=5.0, help="seconds after create to start py-spy")
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="how long to profile; 0: to the end")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="CPU seconds only, no py-spy")
+    parser.add_argument(
+        "--gil", action="store_true", help="sample only the thread holding the GIL (py-spy --gil): no waiting threads"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up on a batch after this many seconds")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()

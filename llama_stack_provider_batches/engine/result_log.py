@@ -26,7 +26,7 @@ from ..domain.results import ResultEntry, Tally
 from ..storage.shards import ShardLease
 from ..storage.store import BatchStore, LeaseLostError
 
-MIN_FLUSH_INTERVAL_SECONDS = 0.01
+MIN_FLUSH_INTERVAL_SECONDS = 0.05
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 

@@ -32,7 +32,9 @@ class Connections(Protocol):
 
     async def read(self, statement: Executable) -> list[Row[Any]]: ...
 
-    async def write_if(self, first: Executable, then: tuple[Executable, ...]) -> Written: ...
+    async def write_if(
+        self, first: Executable, then: tuple[Executable, ...], parameters: dict[str, Any] | None = None
+    ) -> Written: ...
 
     async def create_all(self, metadata: MetaData) -> None: ...
 
@@ -46,8 +48,10 @@ def connections_to(url: URL) -> Connections:
     return AsyncEngineConnections(url)
 
 
-def _write_if_sync(connection: Connection, first: Executable, then: tuple[Executable, ...]) -> Written:
-    result = connection.execute(first)
+def _write_if_sync(
+    connection: Connection, first: Executable, then: tuple[Executable, ...], parameters: dict[str, Any] | None
+) -> Written:
+    result = connection.execute(first, parameters)
     rows = list(result.all()) if result.returns_rows else []
     if result.rowcount > 0 or rows:
         for statement in then:
@@ -75,9 +79,11 @@ class AsyncEngineConnections:
         async with self._current().connect() as connection:
             return list((await connection.execute(statement)).all())
 
-    async def write_if(self, first: Executable, then: tuple[Executable, ...]) -> Written:
+    async def write_if(
+        self, first: Executable, then: tuple[Executable, ...], parameters: dict[str, Any] | None = None
+    ) -> Written:
         async with self._current().begin() as connection:
-            result = await connection.execute(first)
+            result = await connection.execute(first, parameters)
             rows = list(result.all()) if result.returns_rows else []
             if result.rowcount > 0 or rows:
                 for statement in then:
@@ -129,10 +135,12 @@ class SqliteConnections:
 
         return await self._in_thread(read)
 
-    async def write_if(self, first: Executable, then: tuple[Executable, ...]) -> Written:
+    async def write_if(
+        self, first: Executable, then: tuple[Executable, ...], parameters: dict[str, Any] | None = None
+    ) -> Written:
         def write() -> Written:
             with self._engine.begin() as connection:
-                return _write_if_sync(connection, first, then)
+                return _write_if_sync(connection, first, then, parameters)
 
         return await self._in_thread(write)
 

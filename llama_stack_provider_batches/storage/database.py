@@ -34,12 +34,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     cast,
     delete,
     exists,
     extract,
     func,
-    literal,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -237,9 +237,9 @@ class Database:
         """The rows a query returns."""
         return await self._uncancelled(self._connections.read(statement))
 
-    async def write(self, statement: Executable) -> Written:
-        """Run one statement in a transaction of its own."""
-        return await self._uncancelled(self._connections.write_if(statement, ()))
+    async def write(self, statement: Executable, parameters: dict[str, Any] | None = None) -> Written:
+        """Run one statement (with its bound `parameters`, if any) in a transaction of its own."""
+        return await self._uncancelled(self._connections.write_if(statement, (), parameters))
 
     async def write_if(self, first: Executable, *then: Executable) -> Written:
         """Run `first`, and `then` only if it matched a row, in one transaction: together or not at all."""
@@ -265,6 +265,7 @@ class SqlChunks:
 
     def __init__(self, database: Database) -> None:
         self._db = database
+        self._upsert_while_held = self._build_upsert_while_held()
 
     async def get(self, key: str) -> str | None:
         table = self._db.chunks
@@ -287,13 +288,21 @@ class SqlChunks:
     async def set_while_held(self, key: str, value: str, batch_id: str, shard: int, token: str) -> bool:
         """Write `value` under `key` as `set` does, in the same statement as checking that lease `token`
         holds shard `shard` of `batch_id`; False, writing nothing, if it does not."""
+        parameters = {"key": key, "value": value, "batch_id": batch_id, "shard": shard, "token": token}
+        return (await self._db.write(self._upsert_while_held, parameters)).rowcount > 0
+
+    def _build_upsert_while_held(self) -> Executable:
+        # Built once, with bound parameters: a result write is the hottest statement, and building
+        # and compiling the expression for each one was most of its cost in Python.
         table, shards = self._db.chunks, self._db.shards
-        held = select(literal(key), literal(value)).where(
-            exists().where(shards.c.batch_id == batch_id, shards.c.shard == shard, shards.c.lease_token == token)
+        lease_holds = exists().where(
+            shards.c.batch_id == bindparam("batch_id"),
+            shards.c.shard == bindparam("shard"),
+            shards.c.lease_token == bindparam("token"),
         )
+        held = select(bindparam("key", type_=String()), bindparam("value", type_=Text())).where(lease_holds)
         insert = self._db.insert(table).from_select(["key", "value"], held)
-        upsert = insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
-        return (await self._db.write(upsert)).rowcount > 0
+        return insert.on_conflict_do_update(index_elements=[table.c.key], set_={"value": insert.excluded.value})
 
     async def delete_under(self, prefix: str) -> None:
         """Delete every key that starts with `prefix`."""

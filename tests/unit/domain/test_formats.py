@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -126,3 +127,17 @@ def test_an_invalid_body_error_names_where_and_what_and_lists_at_most_a_few(prob
     if len(problems) > formats.MAX_LISTED_PROBLEMS:
         assert f"and {len(problems) - formats.MAX_LISTED_PROBLEMS} more" in error["message"]
     assert error["param"] == ((formats.field_path(problems[0][0]) or None) if problems else None)
+
+
+def test_result_line_ids_are_unique_and_differ_in_a_forked_child() -> None:
+    ids = {formats.new_request_line_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == len("batch_req_") + 32 and i.startswith("batch_req_") for i in ids)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker process forked from this one
+        os.write(writer, formats.new_request_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    from_child = os.read(reader, 100).decode()
+    assert from_child.startswith("req_") and from_child != formats.new_request_id()

@@ -43,7 +43,7 @@ from ..requests.input_file import MAX_LISTED_ERRORS, InputIndex, file_error
 from ..requests.input_reader import InputFileGone, read_checked_input, read_requests
 from ..requests.stack_apis import StackAPIs
 from ..stack import BatchObject, Files, get_logger
-from ..storage.shards import split
+from ..storage.shards import ShardLease, split
 from ..storage.store import BatchStore, Lease
 from .finalization import Finalizer, Outcome, UnrunLine, final_status
 from .scheduler import Scheduler
@@ -52,6 +52,7 @@ from .shard_run import JobSettings, ShardRun, Stop
 logger = get_logger(name=__name__, category="providers")
 
 SHARDS_POLL_SECONDS = 0.5  # how often a job waiting for shards other processes run looks at them
+OVERLAPPING_RUNS = 2  # shard runs of one batch at once in its job: one sending, one finishing
 
 
 @dataclass
@@ -200,31 +201,69 @@ class BatchJob:
         await self._finalizer().close("expired" if stop is Stop.EXPIRED else "completed", total, unrun)
 
     async def _run_own_shards(self, batch: BatchObject, input_index: "InputOnDemand") -> Stop | None:
-        """Run free shards of this batch until none is left; return why it stopped early, if it did."""
-        while not self._stop_asked():
-            shard = await self.store.shards.claim(self.holder, self.settings.lease_seconds, batch_id=self.batch_id)
-            if shard is None:
-                return None
-            run = ShardRun(
-                shard,
-                batch,
-                await input_index.get(),
-                self.store,
-                self.sender,
-                self.settings,
-                self.cancel_requested,
-                self.stopping,
-                self.scheduler,
-                self._owner_scope,
-                self.clock,
-                batch_lease_lost=self.lease_lost,
-            )
-            stop = await run.run()
-            if stop is Stop.LEASE_LOST and not self.lease_lost.is_set():
-                continue  # another process runs that shard now; this job goes on with the others
-            if stop is not None:
-                return stop
-        return self._why_stopped(batch)
+        """Run free shards of this batch until none is left; return why it stopped early, if it did.
+
+        The next shard is claimed as soon as the current one has sent its last request, and runs
+        beside that one's last requests (at most OVERLAPPING_RUNS runs at once; the batch's window
+        is shared between them, scheduler.Flow): the window does not drain at every shard's end.
+        """
+        running: set[asyncio.Task[Stop | None]] = set()
+        stop: Stop | None = None
+        try:
+            while stop is None and not self._stop_asked():
+                if len(running) >= OVERLAPPING_RUNS:
+                    stop = await self._first_ended(running, wait_for=set())
+                    continue
+                shard = await self.store.shards.claim(self.holder, self.settings.lease_seconds, batch_id=self.batch_id)
+                if shard is None:
+                    break
+                run = self._shard_run(shard, batch, await input_index.get())
+                running.add(asyncio.create_task(run.run()))
+                all_sent = asyncio.create_task(run.all_sent.wait())
+                try:
+                    stop = await self._first_ended(running, wait_for={all_sent})
+                finally:
+                    all_sent.cancel()
+            while running and stop is None:
+                stop = await self._first_ended(running, wait_for=set())
+        finally:
+            if running:  # a stop reaches every run (the events they share); each ends on its own
+                await asyncio.gather(*running, return_exceptions=True)
+        return stop if stop is not None else self._why_stopped(batch)
+
+    async def _first_ended(
+        self, running: set[asyncio.Task[Stop | None]], wait_for: set[asyncio.Task[Any]]
+    ) -> Stop | None:
+        """Wait until a run ends (or one of `wait_for` is done); why a run that ended stopped early, if it did.
+
+        A run whose shard moved to another process (its own lease lost) is no reason to stop.
+        """
+        done, _ = await asyncio.wait(running | wait_for, return_when=asyncio.FIRST_COMPLETED)
+        stop: Stop | None = None
+        for task in done & running:
+            running.discard(task)
+            ended = task.result()
+            if ended is Stop.LEASE_LOST and not self.lease_lost.is_set():
+                continue
+            if stop is None:
+                stop = ended
+        return stop
+
+    def _shard_run(self, shard: ShardLease, batch: BatchObject, index: InputIndex) -> ShardRun:
+        return ShardRun(
+            shard,
+            batch,
+            index,
+            self.store,
+            self.sender,
+            self.settings,
+            self.cancel_requested,
+            self.stopping,
+            self.scheduler,
+            self._owner_scope,
+            self.clock,
+            batch_lease_lost=self.lease_lost,
+        )
 
     async def _shards_quiet(
         self, batch: BatchObject, input_index: "InputOnDemand | None" = None, until_done: bool = False

@@ -78,6 +78,7 @@ class ShardRun:
     clock: Callable[[], float] = time.time
     batch_lease_lost: asyncio.Event | None = None  # the batch's job lost its lease: abandon the shard too
     lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
+    all_sent: asyncio.Event = field(default_factory=asyncio.Event)  # no request of the shard is left to send
     _done: bytearray = field(default_factory=bytearray)
     _log: ResultLog | None = None
 
@@ -106,6 +107,7 @@ class ShardRun:
             self.lease_lost.set()
             stop = Stop.LEASE_LOST
         finally:
+            self.all_sent.set()
             finished.set()
             watcher.cancel()
             await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)
@@ -192,6 +194,7 @@ class ShardRun:
                 task.add_done_callback(in_flight.discard)
                 # A callback, not a `finally` in run_one: a task cancelled before it starts runs none of its code.
                 task.add_done_callback(lambda _, slot=slot: slot.release())
+            self.all_sent.set()  # the job may start its next shard beside this one's last requests
             while in_flight:
                 # Not gather: cancelling this task must leave requests in flight their grace period.
                 finished, _ = await asyncio.wait(set(in_flight))

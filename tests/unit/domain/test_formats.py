@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import pytest
 from hypothesis import given, settings
@@ -134,7 +135,9 @@ def test_result_line_ids_are_unique_and_differ_in_a_forked_child() -> None:
     assert len(ids) == 10_000
     assert all(len(i) == len("batch_req_") + 32 and i.startswith("batch_req_") for i in ids)
     reader, writer = os.pipe()
-    child = os.fork()
+    with warnings.catch_warnings():  # "multi-threaded process": the child only makes an id and exits
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
     if child == 0:  # a worker process forked from this one
         os.write(writer, formats.new_request_id().encode())
         os._exit(0)

@@ -511,3 +511,22 @@ async def test_nothing_waiting_for_the_traffic_budget_is_sent_after_the_deadline
     assert {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert final.request_counts.completed + final.request_counts.failed == 4
     await provider.shutdown()
+
+
+async def test_the_next_shard_runs_beside_the_last_requests_of_the_one_before(
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference
+) -> None:
+    provider = await make_provider(requests_per_shard=5, max_concurrent_requests_per_batch=10)
+
+    async def takes_a_while(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+
+    inference.behaviour = takes_a_while
+    batch = await run_batch(provider, files, [chat_line(f"r{n}", f"question {n}") for n in range(40)])
+    assert batch.status == "completed" and batch.request_counts.completed == 40
+    # A shard holds 5 requests: more in flight at once means two shards ran side by side, and
+    # never more than the batch's window of 10.
+    assert 5 < inference.max_in_flight <= 10
+    lines = read_lines(files, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"r{n}" for n in range(40))
+    await provider.shutdown()

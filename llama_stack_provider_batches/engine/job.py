@@ -26,7 +26,7 @@ reaches every shard through its heartbeat, and the wait is bounded by the grace 
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from openai.types.batch import Errors
@@ -46,6 +46,7 @@ from ..stack import BatchObject, Files, get_logger
 from ..storage.shards import ShardLease, split
 from ..storage.store import BatchStore, Lease
 from .finalization import Finalizer, Outcome, UnrunLine, final_status
+from .result_log import Unstored
 from .scheduler import Scheduler
 from .shard_run import JobSettings, ShardRun, Stop
 
@@ -74,6 +75,7 @@ class BatchJob:
     _validated: InputIndex | None = None  # the requests, when this run validated the file
     _shareable: bool = True
     _owner_scope: str = UNOWNED_SCOPE
+    _unstored: Unstored = field(default_factory=Unstored)  # the results its overlapping shard runs hold
 
     @property
     def batch_id(self) -> str:
@@ -263,6 +265,7 @@ class BatchJob:
             self._owner_scope,
             self.clock,
             batch_lease_lost=self.lease_lost,
+            unstored=self._unstored,
         )
 
     async def _shards_quiet(

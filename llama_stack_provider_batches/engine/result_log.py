@@ -30,6 +30,16 @@ MIN_FLUSH_INTERVAL_SECONDS = 0.05
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 
+class Unstored:
+    """Results added and not yet stored, across the result logs of one batch's shard runs in this
+    process: a job runs two shards side by side at their boundary, and the bound is the batch's."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stored = asyncio.Event()  # set when some were stored: a waiting dispatcher looks again
+        self.waiting = asyncio.Event()  # a dispatcher waits for room: writers write without a pause
+
+
 class ResultLog:
     """Buffers a shard's finished results and stores them; keeps the tally of the stored ones."""
 
@@ -42,12 +52,11 @@ class ResultLog:
         clock: Callable[[], float] = time.monotonic,
         gate: DependencyGate | None = None,
         max_at_risk: int = 100,
+        unstored: Unstored | None = None,
     ) -> None:
         self._store = store
         self._max_at_risk = max_at_risk
-        self._room = asyncio.Event()
-        self._room.set()
-        self._waiting_for_room = asyncio.Event()  # cuts the writer's pause short
+        self._batch_unstored = unstored or Unstored()
         self._gate = gate or DependencyGate()
         self._unwritten: tuple[list[ResultEntry], Tally] | None = None  # a chunk whose write failed
         self._lease = lease
@@ -67,21 +76,28 @@ class ResultLog:
         return len(self._pending) + (len(self._unwritten[0]) if self._unwritten is not None else 0)
 
     async def wait_for_room(self, in_flight: int = 0) -> None:
-        """Return once fewer than `max_at_risk` requests are at risk: `in_flight`, or finished with their
-        result not yet stored. They are what runs again if this process is cut off from the store; the
-        bound holds while writes hang, and only on the sum, so that a window finishing at once (a fast
-        model answers together) does not stop sending while one chunk is written."""
-        while self.unstored + in_flight >= self._max_at_risk:
-            self._room.clear()
-            self._waiting_for_room.set()
-            await self._room.wait()
+        """Return once fewer than `max_at_risk` requests of the batch are at risk here: `in_flight`, or
+        finished with their result not yet stored (by any of the batch's logs sharing `unstored`). They
+        are what runs again if this process is cut off from the store; the bound holds while writes
+        hang, and only on the sum, so that a window finishing at once (a fast model answers together)
+        does not stop sending while one chunk is written."""
+        shared = self._batch_unstored
+        while shared.count + in_flight >= self._max_at_risk:
+            shared.stored.clear()
+            shared.waiting.set()
+            try:
+                await shared.stored.wait()
+            finally:
+                shared.waiting.clear()
 
     def add_success(self, entry: ResultEntry, input_tokens: int, output_tokens: int) -> None:
+        self._batch_unstored.count += 1
         self._pending.append(entry)
         self._pending_tally.add_success(input_tokens, output_tokens)
         self._added.set()
 
     def add_failure(self, entry: ResultEntry) -> None:
+        self._batch_unstored.count += 1
         self._pending.append(entry)
         self._pending_tally.add_failure()
         self._added.set()
@@ -107,8 +123,7 @@ class ResultLog:
             if self._unreported and self._clock() >= self._next_progress_at():
                 await asyncio.shield(self.report_progress())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._waiting_for_room.wait(), MIN_FLUSH_INTERVAL_SECONDS)
-            self._waiting_for_room.clear()
+                await asyncio.wait_for(self._batch_unstored.waiting.wait(), MIN_FLUSH_INTERVAL_SECONDS)
 
     def _next_progress_at(self) -> float:
         return self._last_progress + PROGRESS_INTERVAL_SECONDS
@@ -130,7 +145,8 @@ class ResultLog:
                 )
                 telemetry.results_committed(time.perf_counter() - started)
                 self._unwritten = None
-                self._room.set()
+                self._batch_unstored.count -= len(entries)
+                self._batch_unstored.stored.set()
                 self._gate.recovered()
                 self.chunks += 1
                 self.tally.merge(tally)

@@ -29,7 +29,7 @@ from ..stack import BatchObject, get_logger
 from ..storage.leases import STORE_CALL_SECONDS, finish_or_cancel, keep_lease
 from ..storage.shards import ShardLease
 from ..storage.store import BatchStore, LeaseLostError
-from .result_log import ResultLog
+from .result_log import ResultLog, Unstored
 from .scheduler import Scheduler, Slot
 
 logger = get_logger(name=__name__, category="providers")
@@ -79,6 +79,7 @@ class ShardRun:
     batch_lease_lost: asyncio.Event | None = None  # the batch's job lost its lease: abandon the shard too
     lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
     all_sent: asyncio.Event = field(default_factory=asyncio.Event)  # no request of the shard is left to send
+    unstored: Unstored = field(default_factory=Unstored)  # shared by the batch's runs in its job
     _done: bytearray = field(default_factory=bytearray)
     _log: ResultLog | None = None
 
@@ -156,6 +157,7 @@ class ShardRun:
             tally=tally,
             gate=self.sender.gate,
             max_at_risk=self.settings.max_at_risk_requests,
+            unstored=self.unstored,
         )
 
     async def _execute(self) -> Stop | None:
@@ -181,7 +183,9 @@ class ShardRun:
             for position in range(first, self.lease.end):
                 if self._done[position - first]:
                     continue
-                await log.wait_for_room(len(in_flight))  # no request whose result could not be stored
+                # No request whose result could not be stored: the batch's requests in flight here
+                # (its shard runs share the flow) and its results unstored are bounded together.
+                await log.wait_for_room(flow.in_flight)
                 request = self.index.request(position)
                 # A moderation naming no model runs the stack's default, which validation stored as the batch's.
                 model = request.model or self.batch.model or self.batch.endpoint

@@ -7,7 +7,7 @@ from openai.types.batch_request_counts import BatchRequestCounts
 from llama_stack_provider_batches.domain.outages import DependencyGate
 from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.domain.results import ResultEntry, decode_results
-from llama_stack_provider_batches.engine.result_log import ResultLog
+from llama_stack_provider_batches.engine.result_log import ResultLog, Unstored
 from llama_stack_provider_batches.storage.shards import ShardLease
 from llama_stack_provider_batches.storage.store import BatchStore, LeaseLostError
 from tests.unit.helpers import make_batch
@@ -218,3 +218,18 @@ async def test_requests_in_flight_count_towards_the_bound_with_unstored_results(
     assert not waiting.done()
     await log.flush()
     await asyncio.wait_for(waiting, 1)  # the stored result made room
+
+
+async def test_the_logs_of_one_batch_share_its_bound(store: BatchStore) -> None:
+    lease = await running(store, "batch_s", total=20)
+    shared = Unstored()  # a job's two shard runs, side by side at a shard boundary
+    first, second = (ResultLog(store, lease, max_at_risk=4, unstored=shared) for _ in range(2))
+    first.add_success(ResultEntry(0, True, "{}"), 0, 0)
+    first.add_success(ResultEntry(1, True, "{}"), 0, 0)
+    second.add_success(ResultEntry(2, True, "{}"), 0, 0)
+    waiting = asyncio.create_task(second.wait_for_room(in_flight=1))  # 3 unstored + 1 in flight: full
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and shared.count == 3
+    await first.flush()  # the other log's results stored: room for this one
+    await asyncio.wait_for(waiting, 1)
+    assert shared.count == 1

@@ -52,7 +52,7 @@ from .shard_run import JobSettings, ShardRun, Stop
 
 logger = get_logger(name=__name__, category="providers")
 
-SHARDS_POLL_SECONDS = 0.5  # how often a job waiting for shards other processes run looks at them
+SHARDS_POLL_SECONDS = 0.2  # how often a job waiting for shards other processes run looks at them
 OVERLAPPING_RUNS = 2  # shard runs of one batch at once in its job: one sending, one finishing
 
 

@@ -403,7 +403,7 @@ def main() -> None:
     for name in configs:
         parse_config(name)
     if args.profile and not PY_SPY.exists():
-        print(f"no {PY_SPY}: `.venv/bin/pip install py-spy` for profiles; measuring without them", flush=True)
+        print(f"no {PY_SPY}: `pip install -e '.[bench]'` for profiles; measuring without them", flush=True)
         args.profile = False
     if any(name.startswith("replicas") for name in configs) and not server_up(5432):
         raise SystemExit("the replicas configurations need PostgreSQL on 127.0.0.1:5432")

@@ -7,6 +7,9 @@ the names is below the imports, each difference in one function.
 
 Which stack: the one that has loaded its own modules before it loaded this provider; otherwise
 (tests, tools) the one installed, llama-stack first. No version is compared anywhere.
+
+Its sibling `stack_routing.py` is the rest of the seam: views of the stack's inference router that
+reach into its objects (not its names) to skip per-request costs a batch need not pay.
 """
 
 import contextlib

@@ -296,6 +296,18 @@ class StandInControl:
         httpx.post(f"{self.url}/admin/config", json=behaviour, timeout=10).raise_for_status()
 
 
+# The stack's default rules written out, for a test's access policy to add its own rules before
+# them: owners, their teams, and what nobody owns (as the models of run.yaml).
+OWNER_RULES = (
+    "    - permit: {actions: [create, read, update, delete]}\n"
+    "      when: user is owner\n"
+    "    - permit: {actions: [create, read, update, delete]}\n"
+    "      when: user in owners teams\n"
+    "    - permit: {actions: [create, read, update, delete]}\n"
+    "      when: resource is unowned\n"
+)
+
+
 def run_yaml_with_access_policy(directory: Path, auth_endpoint: str, access_policy: str, base: Path = RUN_YAML) -> Path:
     """A copy of a run.yaml with authentication as `run_yaml_with_auth` and `access_policy` (YAML list
     items indented for `server.auth.access_policy`), in a directory of its own so that it never

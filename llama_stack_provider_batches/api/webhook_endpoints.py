@@ -30,6 +30,7 @@ from ..domain.webhook_urls import (
     AllowedHosts,
     Destination,
     Resolver,
+    Unresolvable,
     UnsafeURL,
     check_url,
     resolve_allowed,
@@ -187,9 +188,10 @@ class WebhookEndpoints:
         destination = self._destination(url)
         try:
             await resolve_allowed(destination, self._allowed, self._resolve)
+        except Unresolvable:
+            pass
         except UnsafeURL as exc:
-            if "does not resolve" not in str(exc):
-                raise InvalidParameterError("url", str(exc), "invalid_url") from None
+            raise InvalidParameterError("url", str(exc), "invalid_url") from None
         return url
 
     def _destination(self, url: str) -> Destination:

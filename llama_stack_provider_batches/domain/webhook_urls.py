@@ -28,6 +28,10 @@ class UnsafeURL(ValueError):
     """The URL may not be sent to; the message says why, in words a user can act on."""
 
 
+class Unresolvable(UnsafeURL):
+    """The URL's host name does not resolve (now: a name registered before its DNS record is fine)."""
+
+
 @dataclass(frozen=True)
 class AllowedHosts:
     """The operator's exceptions to "public https only": host names, and addresses or networks."""
@@ -111,8 +115,8 @@ async def resolve_host(host: str, port: int) -> list[str]:
 async def resolve_allowed(
     destination: Destination, allowed: AllowedHosts, resolve: Resolver = resolve_host
 ) -> list[str]:
-    """The addresses to connect to for `destination`, each one allowed; raises UnsafeURL if the name
-    does not resolve or any address it resolves to is not (one bad address refuses the whole name:
+    """The addresses to connect to for `destination`, each one allowed; raises Unresolvable if the name
+    does not resolve, UnsafeURL if any address it resolves to is not (one bad address refuses the whole name:
     a resolver may hand out any of them)."""
     literal = _address(destination.host)
     if literal is not None:
@@ -120,9 +124,9 @@ async def resolve_allowed(
     try:
         addresses = await resolve(destination.host, destination.port)
     except OSError as exc:
-        raise UnsafeURL(f"The URL's host {destination.host} does not resolve: {exc}.") from None
+        raise Unresolvable(f"The URL's host {destination.host} does not resolve: {exc}.") from None
     if not addresses:
-        raise UnsafeURL(f"The URL's host {destination.host} does not resolve.")
+        raise Unresolvable(f"The URL's host {destination.host} does not resolve.")
     if allowed.allows_name(destination.host):
         return addresses
     for text in addresses:

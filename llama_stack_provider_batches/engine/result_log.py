@@ -18,6 +18,7 @@ number must hold the same results); it trips the gate, so that no new request is
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import Callable
 
 from .. import telemetry
@@ -31,13 +32,18 @@ PROGRESS_INTERVAL_SECONDS = 0.5
 
 
 class Unstored:
-    """Results added and not yet stored, across the result logs of one batch's shard runs in this
-    process: a job runs two shards side by side at their boundary, and the bound is the batch's."""
+    """The results not yet stored of one batch's result logs in this process (a job runs two shards
+    side by side at their boundary, and the bound is the batch's): the sum of the logs' own counts,
+    so that a log dropped with results it could not store (its lease lost) leaves nothing behind."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.stored = asyncio.Event()  # set when some were stored: a waiting dispatcher looks again
+        self.logs: weakref.WeakSet[ResultLog] = weakref.WeakSet()  # a log that is gone counts no more
+        self.stored = asyncio.Event()  # set when some were stored or dropped: a waiting dispatcher looks again
         self.waiting = asyncio.Event()  # a dispatcher waits for room: writers write without a pause
+
+    @property
+    def count(self) -> int:
+        return sum(log.unstored for log in self.logs)
 
 
 class ResultLog:
@@ -57,6 +63,7 @@ class ResultLog:
         self._store = store
         self._max_at_risk = max_at_risk
         self._batch_unstored = unstored or Unstored()
+        self._batch_unstored.logs.add(self)
         self._gate = gate or DependencyGate()
         self._unwritten: tuple[list[ResultEntry], Tally] | None = None  # a chunk whose write failed
         self._lease = lease
@@ -69,6 +76,11 @@ class ResultLog:
         self._write_lock = asyncio.Lock()
         self._last_progress = -PROGRESS_INTERVAL_SECONDS
         self._unreported = False
+
+    def forget(self) -> None:
+        """Leave the batch's count: the run ended, and what it could not store runs again elsewhere."""
+        self._batch_unstored.logs.discard(self)
+        self._batch_unstored.stored.set()
 
     @property
     def unstored(self) -> int:
@@ -91,13 +103,11 @@ class ResultLog:
                 shared.waiting.clear()
 
     def add_success(self, entry: ResultEntry, input_tokens: int, output_tokens: int) -> None:
-        self._batch_unstored.count += 1
         self._pending.append(entry)
         self._pending_tally.add_success(input_tokens, output_tokens)
         self._added.set()
 
     def add_failure(self, entry: ResultEntry) -> None:
-        self._batch_unstored.count += 1
         self._pending.append(entry)
         self._pending_tally.add_failure()
         self._added.set()
@@ -145,7 +155,6 @@ class ResultLog:
                 )
                 telemetry.results_committed(time.perf_counter() - started)
                 self._unwritten = None
-                self._batch_unstored.count -= len(entries)
                 self._batch_unstored.stored.set()
                 self._gate.recovered()
                 self.chunks += 1

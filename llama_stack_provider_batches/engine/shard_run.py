@@ -109,6 +109,8 @@ class ShardRun:
             stop = Stop.LEASE_LOST
         finally:
             self.all_sent.set()
+            if self._log is not None:
+                self._log.forget()
             finished.set()
             watcher.cancel()
             await finish_or_cancel(heartbeat, STORE_CALL_SECONDS)

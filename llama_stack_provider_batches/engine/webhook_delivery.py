@@ -39,8 +39,8 @@ logger = get_logger(name=__name__, category="providers")
 MAX_RETRY_SECONDS = 3600.0
 PER_ENDPOINT_IN_FLIGHT = 2
 IDLE_POLL_SECONDS = 1.0  # how soon another process's events are noticed
-PENDING_EVERY_PASSES = 10
-DELIVERY_BOOKKEEPING_SECONDS = 5.0  # how often the pending-deliveries gauge is counted
+PENDING_EVERY_PASSES = 10  # how often the pending-deliveries gauge is counted
+DELIVERY_BOOKKEEPING_SECONDS = 5.0  # a delivery's lease beyond its attempt: recording the outcome
 OPERATOR_PREFIX = "op_"
 
 

@@ -13,7 +13,14 @@ from openai import OpenAI
 
 from tests.integration.batching import chat_lines, upload_jsonl, wait_for_batch
 from tests.integration.test_multi_user import USERS
-from tools.harness import ServerProcess, run_yaml_with_access_policy, start_stack, token_endpoint, warm_up
+from tools.harness import (
+    OWNER_RULES,
+    ServerProcess,
+    run_yaml_with_access_policy,
+    start_stack,
+    token_endpoint,
+    warm_up,
+)
 
 CHAT = "/v1/chat/completions"
 MEGABYTE = 1024 * 1024
@@ -133,13 +140,7 @@ ACCESS_POLICY = (
     "    - forbid: {actions: [create], resource: 'batch::*'}\n"
     "      when: user with blue in teams\n"
     "      description: the blue team may not create batches\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: user is owner\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: user in owners teams\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: resource is unowned\n"
-)
+) + OWNER_RULES
 
 
 @pytest.fixture(scope="module")

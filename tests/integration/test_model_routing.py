@@ -17,6 +17,7 @@ from openai import OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, read_result_file, wait_for_batch
 from tools.harness import (
+    OWNER_RULES,
     RUN_YAML,
     ServerProcess,
     StandInControl,
@@ -36,15 +37,8 @@ USERS = {  # disjoint attributes
 }
 # The blue team may not read the model local/m-secret; otherwise the stack's default rules.
 ACCESS_POLICY = (
-    "    - forbid: {actions: [read], resource: 'model::local/m-secret'}\n"
-    "      when: user with blue in teams\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: user is owner\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: user in owners teams\n"
-    "    - permit: {actions: [create, read, update, delete]}\n"
-    "      when: resource is unowned\n"
-)
+    "    - forbid: {actions: [read], resource: 'model::local/m-secret'}\n      when: user with blue in teams\n"
+) + OWNER_RULES
 LOOKUP_SECONDS = 0.5
 EXTRA_MODELS = (("m-secret", "local", "m-secret"), ("o-chat", "other", "o-chat"))  # model, provider, provider's id
 

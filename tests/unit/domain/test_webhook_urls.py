@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from llama_stack_provider_batches.domain.webhook_urls import (
     AllowedHosts,
+    Unresolvable,
     UnsafeURL,
     check_url,
     is_public,
@@ -98,7 +99,7 @@ async def test_a_name_that_does_not_resolve_is_refused() -> None:
     async def fails(host: str, port: int) -> list[str]:
         raise OSError("Name or service not known")
 
-    with pytest.raises(UnsafeURL, match="does not resolve"):
+    with pytest.raises(Unresolvable, match="does not resolve"):
         await resolve_allowed(check_url("https://nowhere.invalid/", NOTHING), NOTHING, fails)
 
 

@@ -233,3 +233,17 @@ async def test_the_logs_of_one_batch_share_its_bound(store: BatchStore) -> None:
     await first.flush()  # the other log's results stored: room for this one
     await asyncio.wait_for(waiting, 1)
     assert shared.count == 1
+
+
+async def test_a_log_dropped_with_unstored_results_leaves_the_batch_room(store: BatchStore) -> None:
+    lease = await running(store, "batch_f", total=20)
+    shared = Unstored()
+    lost, next_run = (ResultLog(store, lease, max_at_risk=4, unstored=shared) for _ in range(2))
+    for position in range(3):  # its shard's lease moved before these could be stored
+        lost.add_success(ResultEntry(position, True, "{}"), 0, 0)
+    waiting = asyncio.create_task(next_run.wait_for_room(in_flight=1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    lost.forget()  # its run ended: those run again elsewhere, and count here no more
+    await asyncio.wait_for(waiting, 1)
+    assert shared.count == 0

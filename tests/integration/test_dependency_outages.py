@@ -277,7 +277,9 @@ def test_a_files_outage_across_finalization_is_waited_out_and_the_files_appear(
         standin.configure(latency_mean=0.05)
         lines = chat_lines(300)
         batch = create_chat_batch(client, lines)
-        wait_until(client, batch.id, 250)
+        # Well before the end: the results go to the database, the files only once all are in, and a
+        # batch of 300 at 50 ms and window 10 takes about 1.5 s.
+        wait_until(client, batch.id, 50)
         read_only(True)  # the files volume goes read-only before the batch's files are written
         seen = []
         for _ in range(50):  # 5 s: the batch waits, with its true counts, and ends neither way

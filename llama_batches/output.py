@@ -203,6 +203,12 @@ def table_console() -> Console:
     return console if console.is_terminal else Console(highlight=False, width=200)
 
 
+def _estimate(batch: Batch) -> str:
+    """The estimated input tokens a server with a token quota reports (`estimated_input_tokens`)."""
+    estimate = (batch.model_extra or {}).get("estimated_input_tokens")
+    return f"{estimate:,}" if isinstance(estimate, int) else ""
+
+
 def print_batch(batch: Batch) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(no_wrap=True)
@@ -214,6 +220,7 @@ def print_batch(batch: Batch) -> None:
         ("endpoint", batch.endpoint),
         ("model", batch.model or ""),
         ("requests", f"{completed} completed, {failed} failed, {total} total"),
+        ("input tokens (estimate)", _estimate(batch)),
         ("created", _timestamp(batch.created_at)),
         ("expires", _timestamp(batch.expires_at)),
         ("ended", _timestamp(batch.completed_at or batch.failed_at or batch.expired_at or batch.cancelled_at)),

@@ -166,6 +166,22 @@ class BatchesProviderConfig(BaseModel):
             " a create beyond it is refused with HTTP 429. Unset: no limit."
         ),
     )
+    max_enqueued_tokens_per_user: int | dict[str, int] | None = Field(
+        default=None,
+        description=(
+            "Estimated input tokens one user may have waiting in unfinished batches, per model: one number"
+            " for every model, or a mapping from model id to its limit (models not listed have none). A batch"
+            " that would pass it fails validation with `token_limit_exceeded`; its tokens count until its"
+            " requests have results. Unset: no limit, and no estimate is made."
+        ),
+    )
+    token_encodings: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "The tiktoken encoding that estimates a model's tokens, by model id (such as `o200k_base` for a"
+            " GPT-4o); every other model uses cl100k_base. The encoding's file must be in tiktoken's cache."
+        ),
+    )
     requests_per_shard: int = Field(
         default=1000,
         ge=1,
@@ -279,6 +295,21 @@ class BatchesProviderConfig(BaseModel):
     webhooks: WebhooksConfig = Field(
         default_factory=WebhooksConfig, description="Webhooks: events sent to users' and the operator's endpoints."
     )
+
+    @field_validator("max_enqueued_tokens_per_user")
+    @classmethod
+    def _positive_token_limits(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        limits = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(limit < 1 for limit in limits):
+            raise ValueError("max_enqueued_tokens_per_user: every limit must be at least 1")
+        return value
+
+    def token_limit(self, model: str | None) -> int | None:
+        """The enqueued-token limit of one user on `model`; None: no limit."""
+        limits = self.max_enqueued_tokens_per_user
+        if limits is None or model is None:
+            return None
+        return limits.get(model) if isinstance(limits, dict) else limits
 
     def batches_here(self) -> int:
         """How many batches may run at the same time in one process."""

@@ -14,6 +14,8 @@ as well. Without either, the instruments and spans here are no-ops. Metric attri
     llama_stack.batches.request_duration_seconds histogram  one attempt, by endpoint, model, outcome
     llama_stack.batches.queue_wait_seconds       histogram  from create to the start of its job, by endpoint
     llama_stack.batches.result_commit_seconds    histogram  storing one group of results
+    llama_stack.batches.enqueued_tokens          gauge      estimated input tokens waiting, by model (the whole
+                                                            store's; with max_enqueued_tokens_per_user set)
     llama_stack.batches.webhook_deliveries_total counter    delivery attempts, by event type and outcome
                                                             (delivered, retried, dropped)
     llama_stack.batches.webhook_latency_seconds  histogram  from an event to its delivery, by event type
@@ -103,6 +105,27 @@ def _observe_statuses(_: CallbackOptions) -> Iterable[Observation]:
 _meter.create_observable_gauge(
     PREFIX + "batches", callbacks=[_observe_statuses], unit="1", description="Batches by status"
 )
+
+
+_enqueued_tokens: dict[str, int] = {}
+
+
+def _observe_enqueued_tokens(_: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(tokens, {"model": model}) for model, tokens in list(_enqueued_tokens.items())]
+
+
+_meter.create_observable_gauge(
+    PREFIX + "enqueued_tokens",
+    callbacks=[_observe_enqueued_tokens],
+    unit="{token}",
+    description="Estimated input tokens of requests waiting in unfinished batches, by model",
+)
+
+
+def set_enqueued_tokens(by_model: Mapping[str, int]) -> None:
+    """Replace the counts the `enqueued_tokens` gauge reports; a model missing now reports 0."""
+    _enqueued_tokens.update(dict.fromkeys(_enqueued_tokens, 0))
+    _enqueued_tokens.update(by_model)
 
 
 def set_status_counts(counts: Mapping[str, int]) -> None:

@@ -72,8 +72,10 @@ def type_text(field: FieldInfo) -> str:
     annotation = field.annotation
     optional = type(None) in typing.get_args(annotation) and isinstance(annotation, types.UnionType)
     if optional:
-        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    text = type_name(annotation)
+        kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        text = " or ".join(type_name(kind) for kind in kinds)
+    else:
+        text = type_name(annotation)
     for constraint in field.metadata:
         if isinstance(constraint, Ge):
             text += f" ≥ {constraint.ge}"

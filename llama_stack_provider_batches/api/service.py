@@ -9,6 +9,7 @@ cannot be one of ours answers 404 without a store read, so no caller text of any
 is looked up, written or echoed.
 """
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -34,6 +35,7 @@ from ..domain.ownership import (
 from ..domain.records import StoredBatch, is_batch_id
 from ..engine.runner import BatchRunner
 from ..requests.stack_apis import StackAPIs, unavailable_message
+from ..requests.token_estimates import load_encodings
 from ..stack import (
     AccessDeniedError,
     AccessRule,
@@ -103,6 +105,7 @@ class BatchesService(Batches):
         self._store = store
         self._runner = runner
         self._clock = clock
+        self._config = config
         self._limits = UserLimits(config, store, files)
         self.webhooks: WebhookEndpoints | None = None  # /v1/webhook_endpoints (webhook_endpoints.py)
         self.webhook_client: Any = None  # the HTTP client that sends test events
@@ -110,8 +113,11 @@ class BatchesService(Batches):
         self._served_endpoints = tuple(e for e in SUPPORTED_ENDPOINTS if apis is None or apis.serves(e))
 
     async def initialize(self) -> None:
-        """Prepare the store; background work starts later, on the serving loop (startup.py)."""
+        """Prepare the store, and the tokenizers of a token quota; background work starts later, on the
+        serving loop (startup.py)."""
         await self._store.initialize()
+        if self._config.max_enqueued_tokens_per_user is not None:
+            await asyncio.to_thread(load_encodings, set(self._config.token_encodings.values()))
 
     def start(self) -> None:
         """Start claiming and running batches (those of an earlier run first); later calls do nothing."""

@@ -39,12 +39,14 @@ from ..domain.lifecycle import BatchStatus, IllegalTransitionError, is_terminal,
 from ..domain.ownership import UNOWNED_SCOPE, acting_as, carries_request_credentials, scope_of
 from ..domain.records import StoredBatch
 from ..requests.endpoints import RequestSender
-from ..requests.input_file import MAX_LISTED_ERRORS, InputIndex, file_error
+from ..requests.input_file import MAX_LISTED_ERRORS, InputIndex, ParsedInput, file_error
 from ..requests.input_reader import InputFileGone, read_checked_input, read_requests
 from ..requests.stack_apis import StackAPIs
+from ..requests.token_estimates import body_estimator
 from ..stack import BatchObject, Files, get_logger
-from ..storage.shards import ShardLease, split
+from ..storage.shards import ShardLease, ShardTokens, split
 from ..storage.store import BatchStore, Lease
+from ..storage.token_quota import OverTokenLimit
 from .finalization import Finalizer, Outcome, UnrunLine, final_status
 from .result_log import Unstored
 from .scheduler import Scheduler
@@ -185,7 +187,7 @@ class BatchJob:
         self._validated = None
         try:
             if not await self.store.shards.exist(self.batch_id):  # in progress under an earlier release
-                await self._split(batch, len(await input_index.get()))
+                await self._split(batch, None, len(await input_index.get()))
             stop = await self._run_own_shards(batch, input_index)
             if stop not in (Stop.SHUTDOWN, Stop.LEASE_LOST):
                 quiet = await self._shards_quiet(batch, input_index, until_done=stop is None)
@@ -301,19 +303,30 @@ class BatchJob:
             return Stop.CANCELLED
         return Stop.EXPIRED if self._past_deadline(batch) else None
 
-    async def _split(self, batch: BatchObject, total: int) -> None:
+    async def _split(self, batch: BatchObject, parsed: ParsedInput | None, total: int) -> OverTokenLimit | None:
+        """Write the batch's shards (with their token estimates under a token quota); what passes a limit."""
         ranges = split(total, self.settings.requests_per_shard)
-        await self.store.shards.create(batch, ranges, batch.created_at * 10**9, self._shareable)
+        limit = self.settings.token_limit
+        tokens = None
+        if parsed is not None and limit is not None:
+            tokens = ShardTokens(self._owner_scope, parsed.tokens_per_shard(ranges), limit)
+        return await self.store.shards.create(batch, ranges, batch.created_at * 10**9, self._shareable, tokens)
 
     # --- validation -----------------------------------------------------------------------------
 
     async def _validate(self, batch: BatchObject) -> BatchObject | None:
         """Check the input file; store the custom_ids and move to in_progress. None if the batch ended here."""
-        parsed = None if self._past_deadline(batch) else await read_checked_input(self.files, self.apis, batch)
+        estimate = None
+        if self.settings.token_limit is not None:
+            estimate = body_estimator(batch.endpoint, self.settings.token_encodings)
+        parsed = (
+            None if self._past_deadline(batch) else await read_checked_input(self.files, self.apis, batch, estimate)
+        )
         if parsed is None or self._past_deadline(batch):
             # Before or while it was checked: no request ran, and none will.
             await self._finalizer().close("expired", 0)
             return None
+        estimated = {"estimated_input_tokens": sum(parsed.token_estimates)} if estimate is not None else {}
         if parsed.errors:
             first = parsed.errors[0]
             logger.info(
@@ -322,20 +335,29 @@ class BatchJob:
                 problems=len(parsed.errors),
                 first=f"{first.code} at line {first.line}: {first.message}",
             )
-            errors = Errors(object="list", data=parsed.errors[: MAX_LISTED_ERRORS + 1])
-            now = self._now()
-            refuse = lambda b: transition(b, final_status(b, "failed"), now, errors=errors)  # noqa: E731
-            await self.store.update(self.batch_id, refuse, self.lease)  # cancelled meanwhile: cancelled
+            await self._refuse(parsed.errors[: MAX_LISTED_ERRORS + 1])
             return None
         await self.store.request_ids.save(self.batch_id, parsed.custom_ids)
-        await self._split(batch, len(parsed.custom_ids))
+        over = await self._split(batch, parsed, len(parsed.custom_ids))
+        if over is not None:
+            logger.info("Batch over its owner's token limit", batch_id=self.batch_id, model=over.model)
+            await self.store.request_ids.delete(self.batch_id)
+            await self._refuse([BatchError(code="token_limit_exceeded", message=over.message())], **estimated)
+            return None
         self._validated = parsed.index
         counts = BatchRequestCounts(total=len(parsed.custom_ids), completed=0, failed=0)
         try:
-            return await self._move("in_progress", request_counts=counts, model=parsed.model)
+            return await self._move("in_progress", request_counts=counts, model=parsed.model, **estimated)
         except IllegalTransitionError:  # cancelled while it was checked: no request will run
             await self.store.request_ids.delete(self.batch_id)
             return await self.store.get_batch(self.batch_id)
+
+    async def _refuse(self, errors: list[BatchError], **fields: Any) -> None:
+        """End the batch `failed` at validation with `errors` (cancelled meanwhile: cancelled)."""
+        now = self._now()
+        listed = Errors(object="list", data=errors)
+        refuse = lambda b: transition(b, final_status(b, "failed"), now, errors=listed, **fields)  # noqa: E731
+        await self.store.update(self.batch_id, refuse, self.lease)
 
 
 class InputOnDemand:

@@ -109,6 +109,8 @@ class BatchRunner:
             # Two windows: a window in flight and a window of results being stored, whatever their
             # mix; what runs again after a partition stays within that.
             max_at_risk_requests=2 * config.max_concurrent_requests_per_batch,
+            token_limit=config.token_limit if config.max_enqueued_tokens_per_user is not None else None,
+            token_encodings=config.token_encodings,
         )
         self.lease_seconds = config.lease_seconds
         self.holder = server_name()
@@ -301,6 +303,8 @@ class BatchRunner:
         if self._passes_since_sweep >= SWEEP_PASSES:
             self._passes_since_sweep = 0
             telemetry.set_status_counts(await self._store.unfinished_by_status())
+            if self._settings.token_limit is not None:
+                telemetry.set_enqueued_tokens(await self._store.shards.tokens.enqueued())
             now = self._clock()
             to_close.update(self._parked.past_deadline(now))
             for batch_id in await self._store.waiting_ids(SWEEP_BATCHES):

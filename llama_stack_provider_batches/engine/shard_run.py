@@ -14,7 +14,7 @@ result is stored, and a shard whose every request has a stored result is release
 import asyncio
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -59,6 +59,8 @@ class JobSettings:
     lease_seconds: float = 15.0
     requests_per_shard: int = 1000
     max_at_risk_requests: int = 100  # per shard run: requests in flight or with results unstored (result_log.py)
+    token_limit: Callable[[str], int | None] | None = None  # per model; None: no token quota, no estimates
+    token_encodings: Mapping[str, str] = field(default_factory=dict)  # model id -> tiktoken encoding
 
 
 @dataclass

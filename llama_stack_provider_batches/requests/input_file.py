@@ -29,6 +29,7 @@ import json
 import math
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -162,6 +163,25 @@ class ParsedInput:
     custom_ids: list[str] = field(default_factory=list)  # of the requests, in file order
     # The model the batch's `model` field shows: its first line's, or what the stack resolves it to.
     model: str | None = None
+    # With an estimator: each request's estimated input tokens and the model it names, in file order.
+    token_estimates: array = field(default_factory=lambda: array("Q"))
+    request_models: list[str | None] = field(default_factory=list)
+
+    def tokens_per_shard(self, ranges: list[tuple[int, int]]) -> list[dict[str, int]]:
+        """The estimated tokens of each range of requests (first, end), by the model they name."""
+        per_shard: list[dict[str, int]] = []
+        for first, end in ranges:
+            by_model: dict[str, int] = {}
+            for position in range(first, min(end, len(self.token_estimates))):
+                model = self.request_models[position]
+                if model is not None:
+                    by_model[model] = by_model.get(model, 0) + self.token_estimates[position]
+            per_shard.append(by_model)
+        return per_shard
+
+    def tokens_by_model(self) -> dict[str, int]:
+        """The estimated input tokens of all the requests, by the model they name."""
+        return self.tokens_per_shard([(0, len(self.token_estimates))])[0]
 
 
 def file_error(message: str, code: str = "invalid_request", param: str | None = "input_file_id") -> BatchError:
@@ -260,8 +280,9 @@ def _input_count(value: str | list[Any]) -> int:
     return 1
 
 
-def parse_input(content: bytes, endpoint: str) -> ParsedInput:
-    """Check every line of a JSONL input file for a batch on `endpoint`."""
+def parse_input(content: bytes, endpoint: str, estimate: Callable[[dict[str, Any]], int] | None = None) -> ParsedInput:
+    """Check every line of a JSONL input file for a batch on `endpoint`; with `estimate`, also estimate
+    the input tokens of every valid request's body (token_estimates.py)."""
     parsed = ParsedInput(index=InputIndex(content=content))
     if endpoint not in REQUIRED_BODY_FIELDS:
         parsed.errors.append(file_error(f"The endpoint {quoted(endpoint)} is not supported.", param="endpoint"))
@@ -306,6 +327,9 @@ def parse_input(content: bytes, endpoint: str) -> ParsedInput:
         parsed.custom_ids.append(result.custom_id)
         parsed.first_line_of_model.setdefault(result.model, line)
         parsed.index.add(line_start, end, line)
+        if estimate is not None:
+            parsed.token_estimates.append(estimate(result.body))
+            parsed.request_models.append(result.model)
     if problems > MAX_LISTED_ERRORS:
         parsed.errors.append(file_error(f"{problems - MAX_LISTED_ERRORS} more invalid lines are not listed.", None))
     if not parsed.errors and not len(parsed.index):

@@ -11,6 +11,8 @@ Files API (an outage) is raised as it is, for the engine to try again later.
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 from openai.types.batch_error import BatchError
 
@@ -52,8 +54,11 @@ async def input_content(files: Files, file_id: str) -> bytes | None:
     return await response_bytes(response)
 
 
-async def read_checked_input(files: Files, apis: StackAPIs, batch: BatchObject) -> ParsedInput:
-    """The checked input file of `batch`, or the validation errors that refuse it."""
+async def read_checked_input(
+    files: Files, apis: StackAPIs, batch: BatchObject, estimate: Callable[[dict[str, Any]], int] | None = None
+) -> ParsedInput:
+    """The checked input file of `batch`, or the validation errors that refuse it; with `estimate`, the
+    input tokens of each request estimated too."""
     if not apis.serves(batch.endpoint):  # created before the stack's run.yaml lost the API
         return ParsedInput(errors=[file_error(unavailable_message(batch.endpoint), param="endpoint")])
     try:
@@ -66,7 +71,7 @@ async def read_checked_input(files: Files, apis: StackAPIs, batch: BatchObject) 
     if content is None:
         return ParsedInput(errors=[file_error(f"The input file is larger than {MAX_FILE_BYTES >> 20} MB.")])
     # Checking 50,000 lines takes a while: a thread keeps the event loop answering meanwhile.
-    parsed = await asyncio.to_thread(parse_input, content, batch.endpoint)
+    parsed = await asyncio.to_thread(parse_input, content, batch.endpoint, estimate)
     if parsed.errors:
         return parsed
     if batch.endpoint == "/v1/moderations":

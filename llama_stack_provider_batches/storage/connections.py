@@ -36,9 +36,20 @@ class Connections(Protocol):
         self, first: Executable, then: tuple[Executable, ...], parameters: dict[str, Any] | None = None
     ) -> Written: ...
 
+    async def write_checked(
+        self, writes: tuple[Executable, ...], check: Executable, keep: Callable[[list[Row[Any]]], bool]
+    ) -> list[Row[Any]]: ...
+
     async def create_all(self, metadata: MetaData) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class _Undo(Exception):
+    """Rolls a checked write back: its check's rows did not pass."""
+
+    def __init__(self, rows: list[Row[Any]]) -> None:
+        self.rows = rows
 
 
 def connections_to(url: URL) -> Connections:
@@ -57,6 +68,17 @@ def _write_if_sync(
         for statement in then:
             connection.execute(statement)
     return Written(result.rowcount, rows)
+
+
+def _write_checked_sync(
+    connection: Connection, writes: tuple[Executable, ...], check: Executable, keep: Callable[[list[Row[Any]]], bool]
+) -> list[Row[Any]]:
+    for statement in writes:
+        connection.execute(statement)
+    rows = list(connection.execute(check).all())
+    if not keep(rows):
+        raise _Undo(rows)
+    return rows
 
 
 class AsyncEngineConnections:
@@ -89,6 +111,15 @@ class AsyncEngineConnections:
                 for statement in then:
                     await connection.execute(statement)
             return Written(result.rowcount, rows)
+
+    async def write_checked(
+        self, writes: tuple[Executable, ...], check: Executable, keep: Callable[[list[Row[Any]]], bool]
+    ) -> list[Row[Any]]:
+        try:
+            async with self._current().begin() as connection:
+                return await connection.run_sync(_write_checked_sync, writes, check, keep)
+        except _Undo as undo:
+            return undo.rows
 
     async def create_all(self, metadata: MetaData) -> None:
         async with self._current().begin() as connection:
@@ -141,6 +172,18 @@ class SqliteConnections:
         def write() -> Written:
             with self._engine.begin() as connection:
                 return _write_if_sync(connection, first, then, parameters)
+
+        return await self._in_thread(write)
+
+    async def write_checked(
+        self, writes: tuple[Executable, ...], check: Executable, keep: Callable[[list[Row[Any]]], bool]
+    ) -> list[Row[Any]]:
+        def write() -> list[Row[Any]]:
+            try:
+                with self._engine.begin() as connection:
+                    return _write_checked_sync(connection, writes, check, keep)
+            except _Undo as undo:
+                return undo.rows
 
         return await self._in_thread(write)
 

@@ -17,7 +17,7 @@ stack's SqlStore interface does not report.
 
 import asyncio
 import hashlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy import (
@@ -175,6 +175,19 @@ def define_retention_tables(metadata: MetaData, name: str) -> tuple[Table, Table
     return ended, file_expiries
 
 
+def define_token_table(metadata: MetaData, name: str) -> Table:
+    """Each shard's estimated input tokens, by model (token_quota.py), written with the shards when a
+    token limit is set and dropped with them."""
+    return Table(
+        f"{name}_shard_tokens",
+        metadata,
+        Column("batch_id", String(64), primary_key=True),
+        Column("shard", Integer, primary_key=True),
+        Column("model", Text, primary_key=True),
+        Column("tokens", BigInteger, nullable=False),
+    )
+
+
 def idempotency_ref(scope: str, key: str) -> str:
     """The unique `idempotency_ref` of a batch created with key `key` in an owner's scope."""
     return f"{scope}/{hashlib.sha256(key.encode()).hexdigest()}"
@@ -205,6 +218,7 @@ class Database:
         webhook_tables = define_webhook_tables(self.batches.metadata, reference.table_name)
         self.endpoints, self.events, self.deliveries = webhook_tables
         self.ended, self.file_expiries = define_retention_tables(self.batches.metadata, reference.table_name)
+        self.shard_tokens = define_token_table(self.batches.metadata, reference.table_name)
         self._connections = connections_to(self.url)
         self._statements: set[asyncio.Task[Any]] = set()
 
@@ -244,6 +258,23 @@ class Database:
     async def write_if(self, first: Executable, *then: Executable) -> Written:
         """Run `first`, and `then` only if it matched a row, in one transaction: together or not at all."""
         return await self._uncancelled(self._connections.write_if(first, then))
+
+    async def write_checked(
+        self, writes: tuple[Executable, ...], check: Executable, keep: Callable[[list[Row[Any]]], bool]
+    ) -> list[Row[Any]]:
+        """Run `writes`, then the query `check`, in one transaction, committed only if `keep` accepts the
+        check's rows (which are returned either way). The first write takes SQLite's write lock, so the
+        checks of concurrent transactions see each other's writes; on PostgreSQL, make the first write
+        a lock on what the check reads (advisory_lock)."""
+        return await self._uncancelled(self._connections.write_checked(writes, check, keep))
+
+    def advisory_lock(self, name: str) -> Executable | None:
+        """On PostgreSQL, a statement that holds a lock on `name` until its transaction ends; None on SQLite,
+        where a transaction's first write already excludes every other writer."""
+        if not self.is_postgres:
+            return None
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        return select(func.pg_advisory_xact_lock(key))
 
     async def _uncancelled[T](self, work: Coroutine[Any, Any, T]) -> T:
         # A statement cancelled half-way (a caller's timeout) can leave its connection inside an open

@@ -108,7 +108,11 @@ class RetentionStore:
             if found:
                 await self._db.write(delete(chunks).where(under))
             count, size = count + int(found), size + int(length)
-        gone = await self._db.write(delete(shards).where(shards.c.batch_id.in_(batch_ids)))
+        tokens = self._db.shard_tokens
+        gone = await self._db.write_if(
+            delete(shards).where(shards.c.batch_id.in_(batch_ids)),
+            delete(tokens).where(tokens.c.batch_id.in_(batch_ids)),
+        )
         return Removed(count + gone.rowcount, size)
 
     async def ended_count(self) -> int:

@@ -18,6 +18,7 @@ job, in the process holding those credentials, runs them.
 """
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
@@ -26,6 +27,7 @@ from ..domain.lifecycle import UNFINISHED_STATUSES
 from ..domain.results import Tally
 from ..stack import BatchObject
 from .database import Database
+from .token_quota import OverTokenLimit, TokenQuota
 
 CLAIMABLE_STATUSES = ("in_progress",)  # a shard is claimed only while its batch runs
 
@@ -40,6 +42,15 @@ class ShardLease:
     end: int
     token: str
     epoch: int  # results of this claim are written under it (store.ResultChunks)
+
+
+@dataclass(frozen=True)
+class ShardTokens:
+    """A batch's estimated input tokens, per shard and model, and the limits its owner's count must stay within."""
+
+    scope: str
+    per_shard: list[dict[str, int]]
+    limit_of: Callable[[str], int | None]
 
 
 @dataclass(frozen=True)
@@ -63,14 +74,23 @@ class ShardStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         self._table = database.shards
+        self.tokens = TokenQuota(database)
 
     async def create(
-        self, batch: BatchObject, ranges: list[tuple[int, int]], batch_created_ns: int, shareable: bool
-    ) -> None:
+        self,
+        batch: BatchObject,
+        ranges: list[tuple[int, int]],
+        batch_created_ns: int,
+        shareable: bool,
+        tokens: ShardTokens | None = None,
+    ) -> OverTokenLimit | None:
         """Write a batch's shards, unless it has some already (an interrupted validation wrote them, or
-        another process's job did): rows are never replaced, so a lease epoch never starts over."""
+        another process's job did): rows are never replaced, so a lease epoch never starts over.
+
+        With `tokens`, the shards' token estimates are written with them, and nothing is written if the
+        batch takes its owner past a limit: which one is returned."""
         if await self.exist(batch.id):
-            return
+            return None
         rows = [
             {
                 "batch_id": batch.id,
@@ -89,7 +109,11 @@ class ShardStore:
             }
             for number, (first, end) in enumerate(ranges)
         ]
-        await self._db.write(self._db.insert(self._table).values(rows).on_conflict_do_nothing())
+        insert = self._db.insert(self._table).values(rows).on_conflict_do_nothing()
+        if tokens is None:
+            await self._db.write(insert)
+            return None
+        return await self.tokens.write_within(tokens.scope, insert, batch.id, tokens.per_shard, tokens.limit_of)
 
     async def exist(self, batch_id: str) -> bool:
         rows = await self._db.read(select(self._table.c.shard).where(self._table.c.batch_id == batch_id).limit(1))
@@ -214,5 +238,7 @@ class ShardStore:
         return ShardsState(open=sum(1 for row in rows if not row.done), held=sum(1 for row in rows if row.held))
 
     async def delete(self, batch_id: str) -> None:
-        """Drop a finished batch's shards."""
-        await self._db.write(self._table.delete().where(self._table.c.batch_id == batch_id))
+        """Drop a finished batch's shards, and their token estimates."""
+        await self._db.write_if(
+            self._table.delete().where(self._table.c.batch_id == batch_id), self.tokens.delete(batch_id)
+        )

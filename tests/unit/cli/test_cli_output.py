@@ -82,3 +82,12 @@ def test_a_failed_batchs_reason_is_one_line_whatever_its_errors() -> None:
     assert batch_errors(failed(*[file_error] * 3)) == "invalid_request: The input file is empty. (and 2 more errors)"
     assert batch_errors(failed({"line": 2})) == "line 2: no message"
     assert batch_errors(failed()) == "the server gave no reason"
+
+
+def test_status_shows_the_servers_token_estimate_when_it_reports_one(server: FakeBatchAPI) -> None:
+    server.answers = [batch_body("batch_1", "failed", 0, 0, estimated_input_tokens=12_345)]
+    shown = llama_batches(server.url, "status", "batch_1")
+    assert "input tokens (estimate)" in shown.stdout and "12,345" in shown.stdout
+
+    server.answers = [batch_body("batch_1", "completed")]  # an OpenAI batch: no such line
+    assert "estimate" not in llama_batches(server.url, "status", "batch_1").stdout

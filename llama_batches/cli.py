@@ -21,6 +21,7 @@ from openai.types import Batch
 
 from llama_batches import client as api
 from llama_batches import jsonl
+from llama_batches import rerun as reruns
 from llama_batches.output import (
     ERROR_MODES,
     EXIT_BROKEN_PIPE,
@@ -30,16 +31,27 @@ from llama_batches.output import (
     batch_errors,
     batch_json,
     check_writable,
+    download_results,
     emit_json,
     exit_code_for,
     finish,
     note,
     print_batch,
     print_batches,
+    report,
     say_first_failure,
+    write_results,
 )
 from llama_batches.progress import counts, status_line
-from llama_batches.session import Interrupted, announce, follow, plan_batch, read_input, start_batch
+from llama_batches.session import (
+    Interrupted,
+    announce,
+    follow,
+    plan_batch,
+    plan_content,
+    read_input,
+    start_batch,
+)
 
 
 def one_line(text: object) -> str:
@@ -311,6 +323,71 @@ def results(
     if batch.status not in api.TERMINAL_STATUSES:
         raise api.CliError(f"batch {batch_id} is {batch.status}: no results yet (llama-batches wait {batch_id})")
     return finish(conn, batch, custom_ids, output, errors_mode, as_json)
+
+
+@batch_command(
+    click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUTPUT.jsonl"),
+    click.option(
+        "--input",
+        "input_path",
+        default=None,
+        metavar="INPUT.jsonl",
+        help="The batch's input file, if the server no longer has it [default: downloaded].",
+    ),
+    click.option("--key", default=None, help="Idempotency key of the new batch [default: derived from its input]."),
+    errors_option,
+    short_help="Run again what an ended batch did not finish; write one output.",
+)
+def rerun(
+    conn: api.Connection,
+    batch_id: str,
+    output: Path,
+    input_path: str | None,
+    key: str | None,
+    errors_mode: str,
+    as_json: bool,
+) -> int:
+    """Run again the requests of an ended batch that did not finish, and write OUTPUT: every request of
+    the batch once, in input order, the earlier results combined with the new ones.
+
+    Runs again: requests without a result, expired or cancelled ones, and failures a retry may cure
+    (5xx, 408, 429, timeouts, connection errors); never a request the model refused (other 4xx).
+    Like `run`, it shows progress, and running the same command again re-attaches to the new batch.
+    """
+    check_writable(output)
+    first = retrieve(conn, batch_id)
+    if first.status not in api.TERMINAL_STATUSES:
+        raise api.CliError(f"batch {batch_id} is {first.status}: re-run it once it has ended (llama-batches wait)")
+    content = read_input(Path(input_path)) if input_path else download_input(conn, first)
+    first_results = download_results(conn, first)
+    selection = reruns.select(content, *first_results)
+    total = len(selection.custom_ids)
+    if not selection.again:
+        raise api.CliError(f"batch {batch_id}: nothing to re-run: every one of its {total} requests has a final result")
+    note(f"Re-running {len(selection.again)} of the {total} requests of batch {batch_id}: {selection.summary()}.")
+    name = Path(f"rerun-{batch_id}.jsonl")
+    metadata = {reruns.RERUN_OF_FIELD: batch_id}
+    plan = plan_content(name, selection.input_file(), first.endpoint, first.completion_window, metadata, key)
+    again = f"Run the same command again to re-attach: {this_command()}"
+    batch, reattached = start_batch(conn, plan)
+    announce(plan, batch, reattached)
+    batch = follow(conn, batch, again)
+    output_lines, error_lines = reruns.combine(selection.again, first_results, download_results(conn, batch))
+    outcome = write_results(batch, selection.custom_ids, output_lines, error_lines, output, errors_mode)
+    return report(batch, outcome, as_json, {"rerun_of": batch_id, "reran": len(selection.again)})
+
+
+def download_input(conn: api.Connection, batch: Batch) -> bytes:
+    """A batch's input file, checked; a readable error, with what to do, if the server no longer has it."""
+    try:
+        with api.readable_errors(conn.base_url):
+            content = api.download(conn.client, batch.input_file_id)
+    except api.CliError as error:
+        raise api.CliError(f"{error}; pass the batch's input file with --input INPUT.jsonl") from None
+    problems = jsonl.check_input(content)
+    if problems:
+        raise api.CliError(f"the input file {batch.input_file_id} of batch {batch.id}: {'; '.join(problems)}")
+    return content
 
 
 @batch_command(short_help="Cancel a batch.")

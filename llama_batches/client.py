@@ -141,6 +141,11 @@ def find_by_key(client: OpenAI, key: str, bound: int = SEARCH_BOUND) -> Batch | 
     return None
 
 
+def download(client: OpenAI, file_id: str) -> bytes:
+    """A file's content."""
+    return client.files.content(file_id).content
+
+
 def download_lines(client: OpenAI, file_id: str | None) -> list[str]:
     """The non-blank lines of a result file; none for a file the batch did not write."""
     if not file_id:

@@ -88,6 +88,11 @@ def check_input(source: Path | str | bytes, limit: int = MAX_LISTED_PROBLEMS) ->
     return problems
 
 
+def request_lines(content: bytes) -> list[bytes]:
+    """The non-blank lines of an input file as they are written (CRLF's CR included), in file order."""
+    return [raw for _, raw in _numbered_lines(content)]
+
+
 def parse_lines(content: bytes) -> list[dict[str, Any]]:
     """The request objects of an input file that `check_input` passed, in file order."""
     return [_DECODER.decode(raw.decode("utf-8")) for _, raw in _numbered_lines(content)]

@@ -85,9 +85,27 @@ def save_results(
 ) -> Outcome:
     """Download a batch's result files and write them to `output`: in input order when the input's
     custom_ids are known, else as the server wrote them (output file, then error file)."""
+    output_lines, error_lines = download_results(conn, batch)
+    return write_results(batch, custom_ids, output_lines, error_lines, output, mode)
+
+
+def download_results(conn: api.Connection, batch: Batch) -> tuple[list[str], list[str]]:
+    """A batch's output and error lines (none for a file it did not write)."""
     with api.readable_errors(conn.base_url):
-        output_lines = api.download_lines(conn.client, batch.output_file_id)
-        error_lines = api.download_lines(conn.client, batch.error_file_id)
+        return api.download_lines(conn.client, batch.output_file_id), api.download_lines(
+            conn.client, batch.error_file_id
+        )
+
+
+def write_results(
+    batch: Batch,
+    custom_ids: Sequence[str] | None,
+    output_lines: Sequence[str],
+    error_lines: Sequence[str],
+    output: Path,
+    mode: str,
+) -> Outcome:
+    """Write result lines to `output` (and its .errors sibling with mode `separate`), as `save_results` says."""
     ids = list(custom_ids or [])
     every = jsonl.merge_in_input_order(ids, output_lines, error_lines, include_errors=True)
     # With the input known, the first len(ids) lines are its requests, one each; without, every line counts.

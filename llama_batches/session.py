@@ -68,8 +68,15 @@ def parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
 def plan_batch(
     input_path: str, endpoint: str | None, completion_window: str, metadata_pairs: Sequence[str], key: str | None
 ) -> Plan:
+    """The batch of an input file on disk, with the command's options, checked."""
     path = Path(input_path)
-    content = read_input(path)
+    return plan_content(path, read_input(path), endpoint, completion_window, parse_metadata(metadata_pairs), key)
+
+
+def plan_content(
+    path: Path, content: bytes, endpoint: str | None, completion_window: str, metadata: dict[str, str], key: str | None
+) -> Plan:
+    """The batch of `content` (uploaded under `path`'s name), checked; nothing is sent."""
     problems = jsonl.check_input(content)
     if problems:
         raise api.CliError(f"{path}: {'; '.join(problems)} (nothing was uploaded)")
@@ -80,7 +87,6 @@ def plan_batch(
         raise api.CliError(f"{path}: {error} (nothing was uploaded)") from None
     if endpoint is not None and endpoint != lines_endpoint:
         raise api.CliError(f"--endpoint is {endpoint} but the lines' url is {lines_endpoint}")
-    metadata = parse_metadata(metadata_pairs)
     fingerprint = jsonl.idempotency_key(content, lines_endpoint, completion_window, metadata)
     return Plan(
         path=path,

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -15,9 +16,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llama_stack_provider_batches import BatchesService, telemetry
-from tests.unit.conftest import FakeFiles, FakeInference
-from tests.unit.helpers import chat_line, run_batch
+from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, telemetry
+from llama_stack_provider_batches.engine import runner
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, provider_with
+from tests.unit.helpers import chat_line, create_chat_batch, run_batch
+from tools.tiktoken_cache import ensure_cache
 
 READER = InMemoryMetricReader()
 SPANS = InMemorySpanExporter()
@@ -150,3 +153,37 @@ def test_outcomes_are_few_valued() -> None:
     assert telemetry.outcome_of(TimeoutError()) == "timeout"
     assert telemetry.outcome_of(ConnectionResetError()) == "connection_error"
     assert telemetry.outcome_of(RuntimeError("x")) == "error"
+
+
+async def test_the_engine_gauges_enqueued_tokens_by_model_until_the_batch_ends(
+    config: BatchesProviderConfig,
+    files: FakeFiles,
+    inference: FakeInference,
+    models: FakeModels,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(ensure_cache()))
+    monkeypatch.setattr(runner, "SWEEP_PASSES", 1)  # every look for work refreshes the gauges
+    telemetry.set_enqueued_tokens({"local/gone": 5})
+    gate = asyncio.Event()
+
+    async def hold(_: dict[str, Any]) -> None:
+        await gate.wait()
+
+    inference.behaviour = hold
+    provider = await provider_with(config, files, inference, models, max_enqueued_tokens_per_user=10_000)
+    provider.start()
+    key = (telemetry.PREFIX + "enqueued_tokens", frozenset({("model", "local/m-chat")}))
+    try:
+        batch = await create_chat_batch(provider, files, [chat_line(f"r{i}") for i in range(4)])
+        while not points().get(key):
+            await asyncio.sleep(0.01)
+        running = await provider.retrieve_batch(batch.id)
+        assert points()[key] == running.model_extra["estimated_input_tokens"] > 0
+        assert points()[(telemetry.PREFIX + "enqueued_tokens", frozenset({("model", "local/gone")}))] == 0
+        gate.set()
+        while points()[key]:
+            await asyncio.sleep(0.01)
+    finally:
+        gate.set()
+        await provider.shutdown()

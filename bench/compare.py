@@ -9,18 +9,22 @@ as many at once as the batch's window ("plain").
 
 Workloads (requests go to the stand-in model server, started here):
     latency      600 chat requests, log-normal latency (mean 200 ms, sigma 0.6), concurrency 10;
-                 compared with the ideal N x mean latency / concurrency
+                 compared with the ideal N x mean latency / concurrency, and with a perfect sliding
+                 window over the same latency draws ("of perfect"); the time split into start (create
+                 to the first request at the model), run (to its last answer) and end (to `completed`)
     failures     the latency workload with 10% of the stand-in's answers replaced by HTTP 503
     cpu          2,000 chat requests at zero latency, concurrency 10: requests per second
     concurrency  1,000 requests, mean latency 1 s (sigma 0.6), concurrency 64; against the ideal
     memory       50,000 requests of about 1 KB each at zero latency, concurrency 10: the server's peak
                  RSS growth, and the latency of /v1/health polled every 50 ms while the batch runs
-Each (provider, workload) pair gets a fresh stack and state directory. Under each table: this
-provider's rate against the built-in's and against the plain client's.
+Each (provider, workload) pair gets a fresh stack and state directory, and the stand-in's latency
+draws restart from one seed: every column of a workload meets the same latencies in the same order.
+Under each table: this provider's rate against the built-in's and against the plain client's.
 """
 
 import argparse
 import asyncio
+import heapq
 import json
 import sys
 import tempfile
@@ -79,6 +83,14 @@ class Result:
     health_max_ms: float | None = None
     health_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    # Where the time of a latency-bound run went, from the stand-in's clock (same machine): from create to
+    # the first request reaching the model, from there to the last answer, and from it to `completed`.
+    start_s: float | None = None
+    run_s: float | None = None
+    end_s: float | None = None
+    perfect_run_s: float | None = None  # a perfect sliding window over the same draws, in arrival order
+    draws_mean_s: float | None = None  # the mean latency the stand-in drew for this run
+    share_of_perfect: float | None = None  # perfect_run_s / seconds: against the best any window could do
     # (seconds since create, requests finished) at each poll: the chart's curve
     progress: list[tuple[float, int]] = field(default_factory=list)
 
@@ -143,6 +155,33 @@ class Sampler(threading.Thread):
                 time.sleep(0.05)
 
 
+DRAWS_SEED = 20261207  # every run of a workload gets the same latency draws, in the same order
+
+
+def perfect_window(latencies: list[float], window: int) -> float:
+    """How long `latencies` take, in this order, through a sliding window of `window` with no overhead:
+    each request starts the instant a slot frees."""
+    slots = [0.0] * window
+    for latency in latencies:
+        heapq.heapreplace(slots, slots[0] + latency)
+    return max(slots)
+
+
+def record_phases(result: Result, standin: StandInControl, created_at: float, ended_at: float, window: int) -> None:
+    """Split a run's time into start, run and end at the stand-in's first request and last answer."""
+    stats = standin.stats(latencies=True)
+    first, last, latencies = stats["first_request_at"], stats["last_response_at"], stats["latencies"]
+    if first is None or last is None or not latencies:
+        return
+    result.start_s = round(first - created_at, 2)
+    result.run_s = round(last - first, 2)
+    result.end_s = round(ended_at - last, 2)
+    result.perfect_run_s = round(perfect_window(latencies, window), 2)
+    result.draws_mean_s = round(sum(latencies) / len(latencies), 4)
+    if result.seconds:
+        result.share_of_perfect = round(result.perfect_run_s / result.seconds, 3)
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -167,6 +206,8 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
         sampler = Sampler(stack)
         baseline_rss = sampler.peak_rss
         sampler.start()
+        StandInControl(standin.url).reset(seed=DRAWS_SEED)
+        created_at = time.time()
         started = time.perf_counter()
         batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
         deadline = started + workload.timeout
@@ -184,8 +225,11 @@ def run_one(provider: str, workload: Workload, standin: ServerProcess, work_dir:
             except Exception as exc:  # a frozen server times out: keep polling
                 result.notes.append(f"retrieve failed: {type(exc).__name__}")
         result.seconds = round(time.perf_counter() - started, 2)
+        ended_at = time.time()
         sampler.stop.set()
         sampler.join()
+        if workload.latency_mean:
+            record_phases(result, StandInControl(standin.url), created_at, ended_at, workload.concurrency)
         result.status = batch.status
         if batch.request_counts:
             result.completed, result.failed = batch.request_counts.completed, batch.request_counts.failed
@@ -233,9 +277,13 @@ def run_plain(workload: Workload, standin: ServerProcess) -> Result:
     StandInControl(standin.url).configure(
         latency_mean=workload.latency_mean, latency_sigma=workload.latency_sigma, fail_503=workload.fail_503, fail_429=0
     )
+    StandInControl(standin.url).reset(seed=DRAWS_SEED)
+    created_at = time.time()
     started = time.perf_counter()
     result.completed, result.failed = asyncio.run(send_plainly(workload, f"{standin.url}/v1"))
     result.seconds = round(time.perf_counter() - started, 2)
+    if workload.latency_mean:
+        record_phases(result, StandInControl(standin.url), created_at, time.time(), workload.concurrency)
     result.requests_per_second = round(result.completed / result.seconds, 1)
     if workload.ideal_seconds:
         result.share_of_ideal = round(workload.ideal_seconds / result.seconds, 3)
@@ -260,6 +308,12 @@ def print_table(results: list[Result], workloads: list[Workload]) -> None:
         ("failed", "failed"),
         ("requests_per_second", "req/s"),
         ("share_of_ideal", "of ideal"),
+        ("share_of_perfect", "of perfect"),
+        ("start_s", "start s"),
+        ("run_s", "run s"),
+        ("perfect_run_s", "perfect run s"),
+        ("end_s", "end s"),
+        ("draws_mean_s", "draws mean s"),
         ("rss_growth_mb", "RSS +MB"),
         ("health_p99_ms", "health p99 ms"),
         ("health_max_ms", "health max ms"),

@@ -286,11 +286,14 @@ class StandInControl:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/admin/stats", timeout=10).json()
+    def stats(self, latencies: bool = False) -> dict[str, Any]:
+        params = {"latencies": "1"} if latencies else {}
+        return httpx.get(f"{self.url}/admin/stats", params=params, timeout=10).json()
 
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/admin/reset", timeout=10).raise_for_status()
+    def reset(self, seed: int | None = None) -> None:
+        """Clear the counters; with `seed`, restart the latency draws from it."""
+        body = {"seed": seed} if seed is not None else None
+        httpx.post(f"{self.url}/admin/reset", json=body, timeout=10).raise_for_status()
 
     def configure(self, **behaviour: float) -> None:
         httpx.post(f"{self.url}/admin/config", json=behaviour, timeout=10).raise_for_status()

@@ -14,8 +14,11 @@ Markers inside a prompt force an outcome for that request: `[[status:400]]` answ
 status, `[[sleep:2.5]]` waits that many seconds first, `[[stall-once:5]]` waits that long only the
 first time this prompt arrives (a backend that stalls once).
 
-GET /admin/stats reports the requests received: in total, per path, and per prompt (to count repeats).
-POST /admin/reset clears the counters.
+GET /admin/stats reports the requests received: in total, per path, and per prompt (to count repeats),
+and when the first arrived and the last was answered (epoch seconds); with `?latencies=1`, also each
+answered request's drawn latency, in the order they arrived (the last MAX_RECORDED_LATENCIES).
+POST /admin/reset clears the counters; a JSON body {"seed": n} also restarts the latency draws from
+seed n, so that runs compared side by side get the same draws in the same order.
 
     python tools/standin_model_server.py --port 8000 --latency-mean 0.2 --latency-sigma 0.6
 """
@@ -29,7 +32,7 @@ import random
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +44,7 @@ from starlette.routing import Route
 
 MARKER = re.compile(r"\[\[(status|sleep|stall-once):([0-9.]+)\]\]")
 DEFAULT_MODELS = ("m-chat", "m-embed", "m-guard")
+MAX_RECORDED_LATENCIES = 100_000
 EMBEDDING_DIMENSION = 8
 
 
@@ -59,6 +63,9 @@ class StandIn:
     def __init__(self, behaviour: Behaviour, seed: int) -> None:
         self.behaviour = behaviour
         self.random = random.Random(seed)
+        self.latencies: deque[float] = deque(maxlen=MAX_RECORDED_LATENCIES)  # drawn, in arrival order
+        self.first_request_at: float | None = None
+        self.last_response_at: float | None = None
         self.total = 0
         self.by_path: Counter[str] = Counter()
         self.by_prompt: Counter[str] = Counter()
@@ -198,6 +205,7 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
         state.by_prompt[prompt] += 1
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        state.first_request_at = state.first_request_at or time.time()
         try:
             forced_status = None
             delay = state.latency()
@@ -206,6 +214,7 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
                     delay = float(value)
                 elif kind == "status":
                     forced_status = int(float(value))
+            state.latencies.append(delay)
             if delay:
                 await asyncio.sleep(delay)
             if forced_status is not None:
@@ -225,23 +234,33 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
             return JSONResponse(embedding_answer(model, body))
         finally:
             state.in_flight -= 1
+            state.last_response_at = time.time()
 
-    async def stats(_: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "total": state.total,
-                "by_path": dict(state.by_path),
-                "by_prompt": dict(state.by_prompt),
-                "in_flight": state.in_flight,
-                "max_in_flight": state.max_in_flight,
-                "behaviour": asdict(state.behaviour),
-            }
-        )
+    async def stats(request: Request) -> JSONResponse:
+        answer = {
+            "total": state.total,
+            "by_path": dict(state.by_path),
+            "by_prompt": dict(state.by_prompt),
+            "in_flight": state.in_flight,
+            "max_in_flight": state.max_in_flight,
+            "behaviour": asdict(state.behaviour),
+            "first_request_at": state.first_request_at,
+            "last_response_at": state.last_response_at,
+        }
+        if request.query_params.get("latencies"):
+            answer["latencies"] = list(state.latencies)
+        return JSONResponse(answer)
 
-    async def reset(_: Request) -> JSONResponse:
+    async def reset(request: Request) -> JSONResponse:
+        body = await request.body()
+        seed = json.loads(body).get("seed") if body else None
+        if seed is not None:
+            state.random.seed(int(seed))
         state.total = 0
         state.by_path.clear()
         state.by_prompt.clear()
+        state.latencies.clear()
+        state.first_request_at = state.last_response_at = None
         state.max_in_flight = state.in_flight
         return JSONResponse({"reset": True})
 

@@ -12,14 +12,16 @@ runs its shards meanwhile, and ends it under its bounded attempts if the failure
 import asyncio
 import contextvars
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ..domain.lifecycle import is_terminal
 from ..domain.outages import log_failure
 from ..domain.ownership import acting_as, scope_of
 from ..requests.endpoints import RequestSender
+from ..requests.input_file import InputIndex
 from ..requests.input_reader import read_requests
-from ..stack import Files, get_logger
+from ..stack import BatchObject, Files, get_logger
 from ..storage.leases import STORE_CALL_SECONDS
 from ..storage.shards import ShardLease
 from ..storage.store import BatchStore
@@ -28,6 +30,7 @@ from .shard_run import JobSettings, ShardRun
 
 logger = get_logger(name=__name__, category="providers")
 
+KEPT_INPUTS = 4  # parsed input files kept for the next shards of the batches helped most recently
 FAILURE_PAUSE_SECONDS = 1.0  # after a failed shard run, how long before this process helps that batch again
 MAX_FAILURE_PAUSE_SECONDS = 60.0  # the pause doubles per failure up to this
 
@@ -57,6 +60,9 @@ class ShardHelpers:
         self._on_done = on_done
         self._clock = clock
         self._tasks: dict[asyncio.Task[None], str] = {}  # each run and its batch id
+        # Parsed inputs by batch id, most recently used last: a batch's next shard does not read and
+        # parse its whole file again (files never change). Bounded: each holds the file's bytes.
+        self._inputs: OrderedDict[str, InputIndex] = OrderedDict()
         # Batches whose shard run failed here, and when this process may try one of them again.
         self._failing: dict[str, tuple[float, float]] = {}  # batch id -> (retry at, pause)
 
@@ -78,6 +84,7 @@ class ShardHelpers:
                 self._holder, self._settings.lease_seconds, exclude=frozenset(exclude)
             )
             if lease is None:
+                self._forget_inputs_but(self.batch_ids())  # no free shard left: keep only what runs
                 return
             exclude.add(lease.batch_id)  # one shard of a batch at a time here: its cap holds per process
             # An empty context: the run acts as the batch's owner, never as whoever woke the claim loop.
@@ -97,7 +104,7 @@ class ShardHelpers:
                 await self._store.shards.release(lease)
                 return
             with acting_as(stored.owner):
-                index = await read_requests(self._files, stored.batch)
+                index = await self._input_of(stored.batch)
                 run = ShardRun(
                     lease,
                     stored.batch,
@@ -124,6 +131,18 @@ class ShardHelpers:
             except Exception as release_error:
                 message = "Cannot release a shard's lease; it runs out"
                 log_failure(logger, message, release_error, batch_id=lease.batch_id)
+
+    async def _input_of(self, batch: BatchObject) -> InputIndex:
+        """The batch's parsed input: kept from an earlier shard of it, or read now (as its owner)."""
+        index = self._inputs.pop(batch.id, None) or await read_requests(self._files, batch)
+        self._inputs[batch.id] = index
+        while len(self._inputs) > KEPT_INPUTS:
+            self._inputs.popitem(last=False)
+        return index
+
+    def _forget_inputs_but(self, batch_ids: set[str]) -> None:
+        for batch_id in [b for b in self._inputs if b not in batch_ids]:
+            del self._inputs[batch_id]
 
     async def stop(self) -> None:
         """Wait for the runs to stop (`stopping` is set): they store their results and release their shards."""

@@ -99,6 +99,8 @@ async def test_one_batch_runs_on_both_processes_and_every_request_once(
     sent = Counter(str(call["messages"]) for inference in inferences for call in inference.calls)
     assert len(sent) == 200 and max(sent.values()) == 1
     assert all(len(inference.calls) >= 10 for inference in inferences)  # both ran shards
+    # The file was read twice, whatever the shards: to validate it, and by the helper for its first shard.
+    assert len(inferences[1].calls) >= 20 and len(files.readers) == 2
 
 
 async def test_a_cancel_reaches_the_shards_another_process_runs(two_processes: TwoProcesses, files: FakeFiles) -> None:

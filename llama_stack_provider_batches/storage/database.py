@@ -346,6 +346,12 @@ class SqlChunks:
         rows = await self._db.read(select(table.c.key).where(table.c.key.like(like_prefix(prefix), escape="\\")))
         return [row.key for row in rows]
 
+    async def keys_between(self, low: str, high: str) -> list[str]:
+        """Every key from `low` (included) to `high` (excluded), in byte order."""
+        table = self._db.chunks
+        rows = await self._db.read(select(table.c.key).where(table.c.key >= low, table.c.key < high))
+        return [row.key for row in rows]
+
 
 def like_prefix(prefix: str) -> str:
     """A LIKE pattern matching what starts with `prefix` (batch ids hold `_`, a LIKE wildcard)."""

@@ -37,6 +37,8 @@ class Chunks(Protocol):
 
     async def keys_under(self, prefix: str) -> list[str]: ...
 
+    async def keys_between(self, low: str, high: str) -> list[str]: ...
+
     async def delete_under(self, prefix: str) -> None: ...
 
 
@@ -104,8 +106,14 @@ class ResultChunks:
         """Yield the stored chunks of a batch, oldest first, one at a time: those of earlier releases,
         then every shard's, or only shard `shard`'s. They are read READ_PAGE at a time: one query per
         chunk made a batch's finalization a round trip per group commit (350 ms for 600 requests)."""
-        keys = sorted(await self._chunks.keys_under(f"results/{batch_id}/"), key=_chunk_order)
-        keys = [key for key in keys if shard is None or _chunk_order(key)[1] in (-1, shard)]
+        under = f"results/{batch_id}/"
+        if shard is None:
+            keys = await self._chunks.keys_under(under)
+        else:  # the shard's own, and an earlier release's (whose keys sort below "s": digits and "e")
+            keys = await self._chunks.keys_between(under, under + "s") + await self._chunks.keys_under(
+                f"{under}s{shard}/"
+            )
+        keys.sort(key=_chunk_order)
         for start in range(0, len(keys), READ_PAGE):
             page = keys[start : start + READ_PAGE]
             texts = await self._chunks.get_many(page)

@@ -2,8 +2,6 @@
 one replica does, the other sees, and a lease taken over fences its old holder off."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +10,6 @@ from llama_stack_provider_batches.domain.ownership import Owner
 from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
 from llama_stack_provider_batches.storage.store import LeaseLostError
-from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch
 
 Replicas = tuple[SQLBatchStore, SQLBatchStore]
@@ -20,17 +17,6 @@ Replicas = tuple[SQLBatchStore, SQLBatchStore]
 
 async def create(store: SQLBatchStore, stored: StoredBatch) -> StoredBatch:
     return (await store.create(stored))[0]
-
-
-@pytest.fixture(params=SQL_BACKENDS)
-async def replicas(request, tmp_path: Path) -> AsyncIterator[Replicas]:
-    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(request.param, tmp_path) as ref:
-        first, second = SQLBatchStore(ref, kvstore, namespace), SQLBatchStore(ref, kvstore, namespace)
-        await first.initialize()
-        await second.initialize()
-        yield first, second
-        await first.close()
-        await second.close()
 
 
 async def test_fifty_creates_with_one_key_over_two_replicas_store_one_batch(replicas: Replicas) -> None:

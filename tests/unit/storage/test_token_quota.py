@@ -3,10 +3,7 @@ nothing, tokens come back as shards report results, and concurrent admissions on
 pass the limit together."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,7 +14,6 @@ from llama_stack_provider_batches.domain.results import Tally
 from llama_stack_provider_batches.storage.shards import ShardTokens
 from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
 from llama_stack_provider_batches.storage.token_quota import OverTokenLimit, first_over
-from tests.unit.backends import SQL_BACKENDS, open_kvstore, sql_reference
 from tests.unit.helpers import make_batch
 
 SCOPE = scope_of(None)
@@ -28,17 +24,6 @@ def limit_of(model: str) -> int | None:
     return LIMIT if model == "m" else None
 
 
-@pytest.fixture(params=SQL_BACKENDS)
-async def stores(request, tmp_path: Path) -> AsyncIterator[tuple[SQLBatchStore, SQLBatchStore]]:
-    async with open_kvstore("sqlite", tmp_path) as (kvstore, namespace), sql_reference(request.param, tmp_path) as ref:
-        first, second = SQLBatchStore(ref, kvstore, namespace), SQLBatchStore(ref, kvstore, namespace)
-        await first.initialize()
-        await second.initialize()
-        yield first, second
-        await first.close()
-        await second.close()
-
-
 async def admit(store: SQLBatchStore, batch_id: str, per_shard: list[dict[str, int]]) -> OverTokenLimit | None:
     """Create a validating batch and write its shards of 10 requests each under the quota."""
     batch = make_batch(batch_id)
@@ -47,8 +32,8 @@ async def admit(store: SQLBatchStore, batch_id: str, per_shard: list[dict[str, i
     return await store.shards.create(batch, ranges, 1, True, ShardTokens(SCOPE, per_shard, limit_of))
 
 
-async def test_a_batch_past_the_limit_writes_nothing_and_says_which_model(stores) -> None:
-    store, _ = stores
+async def test_a_batch_past_the_limit_writes_nothing_and_says_which_model(replicas) -> None:
+    store, _ = replicas
     assert await admit(store, "batch_a", [{"m": 300, "other": 5000}, {"m": 300}]) is None
     assert await store.shards.tokens.enqueued(SCOPE) == {"m": 600, "other": 5000}  # `other` has no limit
     over = await admit(store, "batch_b", [{"m": 500}])
@@ -58,8 +43,8 @@ async def test_a_batch_past_the_limit_writes_nothing_and_says_which_model(stores
     assert await store.shards.tokens.enqueued(SCOPE) == {"m": 600, "other": 5000}
 
 
-async def test_tokens_come_back_as_results_are_stored_and_all_at_once_when_the_batch_moves_on(stores) -> None:
-    store, _ = stores
+async def test_tokens_come_back_as_results_are_stored_and_all_at_once_when_the_batch_moves_on(replicas) -> None:
+    store, _ = replicas
     assert await admit(store, "batch_a", [{"m": 300}, {"m": 300}]) is None
     await store.update("batch_a", lambda b: transition(b, "in_progress", now=2))
     lease = await store.shards.claim("server-a", 30, "batch_a")
@@ -74,10 +59,10 @@ async def test_tokens_come_back_as_results_are_stored_and_all_at_once_when_the_b
     assert await store.shards.tokens.enqueued() == {}
 
 
-async def test_admissions_racing_on_two_stores_never_pass_the_limit_together(stores) -> None:
-    outcomes = await asyncio.gather(*(admit(stores[n % 2], f"batch_{n}", [{"m": 100}]) for n in range(24)))
+async def test_admissions_racing_on_two_stores_never_pass_the_limit_together(replicas) -> None:
+    outcomes = await asyncio.gather(*(admit(replicas[n % 2], f"batch_{n}", [{"m": 100}]) for n in range(24)))
     assert sum(1 for over in outcomes if over is None) == LIMIT // 100
-    assert await stores[0].shards.tokens.enqueued(SCOPE) == {"m": LIMIT}
+    assert await replicas[0].shards.tokens.enqueued(SCOPE) == {"m": LIMIT}
 
 
 @given(

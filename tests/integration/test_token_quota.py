@@ -36,7 +36,7 @@ USERS = {  # disjoint attributes: each user sees only their own batches, and has
 }
 LIMIT = 1000
 WINDOW = 4
-LATENCY = 0.5  # a 60-line batch runs for about 7.5 s at a window of 4
+LATENCY = 0.25  # a 60-line batch runs for about 4 s at a window of 4
 
 
 def lines_of(tokens: int, tag: str) -> list[dict[str, Any]]:
@@ -130,7 +130,7 @@ def test_a_batch_past_its_owners_limit_fails_and_passes_once_the_first_has_finis
 
 
 def test_tokens_come_back_as_requests_finish(users_stack: ServerProcess, standin: StandInControl) -> None:
-    standin.configure(latency_mean=LATENCY)
+    standin.configure(latency_mean=2 * LATENCY)  # the first batch must still run while the second is checked
     alice = client(users_stack, "alice-token")
     first_lines = lines_of(700, "long")
     first = create_chat_batch(alice, first_lines)

@@ -1,6 +1,7 @@
 """The input-token estimator: exact on text chats against OpenAI's chat format, never negative, and
 never lower when a request gains content."""
 
+import functools
 import os
 from typing import Any
 
@@ -26,18 +27,25 @@ def count() -> TextCounter:
     return text_counter()
 
 
-def chat_format_tokens(messages: list[dict[str, str]]) -> int:
-    """The tokenizer run over a conversation as OpenAI's chat models see it: each message
-    `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`, then `<|im_start|>assistant<|im_sep|>`."""
+CHAT_SPECIALS = {"<|im_start|>": 100264, "<|im_end|>": 100265, "<|im_sep|>": 100266}
+
+
+@functools.cache
+def chat_encoding() -> Any:
+    """cl100k_base with the special tokens of OpenAI's chat format."""
     import tiktoken
 
     base = tiktoken.get_encoding("cl100k_base")
-    specials = {"<|im_start|>": 100264, "<|im_end|>": 100265, "<|im_sep|>": 100266}
-    chat = tiktoken.Encoding(
-        "cl100k_im", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks, special_tokens=specials
+    return tiktoken.Encoding(
+        "cl100k_im", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks, special_tokens=CHAT_SPECIALS
     )
+
+
+def chat_format_tokens(messages: list[dict[str, str]]) -> int:
+    """The tokenizer run over a conversation as OpenAI's chat models see it: each message
+    `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`, then `<|im_start|>assistant<|im_sep|>`."""
     text = "".join(f"<|im_start|>{m['role']}<|im_sep|>{m['content']}<|im_end|>" for m in messages)
-    return len(chat.encode(text + "<|im_start|>assistant<|im_sep|>", allowed_special=set(specials)))
+    return len(chat_encoding().encode(text + "<|im_start|>assistant<|im_sep|>", allowed_special=set(CHAT_SPECIALS)))
 
 
 texts = st.text(st.characters(codec="utf-8", exclude_characters="<|>"), max_size=200)

@@ -62,7 +62,10 @@ class StandIn:
 
     def __init__(self, behaviour: Behaviour, seed: int) -> None:
         self.behaviour = behaviour
+        # Latencies and injected failures draw from two streams: the order in which requests arrive and
+        # finish interleaves the two, and must not change which latencies a run gets.
         self.random = random.Random(seed)
+        self.failures = random.Random(seed + 1)
         self.latencies: deque[float] = deque(maxlen=MAX_RECORDED_LATENCIES)  # drawn, in arrival order
         self.first_request_at: float | None = None
         self.last_response_at: float | None = None
@@ -82,7 +85,7 @@ class StandIn:
         return self.random.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
 
     def injected_failure(self) -> JSONResponse | None:
-        draw = self.random.random()
+        draw = self.failures.random()
         if draw < self.behaviour.fail_503:
             return error_response(503, "The stand-in is overloaded (injected).", "server_error")
         if draw < self.behaviour.fail_503 + self.behaviour.fail_429:
@@ -256,6 +259,7 @@ def build_app(state: StandIn, models: tuple[str, ...]) -> Starlette:
         seed = json.loads(body).get("seed") if body else None
         if seed is not None:
             state.random.seed(int(seed))
+            state.failures.seed(int(seed) + 1)
         state.total = 0
         state.by_path.clear()
         state.by_prompt.clear()

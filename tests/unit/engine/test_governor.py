@@ -58,6 +58,20 @@ def test_lag_cuts_the_cap_from_what_is_in_flight_at_most_once_per_cooldown_never
     assert governed.cap() == 1
 
 
+def test_one_late_sample_cuts_nothing_but_a_loop_that_stays_late_does() -> None:
+    use, now = Use(in_flight=10, waiting=5), [10.0]
+    governed = governor(use, now)
+    governed.limit = 10.0
+    governed.observe(0.02)  # twice the target once: one batch response's work, caught by one sample
+    assert governed.cap() == 10
+    for _ in range(10):
+        governed.observe(0.0)
+    for _ in range(4):  # the loop stays late
+        now[0] += COOLDOWN_SECONDS
+        governed.observe(0.02)
+    assert governed.cap() < 10
+
+
 def test_no_batch_request_starts_just_after_an_http_request_did() -> None:
     use, now = Use(in_flight=8, waiting=3), [0.0]
     governed = governor(use, now)

@@ -24,14 +24,17 @@ ALL = ["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
 class Receiver:
     """Answers deliveries with the statuses given, in turn (the last one from then on)."""
 
-    def __init__(self, *statuses: int, delay: float = 0.0) -> None:
+    def __init__(self, *statuses: int, delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
         self.statuses = list(statuses)
         self.delay = delay
+        self.gate = gate  # when given, answers wait for it
         self.requests: list[httpx.Request] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return httpx.Response(status, headers={"location": "http://127.0.0.1:1/elsewhere"})
 
@@ -109,7 +112,8 @@ async def test_a_url_that_is_no_longer_allowed_is_not_sent_to_and_is_retried(sto
 
 
 async def test_a_slow_receiver_does_not_hold_up_another(store: SQLBatchStore) -> None:
-    slow, fast = Receiver(200, delay=0.5), Receiver(200)
+    held = asyncio.Event()
+    slow, fast = Receiver(200, gate=held), Receiver(200)
 
     async def route(request: httpx.Request) -> httpx.Response:
         return await (slow if request.url.port == 9001 else fast)(request)
@@ -129,9 +133,11 @@ async def test_a_slow_receiver_does_not_hold_up_another(store: SQLBatchStore) ->
     await deliverer.store.fan_out(deliverer._operator.values())
     started = time.monotonic()
     await deliverer._send_due()  # 4 slots: at most 2 for the slow endpoint, the rest for the fast one
-    while len(fast.requests) < 2 and time.monotonic() - started < 2:
+    while len(fast.requests) < 2 and time.monotonic() - started < 10:
         await asyncio.sleep(0.01)
-    assert len(fast.requests) == 2 and len(slow.requests) == 2 and time.monotonic() - started < 0.4
+    # The fast endpoint got its deliveries while the slow one still holds both of its own.
+    assert len(fast.requests) == 2 and len(slow.requests) == 2 and not held.is_set()
+    held.set()
     await asyncio.gather(*deliverer._tasks)
 
 

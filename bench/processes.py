@@ -388,7 +388,7 @@ def main() -> None:
     parser.add_argument("--configs", default="workers1,workers2,replicas1,replicas3")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=32, help="BATCHES_MAX_CONCURRENT_REQUESTS")
-    parser.add_argument("--requests-per-shard", type=int, default=1000, help="BATCHES_REQUESTS_PER_SHARD")
+    parser.add_argument("--requests-per-shard", type=int, default=250, help="BATCHES_REQUESTS_PER_SHARD")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--profile-delay", type=float, default=5.0, help="seconds after create to start py-spy")
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="how long to profile; 0: to the end")

@@ -57,7 +57,7 @@ class JobSettings:
     grace_seconds: float
     shutdown_grace_seconds: float
     lease_seconds: float = 15.0
-    requests_per_shard: int = 1000
+    requests_per_shard: int = 250
     max_at_risk_requests: int = 100  # per shard run: requests in flight or with results unstored (result_log.py)
     token_limit: Callable[[str], int | None] | None = None  # per model; None: no token quota, no estimates
     token_encodings: Mapping[str, str] = field(default_factory=dict)  # model id -> tiktoken encoding

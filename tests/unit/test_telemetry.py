@@ -176,9 +176,9 @@ async def test_the_engine_gauges_enqueued_tokens_by_model_until_the_batch_ends(
     key = (telemetry.PREFIX + "enqueued_tokens", frozenset({("model", "local/m-chat")}))
     try:
         batch = await create_chat_batch(provider, files, [chat_line(f"r{i}") for i in range(4)])
-        while not points().get(key):
+        # The tokens count from the admission on; the batch shows its estimate once it is in progress.
+        while not points().get(key) or (running := await provider.retrieve_batch(batch.id)).status != "in_progress":
             await asyncio.sleep(0.01)
-        running = await provider.retrieve_batch(batch.id)
         assert points()[key] == running.model_extra["estimated_input_tokens"] > 0
         assert points()[(telemetry.PREFIX + "enqueued_tokens", frozenset({("model", "local/gone")}))] == 0
         gate.set()

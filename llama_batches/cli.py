@@ -358,10 +358,16 @@ def rerun(
     first = retrieve(conn, batch_id)
     if first.status not in api.TERMINAL_STATUSES:
         raise api.CliError(f"batch {batch_id} is {first.status}: re-run it once it has ended (llama-batches wait)")
-    content = read_input(Path(input_path)) if input_path else download_input(conn, first)
+    content = checked_input(read_input(Path(input_path)), input_path) if input_path else download_input(conn, first)
     first_results = download_results(conn, first)
     selection = reruns.select(content, *first_results)
     total = len(selection.custom_ids)
+    expected = counts(first)[2]
+    if reruns.foreign_results(selection.custom_ids, *first_results) or (expected and expected != total):
+        raise api.CliError(
+            f"{input_path or first.input_file_id} is not the input of batch {batch_id}: it holds {total} requests,"
+            f" the batch {expected}, and their custom_ids do not match its results"
+        )
     if not selection.again:
         raise api.CliError(f"batch {batch_id}: nothing to re-run: every one of its {total} requests has a final result")
     note(f"Re-running {len(selection.again)} of the {total} requests of batch {batch_id}: {selection.summary()}.")
@@ -374,6 +380,9 @@ def rerun(
     batch = follow(conn, batch, again)
     output_lines, error_lines = reruns.combine(selection.again, first_results, download_results(conn, batch))
     outcome = write_results(batch, selection.custom_ids, output_lines, error_lines, output, errors_mode)
+    if batch.status == "failed":  # nothing of it ran: the output holds the first batch's results only
+        note(f"Wrote {outcome.lines} lines to {output}, the results of batch {batch_id} alone.")
+        raise api.CliError(f"batch {batch.id} failed: {batch_errors(batch)}")
     return report(batch, outcome, as_json, {"rerun_of": batch_id, "reran": len(selection.again)})
 
 
@@ -384,9 +393,13 @@ def download_input(conn: api.Connection, batch: Batch) -> bytes:
             content = api.download(conn.client, batch.input_file_id)
     except api.CliError as error:
         raise api.CliError(f"{error}; pass the batch's input file with --input INPUT.jsonl") from None
+    return checked_input(content, f"the input file {batch.input_file_id} of batch {batch.id}")
+
+
+def checked_input(content: bytes, name: str) -> bytes:
     problems = jsonl.check_input(content)
     if problems:
-        raise api.CliError(f"the input file {batch.input_file_id} of batch {batch.id}: {'; '.join(problems)}")
+        raise api.CliError(f"{name}: {'; '.join(problems)}")
     return content
 
 

@@ -2,10 +2,12 @@
 output that combines the first batch's results with the new ones. Pure functions over result lines.
 
 A request runs again when it has no result, when its batch ended before it ran (`batch_expired`,
-`batch_cancelled`, or this tool's `missing_result`), or when it failed in a way a later attempt may
-cure: the backend's 5xx, 408 or 429 after every retry, a timeout, a connection error, or a batch
-resumed without its per-request credentials. Never when the request itself was refused (any other
-4xx: the same request would be refused again), nor when it succeeded.
+`batch_cancelled`, `input_file_unavailable`, or this tool's `missing_result`), or when it failed in
+a way a later attempt may cure: the backend's 5xx, 408 or 429 after every retry, a timeout, a
+connection error, or a batch resumed without its per-request credentials. Never when the request
+itself was refused (any other 4xx: the same request would be refused again), nor when it succeeded,
+nor on an `internal_error` (the stack failed on the request itself, without a status to tell
+whether it would again).
 """
 
 import json
@@ -24,6 +26,7 @@ RETRIED_CODES = {
     "timeout": "timed out",
     "connection_error": "connection errors",
     "credentials_unavailable": "credentials unavailable",
+    "input_file_unavailable": "input file unavailable",  # never sent: the server lost the input (--input)
 }
 RETRIED_STATUSES = {408: "timed out", 429: "rate limited"}  # and every 5xx: "server errors"
 MISSING = "without a result"
@@ -85,6 +88,12 @@ class Selection:
     def summary(self) -> str:
         """`12 expired, 3 server errors` (most common first)."""
         return ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common())
+
+
+def foreign_results(custom_ids: Sequence[str], output_lines: Sequence[str], error_lines: Sequence[str]) -> int:
+    """How many results answer custom_ids the input does not hold: not 0 means it is another batch's input."""
+    known = set(custom_ids)
+    return sum(1 for custom_id in results_by_custom_id(output_lines, error_lines) if custom_id not in known)
 
 
 def select(content: bytes, output_lines: Sequence[str], error_lines: Sequence[str]) -> Selection:

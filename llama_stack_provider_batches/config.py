@@ -305,7 +305,7 @@ class BatchesProviderConfig(BaseModel):
         limits = value.values() if isinstance(value, dict) else [] if value is None else [value]
         if any(limit < 1 for limit in limits):
             raise ValueError("max_enqueued_tokens_per_user: every limit must be at least 1")
-        return value
+        return value or None  # an empty mapping limits nothing: no estimates, no locks
 
     def token_limit(self, model: str | None) -> int | None:
         """The enqueued-token limit of one user on `model`; None: no limit."""

@@ -84,6 +84,10 @@ class Finalizer:
             # A cancel may have come in as the last requests finished; then the batch stays cancelling.
             now = int(self.clock())
             await self._update(lambda b: transition(b, "finalizing", now) if b.status == "in_progress" else b)
+        # Fence the shards off before reading their results: a run whose lease ran out unnoticed (a late
+        # renewal on a loaded machine) still holds its token, and could store a result after the read,
+        # or after the chunks are dropped below (left behind for good). Without the token it cannot.
+        await self.store.shards.revoke(self.batch_id)
         stored = await self.store.get(self.batch_id)
         uploaded = dict(stored.uploaded_files) if stored else {}
         uploading = dict(stored.uploading) if stored else {}

@@ -30,7 +30,8 @@ from .shard_run import JobSettings, ShardRun
 
 logger = get_logger(name=__name__, category="providers")
 
-KEPT_INPUTS = 4  # parsed input files kept for the next shards of the batches helped most recently
+KEPT_INPUTS = 4  # parsed input files kept for the next shards of the batches helped most recently,
+KEPT_INPUT_BYTES = 200 * 1024 * 1024  # and their bytes at most (the one in use is kept whatever its size)
 FAILURE_PAUSE_SECONDS = 1.0  # after a failed shard run, how long before this process helps that batch again
 MAX_FAILURE_PAUSE_SECONDS = 60.0  # the pause doubles per failure up to this
 
@@ -134,11 +135,16 @@ class ShardHelpers:
 
     async def _input_of(self, batch: BatchObject) -> InputIndex:
         """The batch's parsed input: kept from an earlier shard of it, or read now (as its owner)."""
-        index = self._inputs.pop(batch.id, None) or await read_requests(self._files, batch)
+        index = self._inputs.pop(batch.id, None)
+        if index is None:
+            index = await read_requests(self._files, batch)
         self._inputs[batch.id] = index
-        while len(self._inputs) > KEPT_INPUTS:
+        while len(self._inputs) > 1 and (len(self._inputs) > KEPT_INPUTS or self._kept_bytes() > KEPT_INPUT_BYTES):
             self._inputs.popitem(last=False)
         return index
+
+    def _kept_bytes(self) -> int:
+        return sum(len(kept.content) for kept in self._inputs.values())
 
     def _forget_inputs_but(self, batch_ids: set[str]) -> None:
         for batch_id in [b for b in self._inputs if b not in batch_ids]:

@@ -6,11 +6,13 @@ Text is counted with a tiktoken encoding (`cl100k_base` unless the config names 
 model); around it each endpoint adds what OpenAI's prompt accounting adds:
 
 - chat: every message costs MESSAGE_OVERHEAD tokens for its framing, plus its role, its name (and
-  one more token) and its content; text parts count as text, each image as IMAGE_TOKENS; tool calls
-  and tool definitions count as their JSON text; the reply's own framing costs REPLY_OVERHEAD.
+  one more token) and its content; text parts count as text, each image as IMAGE_TOKENS, each file
+  or audio part as ATTACHMENT_TOKENS; tool calls and tool definitions count as their JSON text; the
+  reply's own framing costs REPLY_OVERHEAD.
 - completions, embeddings, moderations: the prompt or input text, or the length of a token array.
-- responses: `instructions`, and `input` as a string or a list of items counted as chat messages
-  (other items, such as function call outputs, as their JSON text).
+- responses: `instructions`, and `input` as a string or a list of items: messages as chat messages,
+  other items as content parts (text, image, file), anything else (a function call's output) as
+  its JSON text.
 
 On chat bodies of text messages the estimate is within one token per message of the tokenizer run
 over the whole conversation in OpenAI's chat format (tests/unit/requests/test_token_estimates.py):
@@ -30,6 +32,7 @@ MESSAGE_OVERHEAD = 3  # <|im_start|>, the newline after the role, <|im_end|> (an
 REPLY_OVERHEAD = 3  # <|im_start|>assistant<|message|>: the reply's framing, counted as prompt
 NAME_OVERHEAD = 1
 IMAGE_TOKENS = 85  # OpenAI's price of a low-detail image; larger images cost more, unknown here
+ATTACHMENT_TOKENS = 85  # a file or audio part: its cost depends on what it holds, unknown here (not its base64)
 DEFAULT_ENCODING = "cl100k_base"
 
 TextCounter = Callable[[str], int]
@@ -88,10 +91,13 @@ def _text_input(value: Any, count: TextCounter) -> int:
 
 
 def _content_part(part: dict[str, Any], count: TextCounter) -> int:
-    """One part of a message's content: text of any kind counts as text, an image as IMAGE_TOKENS."""
+    """One part of a message's content: text of any kind counts as text, an image as IMAGE_TOKENS, a file
+    or audio as ATTACHMENT_TOKENS (never their base64 data as text)."""
     kind = part.get("type")
     if isinstance(kind, str) and "image" in kind:
         return IMAGE_TOKENS
+    if isinstance(kind, str) and ("file" in kind or "audio" in kind):
+        return ATTACHMENT_TOKENS
     for key in ("text", "refusal", "input_text", "output_text"):
         if isinstance(part.get(key), str):
             return count(part[key])
@@ -147,8 +153,10 @@ def responses_tokens(body: dict[str, Any], count: TextCounter) -> int:
         tokens += MESSAGE_OVERHEAD + count("user") + count(value)
     elif isinstance(value, list):
         for item in value:
-            is_message = isinstance(item, dict) and "role" in item
-            tokens += _message(item, count) if is_message else count(_json_text(item))
+            if isinstance(item, dict):
+                tokens += _message(item, count) if "role" in item else _content_part(item, count)
+            else:
+                tokens += _text_input(item, count)
     if body.get("tools"):
         tokens += count(_json_text(body["tools"]))
     return tokens

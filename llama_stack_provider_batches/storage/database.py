@@ -347,7 +347,8 @@ class SqlChunks:
         return [row.key for row in rows]
 
     async def keys_between(self, low: str, high: str) -> list[str]:
-        """Every key from `low` (included) to `high` (excluded), in byte order."""
+        """Every key from `low` (included) to `high` (excluded). In the database's collation: callers rely
+        on keys of a fixed shape (a fixed-length batch id, then "/"), which every collation orders alike."""
         table = self._db.chunks
         rows = await self._db.read(select(table.c.key).where(table.c.key >= low, table.c.key < high))
         return [row.key for row in rows]

@@ -203,6 +203,12 @@ class ShardStore:
         give_up = update(self._table).where(self._held_by(lease)).values(lease_token=None, lease_expires_at=None)
         await self._db.write(give_up.values(done=True) if done else give_up)
 
+    async def revoke(self, batch_id: str) -> None:
+        """Take every lease of a batch's shards back, held or run out: their holders can store, renew or
+        release nothing more (the batch is being closed)."""
+        revoke = update(self._table).where(self._table.c.batch_id == batch_id, self._table.c.lease_token.is_not(None))
+        await self._db.write(revoke.values(lease_token=None, lease_expires_at=None))
+
     async def save_progress(self, lease: ShardLease, tally: Tally) -> bool:
         """Record the tally of a shard's stored results; False if the lease is not held any more."""
         values = {

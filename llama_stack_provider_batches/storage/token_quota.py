@@ -35,9 +35,14 @@ class OverTokenLimit:
     tokens: int  # this batch's estimate
 
     def message(self) -> str:
+        head = f"Enqueued token limit reached for {quoted(self.model)}. Limit: {self.limit:,} enqueued tokens per user;"
+        if self.tokens > self.limit:  # waiting does not help: it never fits
+            return (
+                f"{head} this batch alone holds an estimated {self.tokens:,} input tokens. Please split it into"
+                f" batches of at most {self.limit:,} tokens."
+            )
         return (
-            f"Enqueued token limit reached for {quoted(self.model)}. Limit: {self.limit:,} enqueued tokens per user;"
-            f" this batch holds an estimated {self.tokens:,} input tokens and your unfinished batches"
+            f"{head} this batch holds an estimated {self.tokens:,} input tokens and your unfinished batches"
             f" {self.enqueued:,}. Please try submitting fewer requests, or try again once some of your"
             " in-progress batches have completed."
         )

@@ -28,3 +28,7 @@ def test_a_mapping_limits_the_models_it_names_only() -> None:
 def test_a_limit_below_one_is_refused_with_the_settings_name(limit: Any) -> None:
     with pytest.raises(ValidationError, match="max_enqueued_tokens_per_user"):
         config(max_enqueued_tokens_per_user=limit)
+
+
+def test_an_empty_mapping_sets_no_quota_at_all() -> None:
+    assert config(max_enqueued_tokens_per_user={}).max_enqueued_tokens_per_user is None

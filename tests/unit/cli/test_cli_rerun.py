@@ -1,12 +1,15 @@
 """Which requests `llama-batches rerun` runs again, and the output it combines (llama_batches/rerun.py)."""
 
 import json
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llama_batches import jsonl
-from llama_batches.rerun import combine, select, why_run_again
+from llama_batches.rerun import combine, foreign_results, select, why_run_again
+from tests.processes import llama_batches
+from tests.unit.cli.conftest import FakeBatchAPI, batch_body
 
 # Kinds of result a request may have, with whether a re-run takes it up.
 KINDS = {
@@ -22,6 +25,8 @@ KINDS = {
     "timeout": True,
     "connection_error": True,
     "invalid_response": False,
+    "internal_error": False,
+    "input_file_unavailable": True,
     "no_line": True,
 }
 
@@ -103,3 +108,27 @@ def test_a_result_line_nobody_can_read_counts_as_none() -> None:
     assert why_run_again(json.dumps({"custom_id": "a", "response": {"status_code": "x"}})) == "without a result"
     assert why_run_again(result_line("a", "credentials_unavailable")) == "credentials unavailable"
     assert why_run_again(result_line("a", "http_422")) is None
+
+
+def test_results_of_another_input_are_told_apart() -> None:
+    ids = ["a", "b"]
+    assert foreign_results(ids, [result_line("a", "ok")], [result_line("b", "batch_expired")]) == 0
+    assert foreign_results(ids, [result_line("x", "ok")], []) == 1
+
+
+def test_a_rerun_with_another_batchs_input_is_refused_in_one_line(server: FakeBatchAPI, tmp_path: Path) -> None:
+    server.answers = [batch_body("batch_1", "expired", 1, 1, output_file_id="file-out", error_file_id="file-err")]
+    server.files["file-out"] = result_line("a", "ok") + "\n"
+    server.files["file-err"] = result_line("b", "batch_expired") + "\n"
+    wrong = tmp_path / "other.jsonl"
+    wrong.write_bytes(input_file(["x", "y"]))
+    refused = llama_batches(server.url, "rerun", "batch_1", "--input", wrong, "-o", tmp_path / "out.jsonl")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        f"error: {wrong} is not the input of batch batch_1: it holds 2 requests, the batch 2, and their custom_ids"
+        " do not match its results"
+    )
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    bad = llama_batches(server.url, "rerun", "batch_1", "--input", broken, "-o", tmp_path / "out.jsonl")
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {broken}: ") and "Traceback" not in bad.stderr

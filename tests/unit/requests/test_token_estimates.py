@@ -2,6 +2,7 @@
 never lower when a request gains content."""
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -9,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llama_stack_provider_batches.requests.input_file import parse_input
 from llama_stack_provider_batches.requests.token_estimates import (
+    ATTACHMENT_TOKENS,
     IMAGE_TOKENS,
     REPLY_OVERHEAD,
     TextCounter,
@@ -134,3 +137,33 @@ def test_a_response_counts_its_instructions_and_input(count: TextCounter) -> Non
         "/v1/responses", {"input": [{"role": "user", "content": "Say hello"}], "instructions": "Be brief"}, count
     )
     assert as_string == as_item == count("Be brief") + 3 + count("user") + count("Say hello")
+
+
+def test_files_and_audio_cost_a_fixed_price_never_their_base64(count: TextCounter) -> None:
+    data = "QUJD" * 50_000  # 200 KB of base64
+    pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{data}"}}
+    audio = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+    body = {"messages": [{"role": "user", "content": [pdf, audio]}]}
+    assert estimate_tokens(CHAT, body, count) == estimate_tokens(CHAT, {"messages": [{"role": "user"}]}, count) + 170
+    response_file = {"type": "input_file", "file_data": data}
+    assert estimate_tokens("/v1/responses", {"input": [response_file]}, count) == ATTACHMENT_TOKENS
+
+
+def test_an_estimator_that_fails_on_a_body_falls_back_to_the_lines_size() -> None:
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "hi"}}'
+
+    def broken(_: dict) -> int:
+        raise TypeError("unforeseen")
+
+    parsed = parse_input(line, "/v1/embeddings", broken)
+    assert not parsed.errors and list(parsed.token_estimates) == [len(line) // 4]
+
+
+def test_moderations_naming_no_model_count_for_the_default_model() -> None:
+    lines = b"\n".join(
+        json.dumps({"custom_id": str(n), "method": "POST", "url": "/v1/moderations", "body": body}).encode()
+        for n, body in enumerate([{"input": "a"}, {"input": "b", "model": "guard"}])
+    )
+    parsed = parse_input(lines, "/v1/moderations", lambda _: 7)
+    parsed.model = "default-guard"  # as validation resolves it (input_reader.unknown_moderation_models)
+    assert parsed.tokens_per_shard([(0, 1), (1, 2)]) == [{"default-guard": 7}, {"guard": 7}]

@@ -207,3 +207,21 @@ async def test_a_batch_that_gives_up_stops_its_shards_everywhere_and_leaves_noth
     assert sent_at_end < 300  # it stopped early, on both processes
     assert await servers[0]._store.results._chunks.keys_under(f"results/{batch.id}/") == []
     assert not await servers[0]._store.shards.exist(batch.id)
+
+
+async def test_a_batch_being_closed_takes_every_shard_lease_back_so_that_nothing_is_stored_late(
+    make_replica: ProviderFactory,
+) -> None:
+    server = await make_replica()
+    store = server._store
+    batch = make_batch("batch_fenced", status="in_progress")
+    await store.create(StoredBatch(batch=batch))
+    await store.shards.create(batch, [(0, 5), (5, 10)], 1, shareable=True)
+    lease = await store.shards.claim("a-server", 30, batch_id="batch_fenced")
+    assert lease is not None
+    await store.shards.revoke("batch_fenced")  # as finalization does, even of a lease that ran out unnoticed
+    key = f"results/batch_fenced/s{lease.shard}/e{lease.epoch}/0"
+    assert not await store.results._chunks.set_while_held(key, "[]", "batch_fenced", lease.shard, lease.token)
+    assert await store.shards.renew(lease, 30) is None
+    assert await store.results._chunks.keys_under("results/batch_fenced/") == []
+    await server.shutdown()

@@ -78,3 +78,10 @@ def test_a_batch_is_refused_exactly_when_a_limited_model_would_pass_its_limit(
     assert (over is not None) == passes
     if over is not None:
         assert (over.model, over.enqueued, over.tokens) == ("m", enqueued.get("m", 0), tokens["m"])
+
+
+def test_a_batch_that_alone_passes_the_limit_is_told_to_split_not_to_wait() -> None:
+    alone = OverTokenLimit(model="m", limit=1000, enqueued=0, tokens=1500).message()
+    assert "alone holds an estimated 1,500" in alone and "split it" in alone and "try again" not in alone
+    behind = OverTokenLimit(model="m", limit=1000, enqueued=600, tokens=500).message()
+    assert "try again once some of your in-progress batches have completed" in behind

@@ -20,6 +20,7 @@ LONG_MODULES = (
     "test_workers",
     "test_durability",
     "test_replicas",
+    "test_token_quota",
     "test_webhooks",
     "test_multi_user",
     "test_fairness",

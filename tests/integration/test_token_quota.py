@@ -34,9 +34,9 @@ USERS = {  # disjoint attributes: each user sees only their own batches, and has
     "alice-token": {"principal": "alice", "attributes": {"teams": ["red"]}},
     "bob-token": {"principal": "bob", "attributes": {"teams": ["blue"]}},
 }
-LIMIT = 1000
+LIMIT = 400  # about 30 of these tests' chat lines
 WINDOW = 4
-LATENCY = 0.25  # a 60-line batch runs for about 4 s at a window of 4
+LATENCY = 0.25  # a 25-line batch runs for about 1.6 s at a window of 4
 
 
 def lines_of(tokens: int, tag: str) -> list[dict[str, Any]]:
@@ -115,27 +115,27 @@ def client(stack: ServerProcess, token: str = "none") -> OpenAI:
 def test_a_batch_past_its_owners_limit_fails_and_passes_once_the_first_has_finished(
     users_stack: ServerProcess, standin: StandInControl
 ) -> None:
-    standin.configure(latency_mean=LATENCY)
+    standin.configure(latency_mean=2 * LATENCY)  # the first batch must still run while the second is checked
     alice, bob = client(users_stack, "alice-token"), client(users_stack, "bob-token")
-    first = create_chat_batch(alice, lines_of(600, "first"))
+    first = create_chat_batch(alice, lines_of(240, "first"))
     running = wait_for_status(alice, first.id, ("in_progress",))
-    assert 600 < estimate_of(running) < 700
-    second_lines = lines_of(500, "second")
+    assert 240 < estimate_of(running) < 280
+    second_lines = lines_of(200, "second")
     refused = ended(alice, create_chat_batch(alice, second_lines))
     assert_over_limit(refused)
-    assert 500 < estimate_of(refused) < 600
+    assert 200 < estimate_of(refused) < 240
     assert ended(bob, create_chat_batch(bob, second_lines)).status == "completed"  # bob's quota is his own
     assert ended(alice, first).status == "completed"
     assert ended(alice, create_chat_batch(alice, second_lines)).status == "completed"
 
 
 def test_tokens_come_back_as_requests_finish(users_stack: ServerProcess, standin: StandInControl) -> None:
-    standin.configure(latency_mean=2 * LATENCY)  # the first batch must still run while the second is checked
+    standin.configure(latency_mean=4 * LATENCY)  # the first batch must still run while the second is checked
     alice = client(users_stack, "alice-token")
-    first_lines = lines_of(700, "long")
+    first_lines = lines_of(280, "long")
     first = create_chat_batch(alice, first_lines)
-    wait_for_completed(alice, first.id, len(first_lines) * 2 // 3)  # about 230 of its tokens left
-    second = create_chat_batch(alice, lines_of(500, "later"))
+    wait_for_completed(alice, first.id, len(first_lines) * 2 // 3)  # about 95 of its tokens left
+    second = create_chat_batch(alice, lines_of(200, "later"))
     second_running = wait_for_status(alice, second.id, ("in_progress", "failed"))
     first_meanwhile = alice.batches.retrieve(first.id)
     assert second_running.status == "in_progress", second_running.errors
@@ -152,15 +152,15 @@ def test_the_count_survives_a_crash_and_is_back_to_zero_once_the_batch_ends(
     stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
     try:
         warm_up(stack)
-        first = create_chat_batch(client(stack), lines_of(800, "crash"))
+        first = create_chat_batch(client(stack), lines_of(320, "crash"))
         wait_for_completed(client(stack), first.id, 5)
         stack.stop(signal.SIGKILL)
         stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
         warm_up(stack)
-        assert_over_limit(ended(client(stack), create_chat_batch(client(stack), lines_of(500, "blocked"))))
+        assert_over_limit(ended(client(stack), create_chat_batch(client(stack), lines_of(200, "blocked"))))
         assert ended(client(stack), first).status == "completed"
         # Everything the first batch held is free again: a batch of nearly the whole limit passes.
-        assert ended(client(stack), create_chat_batch(client(stack), lines_of(950, "whole"))).status == "completed"
+        assert ended(client(stack), create_chat_batch(client(stack), lines_of(380, "whole"))).status == "completed"
     finally:
         stack.stop()
 
@@ -179,7 +179,7 @@ def test_two_replicas_validating_at_once_cannot_both_pass(
             replicas.append(start_stack(run_dir, state, f"{standin_server.url}/v1", env, run_yaml=REPLICAS_RUN_YAML))
             warm_up(replicas[-1])
         clients = [client(replica) for replica in replicas]
-        inputs = [lines_of(600, f"race{n}") for n in range(2)]
+        inputs = [lines_of(240, f"race{n}") for n in range(2)]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             batches = list(pool.map(create_chat_batch, clients, inputs))
         outcomes = sorted((ended(c, b) for c, b in zip(clients, batches, strict=True)), key=lambda b: b.status)

@@ -37,6 +37,7 @@ USERS = {  # disjoint attributes: each user sees only their own batches, and has
 LIMIT = 400  # about 30 of these tests' chat lines
 WINDOW = 4
 LATENCY = 0.25  # a 25-line batch runs for about 1.6 s at a window of 4
+SLOW = 3.0  # while a batch must still be running when another is checked, however loaded the machine
 
 
 def lines_of(tokens: int, tag: str) -> list[dict[str, Any]]:
@@ -115,31 +116,35 @@ def client(stack: ServerProcess, token: str = "none") -> OpenAI:
 def test_a_batch_past_its_owners_limit_fails_and_passes_once_the_first_has_finished(
     users_stack: ServerProcess, standin: StandInControl
 ) -> None:
-    standin.configure(latency_mean=2 * LATENCY)  # the first batch must still run while the second is checked
+    standin.configure(latency_mean=SLOW)  # the first batch still runs while the second is checked
     alice, bob = client(users_stack, "alice-token"), client(users_stack, "bob-token")
     first = create_chat_batch(alice, lines_of(240, "first"))
     running = wait_for_status(alice, first.id, ("in_progress",))
     assert 240 < estimate_of(running) < 280
     second_lines = lines_of(200, "second")
     refused = ended(alice, create_chat_batch(alice, second_lines))
+    assert alice.batches.retrieve(first.id).status == "in_progress"
     assert_over_limit(refused)
     assert 200 < estimate_of(refused) < 240
+    standin.configure(latency_mean=LATENCY)
     assert ended(bob, create_chat_batch(bob, second_lines)).status == "completed"  # bob's quota is his own
     assert ended(alice, first).status == "completed"
     assert ended(alice, create_chat_batch(alice, second_lines)).status == "completed"
 
 
 def test_tokens_come_back_as_requests_finish(users_stack: ServerProcess, standin: StandInControl) -> None:
-    standin.configure(latency_mean=4 * LATENCY)  # the first batch must still run while the second is checked
+    standin.configure(latency_mean=LATENCY)
     alice = client(users_stack, "alice-token")
     first_lines = lines_of(280, "long")
     first = create_chat_batch(alice, first_lines)
     wait_for_completed(alice, first.id, len(first_lines) * 2 // 3)  # about 95 of its tokens left
+    standin.configure(latency_mean=SLOW)  # the rest of it still runs while the second is checked
     second = create_chat_batch(alice, lines_of(200, "later"))
     second_running = wait_for_status(alice, second.id, ("in_progress", "failed"))
     first_meanwhile = alice.batches.retrieve(first.id)
     assert second_running.status == "in_progress", second_running.errors
     assert first_meanwhile.status == "in_progress"  # the first's tokens were released request by request
+    standin.configure(latency_mean=LATENCY)
     assert ended(alice, first).status == ended(alice, second).status == "completed"
 
 
@@ -155,9 +160,13 @@ def test_the_count_survives_a_crash_and_is_back_to_zero_once_the_batch_ends(
         first = create_chat_batch(client(stack), lines_of(320, "crash"))
         wait_for_completed(client(stack), first.id, 5)
         stack.stop(signal.SIGKILL)
+        # A slow model from here on: resumed after the restart, the first batch is still running (with
+        # most of its tokens) when the next one is checked, however long the restart took.
+        standin.configure(latency_mean=SLOW)
         stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
         warm_up(stack)
         assert_over_limit(ended(client(stack), create_chat_batch(client(stack), lines_of(200, "blocked"))))
+        standin.configure(latency_mean=LATENCY / 5)
         assert ended(client(stack), first).status == "completed"
         # Everything the first batch held is free again: a batch of nearly the whole limit passes.
         assert ended(client(stack), create_chat_batch(client(stack), lines_of(380, "whole"))).status == "completed"
@@ -180,8 +189,12 @@ def test_two_replicas_validating_at_once_cannot_both_pass(
             warm_up(replicas[-1])
         clients = [client(replica) for replica in replicas]
         inputs = [lines_of(240, f"race{n}") for n in range(2)]
+        standin.configure(latency_mean=SLOW)  # neither can end before the other is checked
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             batches = list(pool.map(create_chat_batch, clients, inputs))
+        for c, b in zip(clients, batches, strict=True):
+            wait_for_status(c, b.id, ("in_progress", "failed"))
+        standin.configure(latency_mean=LATENCY)
         outcomes = sorted((ended(c, b) for c, b in zip(clients, batches, strict=True)), key=lambda b: b.status)
         assert [b.status for b in outcomes] == ["completed", "failed"]
         assert_over_limit(outcomes[1])

@@ -151,18 +151,18 @@ def test_tokens_come_back_as_requests_finish(users_stack: ServerProcess, standin
 def test_the_count_survives_a_crash_and_is_back_to_zero_once_the_batch_ends(
     run_dir: Path, standin_server: ServerProcess, standin: StandInControl
 ) -> None:
-    standin.configure(latency_mean=LATENCY)
     state = run_dir / f"quota-crash-{uuid.uuid4().hex[:6]}"
     env = quota_env(BATCHES_LEASE_SECONDS="3")
     stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
     try:
         warm_up(stack)
-        first = create_chat_batch(client(stack), lines_of(320, "crash"))
-        wait_for_completed(client(stack), first.id, 5)
-        stack.stop(signal.SIGKILL)
-        # A slow model from here on: resumed after the restart, the first batch is still running (with
-        # most of its tokens) when the next one is checked, however long the restart took.
+        # A slow model from its start: most of the first batch's tokens are still waiting when the
+        # server is killed and when the next batch is checked after the restart, however loaded the machine.
+        standin.configure(latency_mean=4 * LATENCY)
+        first = create_chat_batch(client(stack), lines_of(380, "crash"))
+        wait_for_completed(client(stack), first.id, 1)
         standin.configure(latency_mean=SLOW)
+        stack.stop(signal.SIGKILL)
         stack = start_stack(run_dir, state, f"{standin_server.url}/v1", env)
         warm_up(stack)
         assert_over_limit(ended(client(stack), create_chat_batch(client(stack), lines_of(200, "blocked"))))

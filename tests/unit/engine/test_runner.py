@@ -38,6 +38,8 @@ async def test_batches_beyond_the_limit_wait_their_turn(
     gate = hold_requests(inference)
     first = await create_chat_batch(provider, files, [chat_line("a")])
     second = await create_chat_batch(provider, files, [chat_line("b")])
+    # Until the first runs (not a fixed time: a loaded CI machine took longer than 0.2 s), then a little more.
+    await wait_for_status(provider, first.id, "in_progress", seconds=10)
     await asyncio.sleep(0.2)
     assert (await provider.retrieve_batch(first.id)).status == "in_progress"
     assert (await provider.retrieve_batch(second.id)).status == "validating"

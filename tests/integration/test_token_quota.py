@@ -61,16 +61,6 @@ def ended(client: OpenAI, batch: Batch, timeout: float = 60) -> Batch:
     return wait_for_batch(client, batch.id, timeout=timeout)
 
 
-def wait_for_status(client: OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 30) -> Batch:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"{batch_id} did not reach {statuses} in {timeout} s")
-
-
 def wait_for_completed(client: OpenAI, batch_id: str, completed: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,7 +109,7 @@ def test_a_batch_past_its_owners_limit_fails_and_passes_once_the_first_has_finis
     standin.configure(latency_mean=SLOW)  # the first batch still runs while the second is checked
     alice, bob = client(users_stack, "alice-token"), client(users_stack, "bob-token")
     first = create_chat_batch(alice, lines_of(240, "first"))
-    running = wait_for_status(alice, first.id, ("in_progress",))
+    running = wait_for_batch(alice, first.id, until={"in_progress"})
     assert 240 < estimate_of(running) < 280
     second_lines = lines_of(200, "second")
     refused = ended(alice, create_chat_batch(alice, second_lines))
@@ -142,7 +132,7 @@ def test_tokens_come_back_as_requests_finish(users_stack: ServerProcess, standin
     first = create_chat_batch(alice, first_lines)
     wait_for_completed(alice, first.id, done_first)  # about a third of its tokens left
     second = create_chat_batch(alice, lines_of(200, "later"))
-    second_running = wait_for_status(alice, second.id, ("in_progress", "failed"))
+    second_running = wait_for_batch(alice, second.id, until={"in_progress", "failed"})
     first_meanwhile = alice.batches.retrieve(first.id)
     assert second_running.status == "in_progress", second_running.errors
     assert first_meanwhile.status == "in_progress"  # the first's tokens were released request by request
@@ -194,7 +184,7 @@ def test_two_replicas_validating_at_once_cannot_both_pass(
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             batches = list(pool.map(create_chat_batch, clients, inputs))
         for c, b in zip(clients, batches, strict=True):
-            wait_for_status(c, b.id, ("in_progress", "failed"))
+            wait_for_batch(c, b.id, until={"in_progress", "failed"})
         standin.configure(latency_mean=LATENCY)
         outcomes = sorted((ended(c, b) for c, b in zip(clients, batches, strict=True)), key=lambda b: b.status)
         assert [b.status for b in outcomes] == ["completed", "failed"]

@@ -17,6 +17,7 @@ from typing import Any
 from openai.types.batch_error import BatchError
 
 from ..domain.errors import quoted
+from ..domain.outages import is_dependency_outage
 from ..stack import (
     BatchObject,
     Files,
@@ -38,6 +39,8 @@ class InputFileGone(Exception):
 def is_missing_file(exc: BaseException) -> bool:
     """Whether the Files API refused the file itself: it does not exist, is not the caller's to read,
     or its id is not one the Files API accepts (a 4xx, not an outage)."""
+    if is_dependency_outage(exc):  # EACCES/ENOENT from a store that lost its volume is the store's, not the user's
+        return False
     if isinstance(exc, ResourceNotFoundError | FileNotFoundError | PermissionError | ValueError):
         return True
     status = getattr(exc, "status_code", None)
@@ -119,7 +122,9 @@ async def unknown_models(apis: StackAPIs, first_line_of_model: dict[str | None, 
             break
         try:
             await apis.models.get_model(GetModelRequest(model_id=model or ""))
-        except Exception:
+        except Exception as exc:
+            if is_dependency_outage(exc):  # the registry's store is out: a pause, not an unknown model
+                raise
             unknown.append((model, line))
     hints = await model_hints(apis, [model for model, _ in unknown])
     errors = [model_not_found(model, line, hints.get(model, "")) for model, line in unknown]

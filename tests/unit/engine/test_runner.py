@@ -6,6 +6,7 @@ import errno
 import time
 from typing import Any
 
+import psycopg2
 import pytest
 
 from llama_stack_provider_batches import BatchesService
@@ -13,7 +14,7 @@ from llama_stack_provider_batches.api.idempotency import CreateParams
 from llama_stack_provider_batches.domain.outages import DependencyGate
 from llama_stack_provider_batches.engine.parking import TooManyWaitingBatchesError
 from llama_stack_provider_batches.stack import RequestProviderDataContext, User
-from tests.unit.conftest import FakeFiles, FakeInference, ProviderFactory
+from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, ProviderFactory
 from tests.unit.helpers import (
     CHAT,
     chat_line,
@@ -182,6 +183,54 @@ async def test_an_outage_of_the_file_store_is_waited_out_and_never_counted_as_a_
     assert final.status == "completed" and final.request_counts.completed == 3
     assert len(reads) > 6 and sum(gate.outages for gate in gates) >= 1
     assert (await provider._store.get(batch.id)).processing_failures == 0
+    await provider.shutdown()
+
+
+async def test_a_registry_outage_during_validation_is_waited_out_not_an_unknown_model(
+    make_provider: ProviderFactory, files: FakeFiles, models: FakeModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run-replicas.yaml keeps the model registry in PostgreSQL: a restart there is no verdict on the model.
+    provider = await make_provider(max_job_attempts=1, job_retry_initial_seconds=0.01)
+    gates = fast_gate(provider)
+    real_get_model = models.get_model
+    lookups: list[str] = []
+
+    async def registry_restarting(request: Any) -> Any:
+        lookups.append(request.model_id)
+        if len(lookups) <= 3:
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        return await real_get_model(request)
+
+    monkeypatch.setattr(models, "get_model", registry_restarting)
+    batch = await start_batch(provider, files, 3)
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.request_counts.completed == 3
+    assert len(lookups) > 3 and sum(gate.outages for gate in gates) >= 1
+    await provider.shutdown()
+
+
+async def test_an_input_file_the_store_cannot_read_for_a_while_is_not_a_missing_file(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EACCES from a volume mounted wrongly for a moment is the store's outage, not "you do not have access".
+    provider = await make_provider(max_job_attempts=1, job_retry_initial_seconds=0.01)
+    fast_gate(provider)
+    input_file = files.add(jsonl([chat_line(f"q{i}") for i in range(3)]))
+    real_content = files.openai_retrieve_file_content
+    reads: list[str] = []
+
+    async def denied_for_a_while(request: Any) -> Any:
+        reads.append(request.file_id)
+        if len(reads) <= 2:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return await real_content(request)
+
+    monkeypatch.setattr(files, "openai_retrieve_file_content", denied_for_a_while)
+    batch = await provider.create_batch(input_file_id=input_file, endpoint=CHAT, completion_window="24h")
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.request_counts.completed == 3
     await provider.shutdown()
 
 

@@ -24,7 +24,7 @@ from ..stack import (
     get_logger,
 )
 from .input_file import RequestLine
-from .resilience import RateLimiter, RetryPolicy, is_transient, retry_after_seconds
+from .resilience import RateLimiter, RetryPolicy, is_backend_failure, is_transient, retry_after_seconds
 from .routes import StackRoutes
 from .stack_apis import EndpointUnavailableError, StackAPIs
 
@@ -225,7 +225,8 @@ class RequestSender:
                 attempt += 1
                 if not is_transient(exc) or attempt == self.policy.attempts:
                     raise
-                outcomes.record_transient_failure()
+                if is_backend_failure(exc):  # a bug or hiccup inside the stack must not halve the model's window
+                    outcomes.record_transient_failure()
                 telemetry.retried(endpoint, model, cause)
                 self._retry_log.retried(model, cause, exc)
                 await asyncio.sleep(self.policy.delay(attempt - 1, retry_after_seconds(exc)))

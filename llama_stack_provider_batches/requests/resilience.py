@@ -45,6 +45,14 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, ValidationError | ValueError | TypeError)
 
 
+def is_backend_failure(exc: BaseException) -> bool:
+    """Whether the model backend (or the way to it) failed, rather than code inside the stack: only
+    those say anything about the backend's capacity."""
+    if isinstance(exc, openai.APIError | TimeoutError | ConnectionError):
+        return True
+    return status_code_of(exc) is not None
+
+
 def retry_after_seconds(exc: BaseException) -> float | None:
     """The wait a backend asked for with Retry-After (seconds or an HTTP date), if it did."""
     response: Any = getattr(exc, "response", None)

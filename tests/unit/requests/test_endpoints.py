@@ -1,6 +1,7 @@
 import asyncio
 import errno
 import json
+from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
@@ -189,6 +190,30 @@ async def test_transient_failures_are_retried_until_success() -> None:
     response = await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, window, asyncio.Event())
     assert response.object == "chat.completion"
     assert len(inference.calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "shrinks"),
+    [
+        (lambda: status_error(503, {"error": {"message": "busy"}}), True),  # the backend is overloaded
+        (lambda: RuntimeError("a bug inside the stack"), False),  # says nothing of the backend's capacity
+    ],
+    ids=["backend-503", "stack-internal"],
+)
+async def test_only_the_backends_failures_shrink_the_models_window(
+    failure: Callable[[], Exception], shrinks: bool
+) -> None:
+    inference = FakeInference()
+
+    def fail_twice(_: dict) -> None:
+        if len(inference.calls) <= 2:
+            raise failure()
+
+    inference.behaviour = fail_twice
+    window = AdaptiveLimit(4)
+    response = await make_sender(inference).send("/v1/chat/completions", CHAT_BODY, window, asyncio.Event())
+    assert response.object == "chat.completion" and len(inference.calls) == 3
+    assert (window.limit < 4) is shrinks
 
 
 async def test_permanent_failures_are_not_retried() -> None:

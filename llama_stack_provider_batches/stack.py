@@ -16,9 +16,10 @@ import contextlib
 import contextvars
 import importlib.util
 import logging
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -381,6 +382,9 @@ def reconnect_postgres_kvstores() -> bool:
 
 
 RECONNECT_SECONDS = 1.0  # between two attempts of one store to connect while its server is down
+# The store connects synchronously, on the serving loop: without a bound, a server whose packets are
+# dropped (a partition, not a refusal) would hold every request for the kernel's TCP timeout (~2 min).
+RECONNECT_TIMEOUT_SECONDS = 3
 _reconnecting_now: contextvars.ContextVar[bool] = contextvars.ContextVar("batches_reconnecting", default=False)
 
 
@@ -409,7 +413,8 @@ def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseEx
             store._batches_reconnect_after = time.monotonic() + RECONNECT_SECONDS
             quiet = _reconnecting_now.set(True)
             try:
-                await store.initialize()  # raises, with the driver's error as its cause, while the server is down
+                with _libpq_connect_timeout(RECONNECT_TIMEOUT_SECONDS):
+                    await store.initialize()  # raises, with the driver's error as its cause, while the server is down
             finally:
                 _reconnecting_now.reset(quiet)
             return await method(store, *args, **kwargs)
@@ -417,6 +422,22 @@ def _reconnecting(method: Callable[..., Awaitable[Any]], lost: tuple[type[BaseEx
     call._reconnects = True  # type: ignore[attr-defined]
     call.__name__ = call.__qualname__ = getattr(method, "__name__", "call")
     return call
+
+
+@contextlib.contextmanager
+def _libpq_connect_timeout(seconds: int) -> Iterator[None]:
+    """libpq's connect timeout for the connects made inside, unless the operator set PGCONNECT_TIMEOUT.
+
+    The store's `initialize` passes no timeout and awaits nothing before its connect returns, so the
+    variable is set only for that synchronous stretch of the loop."""
+    if "PGCONNECT_TIMEOUT" in os.environ:
+        yield
+        return
+    os.environ["PGCONNECT_TIMEOUT"] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop("PGCONNECT_TIMEOUT", None)
 
 
 async def set_file_expiry(files: Any, file_id: str, expires_at: int) -> bool:

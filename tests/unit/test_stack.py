@@ -1,4 +1,7 @@
 import logging
+import os
+import socket
+import time
 import uuid
 
 import psycopg2
@@ -6,6 +9,7 @@ import pytest
 
 from llama_stack_provider_batches.domain.outages import is_dependency_outage
 from llama_stack_provider_batches.stack import (
+    RECONNECT_TIMEOUT_SECONDS,
     STACK,
     KVStoreReference,
     PostgresKVStoreConfig,
@@ -81,3 +85,26 @@ async def test_a_failed_reconnect_raises_an_outage_without_the_stores_traceback(
         await kvstore.get("model")
     assert is_dependency_outage(raised.value)
     assert not [r for r in caplog.records if r.exc_info], "the store's own traceback was logged"
+
+
+async def test_a_reconnect_to_a_server_that_never_answers_gives_up_within_its_timeout(table: str) -> None:
+    # A partition drops packets rather than refusing: the store's synchronous connect, on the serving
+    # loop, would wait for the kernel's TCP timeout (minutes) without the reconnect's own bound.
+    if not reconnect_postgres_kvstores():
+        pytest.skip("OGX's PostgreSQL kvstore keeps a pool of connections, which reconnects by itself")
+    config = PostgresKVStoreConfig(host="127.0.0.1", port=5432, db="test", user="postgres", table_name=table)
+    register_kvstore_backends({"kv_silent": config})
+    kvstore = await kvstore_impl(KVStoreReference(backend="kv_silent", namespace="registry"))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections and never says a word
+        kvstore.config.port = silent.getsockname()[1]
+        run_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
+        )
+        started = time.monotonic()
+        with pytest.raises(Exception) as raised:
+            await kvstore.get("model")
+        waited = time.monotonic() - started
+    assert is_dependency_outage(raised.value)
+    assert waited < RECONNECT_TIMEOUT_SECONDS + 10, f"the reconnect held the loop {waited:.1f} s"
+    assert "PGCONNECT_TIMEOUT" not in os.environ  # set only around the connect

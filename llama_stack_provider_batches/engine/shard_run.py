@@ -244,9 +244,12 @@ class ShardRun:
             await self._let_in_flight_finish(in_flight, grace)
             return stop
         finally:
-            for task in (dispatcher, cancelled, stopping, lost, expiry, writer, *in_flight):
+            helpers = (dispatcher, cancelled, stopping, lost, expiry, writer)
+            for task in (*helpers, *in_flight):
                 task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            # Awaited, so that what a helper raised as it ended (the writer's LeaseLostError after a
+            # revoke, say) is retrieved here rather than logged as "Task exception was never retrieved".
+            await asyncio.gather(*helpers, *in_flight, return_exceptions=True)
             if not self.lease_lost.is_set():
                 await log.flush()
                 await log.report_progress()

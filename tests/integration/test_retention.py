@@ -1,11 +1,13 @@
-"""Storage that stays bounded, on a real stack: result files expire as `output_expires_after` says
-(their `expires_at` set, then gone from retrieve, content and list, though localfs deletes nothing
-itself), and a batch's record goes after its retention, leaving no row of it in any table."""
+"""Storage that stays bounded, on a real stack: result files (output and error) expire as
+`output_expires_after` says (their `expires_at` set, then gone from retrieve, content and list,
+though localfs deletes nothing itself), and a batch's record goes after its retention, leaving no
+row of it in any table."""
 
 import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -64,23 +66,31 @@ def rows_naming(database: Path, batch_id: str) -> dict[str, int]:
 
 def test_result_files_expire_then_the_record_goes_leaving_nothing(server: ServerProcess, state: Path) -> None:
     client = client_of(server)
+    lines = [*chat_lines(3), {**chat_lines(1, suffix=" [[status:400]]")[0], "custom_id": "refused"}]
     batch = client.batches.create(
-        input_file_id=upload_jsonl(client, chat_lines(3)),
+        input_file_id=upload_jsonl(client, lines),
         endpoint="/v1/chat/completions",
         completion_window="24h",
         extra_body={"output_expires_after": {"anchor": "created_at", "seconds": EXPIRES_AFTER_SECONDS}},
     )
     done = wait_for_batch(client, batch.id)
     assert done.status == "completed"
-    output = client.files.retrieve(done.output_file_id)
-    assert output.expires_at == output.created_at + EXPIRES_AFTER_SECONDS
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
+    result_files = [done.output_file_id, done.error_file_id]
+    assert all(result_files)
+    for file_id in result_files:
+        kept = client.files.retrieve(file_id)
+        assert kept.expires_at == kept.created_at + EXPIRES_AFTER_SECONDS
     assert rows_naming(state / "sql.db", batch.id)  # while kept, the store has it
     deadline = time.monotonic() + 30
-    while not gone(lambda: client.files.retrieve(done.output_file_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert gone(lambda: client.files.retrieve(done.output_file_id))
-    assert gone(lambda: client.files.content(done.output_file_id))
-    assert done.output_file_id not in [f.id for f in client.files.list(limit=10000)]
+    for file_id in result_files:
+        while not gone(partial(client.files.retrieve, file_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for file_id in result_files:
+        assert gone(partial(client.files.retrieve, file_id))
+        assert gone(partial(client.files.content, file_id))
+    listed = [f.id for f in client.files.list(limit=10000)]
+    assert not set(result_files) & set(listed)
     assert client.batches.retrieve(batch.id).id == batch.id  # the record outlives its files
     while not gone(lambda: client.batches.retrieve(batch.id)) and time.monotonic() < deadline:
         time.sleep(0.2)

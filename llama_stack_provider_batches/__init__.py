@@ -46,6 +46,7 @@ async def get_provider_impl(
     missing = [api.value for api in (Api.inference, Api.files, Api.models) if deps.get(api) is None]
     if missing:
         raise ValueError(f"The batches provider needs these APIs in the stack: {', '.join(missing)}")
+    config.webhooks.check_endpoints()
     if reconnect_postgres_kvstores():  # the registry there must outlive a database restart (stack.py)
         get_logger(name=__name__, category="providers").info(
             "The stack's PostgreSQL kvstore reconnects after a restart"

@@ -7,10 +7,14 @@ at a time, this one runs them side by side unless `max_concurrent_batches` is se
 value is honoured). Every setting added here has a default that is safe for production.
 """
 
+import base64
+import binascii
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from .domain.webhook_events import SECRET_PREFIX
+from .domain.webhook_urls import AllowedHosts, UnsafeURL, check_url
 from .stack import KVStoreReference, SqlStoreReference
 
 # Batches running side by side in one process when `max_concurrent_batches` is unset: each holds its
@@ -32,6 +36,21 @@ class OperatorWebhookEndpoint(BaseModel):
         default_factory=lambda: ["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"],
         description="Which batch events it receives.",
     )
+
+    def problem(self, allowed: AllowedHosts) -> str | None:
+        """Why this endpoint cannot be sent to, in words that never show its secret (nor its URL, which
+        may carry a token); None if it can."""
+        try:
+            check_url(self.url, allowed)
+        except UnsafeURL as exc:
+            return f"its url is refused: {exc}"
+        if not self.secret.startswith(SECRET_PREFIX):
+            return f"its secret must start with {SECRET_PREFIX!r}, as OpenAI's do"
+        try:
+            key = base64.b64decode(self.secret.removeprefix(SECRET_PREFIX), validate=True)
+        except binascii.Error:
+            return f"its secret must be {SECRET_PREFIX!r} and then padded base64, as OpenAI's are"
+        return None if key else "its secret is empty"
 
 
 class WebhooksConfig(BaseModel):
@@ -81,6 +100,16 @@ class WebhooksConfig(BaseModel):
         default="~/.llama/batches-webhook-secrets.key",
         description="Where the key is kept when `secrets_key` is unset (created with mode 0600).",
     )
+
+    def check_endpoints(self) -> None:
+        """Refuse the operator's endpoints that could never be delivered to: the server stops at start
+        with the reason, rather than retrying them for `retry_hours`. Not a validator: pydantic's errors
+        show the input, secrets included."""
+        allowed = AllowedHosts.parse(self.allowed_hosts)
+        for n, endpoint in enumerate(self.endpoints):
+            problem = endpoint.problem(allowed)
+            if problem is not None:
+                raise ValueError(f"webhooks.endpoints[{n}]: {problem}")
 
 
 class BatchesProviderConfig(BaseModel):

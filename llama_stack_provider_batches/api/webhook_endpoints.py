@@ -38,6 +38,7 @@ from ..domain.webhook_urls import (
 )
 from ..engine.webhook_delivery import post_event
 from ..stack import AccessRule, Action
+from ..storage.secrets import SecretKeyError
 from ..storage.webhooks import EndpointRecord, WebhookStore
 from .http_errors import OpenAIErrorRoute, routes_answering_openai_errors
 
@@ -81,7 +82,7 @@ def endpoint_object(record: EndpointRecord, secret: str | None = None) -> dict[s
         "event_types": record.event_types,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
-        "signing_secret_hint": secret_hint(secret or record.secret),
+        "signing_secret_hint": secret_hint(secret) if secret is not None else record.secret_hint,
     }
     return shown | ({"signing_secret": secret} if secret is not None else {})
 
@@ -108,12 +109,12 @@ class WebhookEndpoints:
         name, event_types = self._name(params.name), self._event_types(params.event_types)
         url = await self._url(params.url)
         check_may_create(self._policy, ID_PREFIX)
-        owner = current_owner()
-        limit = self._config.max_endpoints_per_user
-        if await self._store.count_endpoints(scope_of(owner)) >= limit:
+        limit, secret = self._config.max_endpoints_per_user, new_secret()
+        record = await self._store.create_endpoint(
+            current_owner(), name, url, event_types, secret, int(self._clock()), limit
+        )
+        if record is None:
             raise LimitReachedError(f"You have reached the limit of {limit} webhook endpoints; delete one first.")
-        secret = new_secret()
-        record = await self._store.create_endpoint(owner, name, url, event_types, secret, int(self._clock()))
         return endpoint_object(record, secret)
 
     async def retrieve(self, endpoint_id: str) -> dict[str, Any]:
@@ -156,8 +157,9 @@ class WebhookEndpoints:
         [event_type] = self._event_types([params.event_type], "event_type")
         event_id, created_at = new_event_id(), int(self._clock())
         body = event_body(event_id, event_type, created_at, f"batch_test_{event_id[4:16]}")
-        headers = signed_headers(event_id, body, record.signing_secrets(time.time()))
-        attempt = await post_event(client, self._destination(record.url), self._allowed, headers, body)
+        headers = signed_headers(event_id, body, self._signing_secrets(record))
+        timeout = self._config.attempt_timeout_seconds
+        attempt = await post_event(client, self._destination(record.url), self._allowed, headers, body, timeout)
         if attempt.status is None:
             message = f"The webhook endpoint could not be reached: {attempt.error}"
             raise InvalidParameterError("url", message, "webhook_endpoint_unreachable")
@@ -176,6 +178,13 @@ class WebhookEndpoints:
         if record is None or not may(self._policy, action, endpoint_id, record.owner, KIND):
             raise WebhookEndpointNotFoundError(endpoint_id)
         return record
+
+    def _signing_secrets(self, record: EndpointRecord) -> list[str]:
+        try:
+            return self._store.signing_secrets(record, time.time())
+        except SecretKeyError:
+            message = "This server cannot open the endpoint's signing secret (its key changed); rotate the secret."
+            raise InvalidParameterError("webhook_endpoint_id", message, "signing_secret_unavailable") from None
 
     def _name(self, name: str) -> str:
         if not name.strip() or len(name) > MAX_NAME_LENGTH:

@@ -5,10 +5,13 @@ that are due, each under a lease, so any process may deliver any event and a cra
 taken over when the lease runs out. A delivery is a POST of the signed event (webhook_events.py)
 to the endpoint's URL, checked again now (webhook_urls.py: the name is resolved and every address
 must be allowed, and the request goes to the checked address, so a name cannot be re-pointed
-between check and connect); redirects are not followed. A 2xx ends it; anything else (an error
-status, a timeout, a refused connection, a URL refused) is tried again after a pause that doubles
-from `webhooks.first_retry_seconds` up to MAX_RETRY_SECONDS, with the same `webhook-id`, until
-`webhooks.retry_hours` after the event; then it is dropped with a log line and a metric.
+between check and connect); redirects are not followed. Only the answer's status is read, within
+one deadline for the whole attempt (resolution, connection, request, status), so that a receiver
+trickling bytes cannot keep an attempt alive past its lease. A 2xx ends it; anything else (an error
+status, a timeout, a refused connection, a URL refused, a secret that does not open with this
+server's key) is tried again after a pause that doubles from `webhooks.first_retry_seconds` up to
+MAX_RETRY_SECONDS, with the same `webhook-id`, until `webhooks.retry_hours` after the event; then it
+is dropped with a log line and a metric.
 
 What keeps one receiver from delaying the others: every attempt has a timeout; at most
 `max_concurrent_deliveries` are in flight per process, and at most PER_ENDPOINT_IN_FLIGHT of one
@@ -32,6 +35,7 @@ from ..domain.webhook_events import event_body, signed_headers
 from ..domain.webhook_urls import AllowedHosts, Destination, UnsafeURL, check_url, resolve_allowed
 from ..stack import get_logger
 from ..storage.leases import wait_at_most
+from ..storage.secrets import SecretKeyError
 from ..storage.webhooks import Delivery, OperatorEndpoint, WebhookStore
 
 logger = get_logger(name=__name__, category="providers")
@@ -82,8 +86,25 @@ async def post_event(
     allowed: AllowedHosts,
     headers: dict[str, str],
     body: bytes,
+    timeout: float,
 ) -> Attempt:
-    """POST a signed event to the checked address of `destination`."""
+    """POST a signed event to the checked address of `destination`, all of it within `timeout` seconds
+    (the client's own timeouts bound each read, not their sum: a receiver sending a byte at a time
+    would never time out)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _post_event(client, destination, allowed, headers, body)
+    except TimeoutError:
+        return Attempt(None, f"No answer within {timeout:g} s")
+
+
+async def _post_event(
+    client: httpx.AsyncClient,
+    destination: Destination,
+    allowed: AllowedHosts,
+    headers: dict[str, str],
+    body: bytes,
+) -> Attempt:
     try:
         addresses = await resolve_allowed(destination, allowed)
     except UnsafeURL as exc:
@@ -95,13 +116,15 @@ async def post_event(
     default_port = 443 if destination.scheme == "https" else 80
     host_header = destination.host if destination.port == default_port else f"{destination.host}:{destination.port}"
     extensions = {"sni_hostname": destination.host} if destination.scheme == "https" else {}
+    sending = client.stream(
+        "POST", pinned, content=body, headers={**headers, "host": host_header}, extensions=extensions
+    )
     try:
-        response = await client.post(
-            pinned, content=body, headers={**headers, "host": host_header}, extensions=extensions
-        )
+        # Streamed and its body never read: only the status counts, and the receiver chooses the body's size.
+        async with sending as response:
+            return Attempt(response.status_code)
     except httpx.HTTPError as exc:
         return Attempt(None, f"{type(exc).__name__}: {exc}"[:300])
-    return Attempt(response.status_code)
 
 
 @dataclass
@@ -175,23 +198,40 @@ class WebhookDeliverer:
         self._wake.set()  # room for more
 
     async def _deliver(self, delivery: Delivery) -> None:
-        target = await self._target(delivery.endpoint_id)
+        try:
+            target = await self._target(delivery.endpoint_id)
+        except SecretKeyError:
+            # Another key sealed it (a replica's, a lost one): a failed attempt, so that the retry period
+            # still ends it; the endpoint's owner mends it by rotating its secret.
+            logger.warning(
+                "Cannot sign a webhook event: its endpoint's signing secret does not open with this server's key",
+                endpoint_id=delivery.endpoint_id,
+                event_id=delivery.event_id,
+            )
+            await self._failed(delivery, Attempt(None, "The endpoint's signing secret does not open with this key"))
+            return
         if target is None:  # the endpoint was deleted since the event was fanned out
             await self.store.delivered(delivery)
             return
-        url, signing_secrets = target
+        attempt = await self._attempt(delivery, *target)
+        if attempt.ok:
+            await self.store.delivered(delivery)
+            telemetry.webhook_delivered(delivery.type, "delivered", self.clock() - delivery.event_created_at)
+            return
+        await self._failed(delivery, attempt)
+
+    async def _attempt(self, delivery: Delivery, url: str, signing_secrets: list[str]) -> Attempt:
         body = event_body(delivery.event_id, delivery.type, delivery.event_created_at, delivery.batch_id)
         headers = signed_headers(delivery.event_id, body, signing_secrets)
         try:
             destination = check_url(url, self._allowed)
         except UnsafeURL as exc:
-            attempt = Attempt(None, str(exc))
-        else:
-            attempt = await post_event(self.client, destination, self._allowed, headers, body)
-        if attempt.ok:
-            await self.store.delivered(delivery)
-            telemetry.webhook_delivered(delivery.type, "delivered", self.clock() - delivery.event_created_at)
-            return
+            return Attempt(None, str(exc))
+        timeout = self.config.attempt_timeout_seconds
+        return await post_event(self.client, destination, self._allowed, headers, body, timeout)
+
+    async def _failed(self, delivery: Delivery, attempt: Attempt) -> None:
+        """Try again later, or drop the event once its retry period is over."""
         error = attempt.error or f"HTTP {attempt.status}"
         if self.clock() - delivery.event_created_at >= self.config.retry_hours * 3600:
             await self.store.delivered(delivery)
@@ -210,11 +250,11 @@ class WebhookDeliverer:
         )
 
     async def _target(self, endpoint_id: str) -> tuple[str, list[str]] | None:
-        """The URL and signing secrets of an endpoint; None if it is gone."""
+        """The URL and signing secrets of an endpoint; None if it is gone. Raises SecretKeyError."""
         operator = self._operator.get(endpoint_id)
         if operator is not None:
             return operator.url, [operator.secret]
         endpoint = await self.store.get_endpoint(endpoint_id)
         if endpoint is None:
             return None
-        return endpoint.url, endpoint.signing_secrets(time.time())
+        return endpoint.url, self.store.signing_secrets(endpoint, time.time())

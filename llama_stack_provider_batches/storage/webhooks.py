@@ -1,6 +1,7 @@
 """Webhook endpoints, the events of batches that ended, and their deliveries, in the SQL database.
 
     <name>_webhook_endpoints   one row per user's endpoint: owner, URL, event types, sealed secret(s)
+    <name>_webhook_hints       its `signing_secret_hint`, so that reading an endpoint never opens a secret
     <name>_events              an event, written in the transaction that ends its batch (sql_store.py)
     <name>_deliveries          one row per event and endpoint still to deliver: attempts, next try, lease
 
@@ -8,7 +9,9 @@ An event is fanned out once (`fan_out`): in one transaction its row is deleted a
 inserted for each endpoint that takes its type (the batch owner's endpoints, and the operator's);
 of processes racing, the one whose DELETE matched does it. A delivery is claimed with a lease as
 batches are (any process may deliver it), and deleted once delivered or given up: the tables hold
-only work still to do. Secrets are sealed with the operator's key (secrets.py).
+only work still to do. Secrets are sealed with the operator's key (secrets.py), and opened only to
+sign: an endpoint whose secret this server cannot open (another key) can still be listed, read,
+rotated and deleted.
 """
 
 import json
@@ -16,33 +19,59 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import (
+    Column,
+    Executable,
+    MetaData,
+    Row,
+    Select,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from ..domain.ownership import Owner, scope_of
+from ..domain.webhook_events import secret_hint
 from .database import Database, Written
-from .secrets import SecretBox
+from .secrets import SecretBox, SecretKeyError
+
+
+def define_hint_table(metadata: MetaData, name: str) -> Table:
+    """Each endpoint's `signing_secret_hint`. A table of its own, created if missing at start-up as
+    every table is: endpoints stored before it existed have no row (their hint is computed then)."""
+    existing = metadata.tables.get(f"{name}_webhook_hints")
+    if existing is not None:  # another WebhookStore over the same database defined it
+        return existing
+    return Table(
+        f"{name}_webhook_hints",
+        metadata,
+        Column("endpoint_id", String(64), primary_key=True),
+        Column("hint", String(64), nullable=False),
+    )
 
 
 @dataclass(frozen=True)
 class EndpointRecord:
-    """A stored endpoint, its secrets opened."""
+    """A stored endpoint, its secrets still sealed (`WebhookStore.signing_secrets` opens them)."""
 
     id: str
     owner: Owner | None
     name: str
     url: str
     event_types: list[str]
-    secret: str
-    previous_secret: str | None  # a rotated secret still honoured (until previous_until)
+    secret_hint: str | None  # None: stored before hints were, with a secret this server cannot open
+    sealed_secret: str
+    sealed_previous: str | None  # a rotated secret still honoured (until previous_until)
     previous_until: float | None
     created_at: int
     updated_at: int
-
-    def signing_secrets(self, now: float) -> list[str]:
-        """The secrets a delivery is signed with now."""
-        keep = self.previous_secret is not None and self.previous_until is not None and now < self.previous_until
-        return [self.secret, self.previous_secret] if keep else [self.secret]  # type: ignore[list-item]
 
 
 @dataclass(frozen=True)
@@ -72,46 +101,65 @@ class WebhookStore:
     """Endpoints, events and deliveries."""
 
     def __init__(self, database: Database, box: SecretBox) -> None:
+        """Made before the database's tables are created (SQLBatchStore.initialize), which then makes
+        the hint table with the others."""
         self._db = database
         self._box = box
+        self._hints = define_hint_table(database.endpoints.metadata, database.batches.name)
 
     # --- endpoints ------------------------------------------------------------------------------
 
     async def count_endpoints(self, scope: str) -> int:
-        table = self._db.endpoints
-        [(count,)] = await self._db.read(select(func.count()).select_from(table).where(table.c.scope == scope))
+        [(count,)] = await self._db.read(self._count_query(scope))
         return int(count)
 
     async def create_endpoint(
-        self, owner: Owner | None, name: str, url: str, event_types: list[str], secret: str, now: int
-    ) -> EndpointRecord:
-        record = EndpointRecord(f"we_{uuid.uuid4().hex}", owner, name, url, event_types, secret, None, None, now, now)
+        self, owner: Owner | None, name: str, url: str, event_types: list[str], secret: str, now: int, limit: int
+    ) -> EndpointRecord | None:
+        """A new endpoint; None if its owner has `limit` already (counted in the same transaction, so
+        that creates racing cannot pass the limit together)."""
+        sealed, hint, scope = self._box.seal(secret), secret_hint(secret), scope_of(owner)
+        record = EndpointRecord(
+            f"we_{uuid.uuid4().hex}", owner, name, url, event_types, hint, sealed, None, None, now, now
+        )
         row = {
             "id": record.id,
-            "scope": scope_of(owner),
+            "scope": scope,
             "created_ns": time.time_ns(),
             "owner": owner.model_dump_json() if owner is not None else None,
             "name": name,
             "url": url,
             "event_types": json.dumps(event_types),
-            "secret": self._box.seal(secret),
+            "secret": sealed,
             "created_at": now,
             "updated_at": now,
         }
-        await self._db.write(self._db.endpoints.insert().values(**row))
-        return record
+        lock = self._db.advisory_lock(f"webhook_endpoints/{scope}")
+        writes: tuple[Executable, ...] = (
+            *([lock] if lock is not None else []),
+            self._db.endpoints.insert().values(**row),
+            self._hints.insert().values(endpoint_id=record.id, hint=hint),
+        )
+        [(count,)] = await self._db.write_checked(writes, self._count_query(scope), lambda rows: rows[0][0] <= limit)
+        return record if count <= limit else None
 
     async def get_endpoint(self, endpoint_id: str) -> EndpointRecord | None:
-        table = self._db.endpoints
-        rows = await self._db.read(select(table).where(table.c.id == endpoint_id))
+        rows = await self._db.read(self._endpoints_query().where(self._db.endpoints.c.id == endpoint_id))
         return self._record(rows[0]) if rows else None
+
+    def signing_secrets(self, endpoint: EndpointRecord, now: float) -> list[str]:
+        """The secrets a delivery is signed with now. Raises SecretKeyError if one does not open."""
+        until = endpoint.previous_until
+        keep = endpoint.sealed_previous is not None and until is not None and now < until
+        sealed = [endpoint.sealed_secret, endpoint.sealed_previous] if keep else [endpoint.sealed_secret]
+        return [self._box.open(secret) for secret in sealed]  # type: ignore[arg-type]
 
     async def page_endpoints(
         self, scope: str, after: str | None, limit: int
     ) -> tuple[list[EndpointRecord], bool] | None:
         """A page of a scope's endpoints, newest first; None if `after` is not one of them."""
         table = self._db.endpoints
-        query = select(table).where(table.c.scope == scope)
+        query = self._endpoints_query().where(table.c.scope == scope)
         if after is not None:
             found = await self._db.read(select(table.c.created_ns).where(table.c.id == after, table.c.scope == scope))
             if not found:
@@ -126,6 +174,7 @@ class WebhookStore:
     async def update_endpoint(
         self, endpoint_id: str, now: int, name: str | None, url: str | None, event_types: list[str] | None
     ) -> None:
+        """Set what is given; `updated_at` moves only if something changes (as OpenAI's does)."""
         table = self._db.endpoints
         values: dict[str, object] = {}
         if name is not None:
@@ -135,36 +184,71 @@ class WebhookStore:
         if event_types is not None:
             values["event_types"] = json.dumps(event_types)
         if values:
-            await self._db.write(update(table).where(table.c.id == endpoint_id).values(updated_at=now, **values))
+            changed = or_(*(table.c[column] != value for column, value in values.items()))
+            await self._db.write(
+                update(table).where(table.c.id == endpoint_id, changed).values(updated_at=now, **values)
+            )
 
     async def rotate_secret(self, endpoint: EndpointRecord, secret: str, now: int, keep_old_for: float) -> None:
+        """A new secret; the old one honoured `keep_old_for` seconds more, if this server can open it
+        (rotating is also how an endpoint whose secret was sealed with another key is mended)."""
         table = self._db.endpoints
         values = {"secret": self._box.seal(secret), "updated_at": now, "previous_secret": None, "previous_until": None}
-        if keep_old_for > 0:
-            values |= {"previous_secret": self._box.seal(endpoint.secret), "previous_until": time.time() + keep_old_for}
-        await self._db.write(update(table).where(table.c.id == endpoint.id).values(**values))
+        if keep_old_for > 0 and self._opens(endpoint.sealed_secret):
+            values |= {"previous_secret": endpoint.sealed_secret, "previous_until": time.time() + keep_old_for}
+        hint = secret_hint(secret)
+        set_hint = (
+            self._db.insert(self._hints)
+            .values(endpoint_id=endpoint.id, hint=hint)
+            .on_conflict_do_update(index_elements=[self._hints.c.endpoint_id], set_={"hint": hint})
+        )
+        await self._db.write_if(update(table).where(table.c.id == endpoint.id).values(**values), set_hint)
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
         """Delete an endpoint and its deliveries not yet made; whether it was there."""
         table, deliveries = self._db.endpoints, self._db.deliveries
         drop_deliveries = delete(deliveries).where(deliveries.c.endpoint_id == endpoint_id)
-        written = await self._db.write_if(delete(table).where(table.c.id == endpoint_id), drop_deliveries)
+        drop_hint = delete(self._hints).where(self._hints.c.endpoint_id == endpoint_id)
+        written = await self._db.write_if(delete(table).where(table.c.id == endpoint_id), drop_deliveries, drop_hint)
         return written.rowcount > 0
 
-    def _record(self, row: object) -> EndpointRecord:
-        previous = row.previous_secret  # type: ignore[attr-defined]
+    def _count_query(self, scope: str) -> Executable:
+        table = self._db.endpoints
+        return select(func.count()).select_from(table).where(table.c.scope == scope)
+
+    def _endpoints_query(self) -> Select[Any]:
+        """Endpoints with their hints (none for those stored before hints were)."""
+        table, hints = self._db.endpoints, self._hints
+        return select(table, hints.c.hint).select_from(table.outerjoin(hints, hints.c.endpoint_id == table.c.id))
+
+    def _record(self, row: Row[Any]) -> EndpointRecord:
         return EndpointRecord(
-            id=row.id,  # type: ignore[attr-defined]
-            owner=Owner.model_validate_json(row.owner) if row.owner else None,  # type: ignore[attr-defined]
-            name=row.name,  # type: ignore[attr-defined]
-            url=row.url,  # type: ignore[attr-defined]
-            event_types=json.loads(row.event_types),  # type: ignore[attr-defined]
-            secret=self._box.open(row.secret),  # type: ignore[attr-defined]
-            previous_secret=self._box.open(previous) if previous else None,
-            previous_until=row.previous_until,  # type: ignore[attr-defined]
-            created_at=row.created_at,  # type: ignore[attr-defined]
-            updated_at=row.updated_at,  # type: ignore[attr-defined]
+            id=row.id,
+            owner=Owner.model_validate_json(row.owner) if row.owner else None,
+            name=row.name,
+            url=row.url,
+            event_types=json.loads(row.event_types),
+            secret_hint=row.hint if row.hint is not None else self._hint_of(row.secret),
+            sealed_secret=row.secret,
+            sealed_previous=row.previous_secret,
+            previous_until=row.previous_until,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
         )
+
+    def _hint_of(self, sealed: str) -> str | None:
+        """The hint of an endpoint stored before hints were: from its secret, if it opens."""
+        try:
+            return secret_hint(self._box.open(sealed))
+        except SecretKeyError:
+            return None
+
+    def _opens(self, sealed: str) -> bool:
+        try:
+            self._box.open(sealed)
+        except SecretKeyError:
+            return False
+        return True
 
     # --- events ---------------------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
+import asyncio
+
 import pytest
+from cryptography.fernet import Fernet
 
 from llama_stack_provider_batches import BatchesService
+from llama_stack_provider_batches.api import webhook_endpoints
 from llama_stack_provider_batches.api.webhook_endpoints import (
     CreateEndpoint,
     RotateSecret,
@@ -13,6 +17,7 @@ from llama_stack_provider_batches.domain.errors import (
     WebhookEndpointNotFoundError,
 )
 from llama_stack_provider_batches.domain.ownership import Owner, acting_as
+from llama_stack_provider_batches.storage.secrets import SecretBox
 
 ALICE = Owner(principal="alice", attributes={"teams": ["a"]})
 BOB = Owner(principal="bob", attributes={"teams": ["b"]})
@@ -103,6 +108,41 @@ async def test_a_user_may_register_a_bounded_number_of_endpoints(
             await endpoints.create(create())
     with acting_as(BOB):  # another user's limit is their own
         await endpoints.create(create())
+
+
+async def test_creates_at_the_same_time_cannot_pass_the_limit_together(
+    endpoints: WebhookEndpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(endpoints._config, "max_endpoints_per_user", 2)
+    with acting_as(ALICE):
+        outcomes = await asyncio.gather(*(endpoints.create(create()) for _ in range(6)), return_exceptions=True)
+        assert sum(isinstance(o, dict) for o in outcomes) == 2
+        assert sum(isinstance(o, LimitReachedError) for o in outcomes) == 4
+        assert len((await endpoints.page(None, 20))["data"]) == 2
+
+
+async def test_an_update_that_changes_nothing_keeps_updated_at(endpoints: WebhookEndpoints) -> None:
+    endpoints._clock = lambda: 1000.0
+    made = await endpoints.create(create())
+    endpoints._clock = lambda: 2000.0
+    same = await endpoints.update(made["id"], UpdateEndpoint(name=made["name"], url=made["url"]))
+    assert same["updated_at"] == 1000  # OpenAI: "tests and unchanged updates do not advance it"
+    assert (await endpoints.update(made["id"], UpdateEndpoint(name="renamed")))["updated_at"] == 2000
+
+
+async def test_an_endpoint_whose_secret_this_server_cannot_open_is_still_listed_read_and_deleted(
+    endpoints: WebhookEndpoints,
+) -> None:
+    made = await endpoints.create(create())
+    endpoints._store._box = SecretBox(Fernet.generate_key())  # the server's key changed since
+    assert (await endpoints.retrieve(made["id"]))["signing_secret_hint"] == made["signing_secret_hint"]
+    assert [e["id"] for e in (await endpoints.page(None, 20))["data"]] == [made["id"]]
+    with pytest.raises(InvalidParameterError) as refused:
+        await endpoints.test(made["id"], webhook_endpoints.TestEndpoint(event_type="batch.completed"), client=None)
+    assert refused.value.code == "signing_secret_unavailable" and "rotate" in refused.value.message
+    rotated = await endpoints.rotate_secret(made["id"], RotateSecret(keep_old_secret_active_for_24_hours=True))
+    assert (await endpoints.retrieve(made["id"]))["signing_secret_hint"] == rotated["signing_secret_hint"]
+    assert (await endpoints.delete(made["id"]))["deleted"] is True
 
 
 async def test_ids_that_cannot_be_endpoints_are_not_found_without_a_lookup(endpoints: WebhookEndpoints) -> None:

@@ -1,11 +1,13 @@
 import asyncio
 import time
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from cryptography.fernet import Fernet
 from openai import OpenAI
 from openai.types.batch_request_counts import BatchRequestCounts
+from sqlalchemy import select
 
 from llama_stack_provider_batches.config import OperatorWebhookEndpoint, WebhooksConfig
 from llama_stack_provider_batches.domain.lifecycle import transition
@@ -14,6 +16,7 @@ from llama_stack_provider_batches.engine import webhook_delivery
 from llama_stack_provider_batches.engine.webhook_delivery import WebhookDeliverer, retry_delay
 from llama_stack_provider_batches.storage.secrets import SecretBox
 from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
+from tests.fake_http import FakeHandler, FakeServer, serving
 from tests.unit.helpers import make_batch
 
 SECRET = "whsec_dGVzdC1zZWNyZXQtdGVzdC1zZWNyZXQ="
@@ -39,15 +42,49 @@ class Receiver:
         return httpx.Response(status, headers={"location": "http://127.0.0.1:1/elsewhere"})
 
 
-def deliverer_for(store: SQLBatchStore, receiver: Receiver, url: str, **settings: object) -> WebhookDeliverer:
+class Trickling(FakeHandler):
+    """Takes a delivery, then answers a byte every 50 ms (each well within the client's read timeout)
+    for 30 s or until the client hangs up: the status line and headers, or, `status_first`, a 200 at
+    once and then the body."""
+
+    status_first: ClassVar[bool] = False
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        if self.status_first:
+            self.send_response(200)
+            self.send_header("content-length", "1000000")
+            self.end_headers()
+        answer = b"x" if self.status_first else b"HTTP/1.1 200 OK\r\nx-slow: y\r\n"
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                for byte in answer:
+                    self.wfile.write(bytes([byte]))
+                    time.sleep(0.05)
+        except OSError:  # the client hung up
+            pass
+
+
+class TricklingBody(Trickling):
+    status_first = True
+
+
+def deliverer_for(store: SQLBatchStore, receiver: Receiver | None, url: str, **settings: object) -> WebhookDeliverer:
+    """A deliverer to an operator endpoint at `url`: through `receiver`, or over the network without one."""
     config = WebhooksConfig(
         allowed_hosts=["127.0.0.1"],
         endpoints=[OperatorWebhookEndpoint(url=url, secret=SECRET, event_types=ALL)],
         **settings,  # type: ignore[arg-type]
     )
     deliverer = WebhookDeliverer(store.webhook_store(SecretBox(Fernet.generate_key())), config)
-    deliverer.client = httpx.AsyncClient(transport=httpx.MockTransport(receiver), follow_redirects=False)
+    if receiver is not None:
+        deliverer.client = httpx.AsyncClient(transport=httpx.MockTransport(receiver), follow_redirects=False)
     return deliverer
+
+
+async def delivery_rows(store: SQLBatchStore) -> list[Any]:
+    return list(await store._db.read(select(store._db.deliveries)))
 
 
 async def end_batch(store: SQLBatchStore, batch_id: str, status: str = "completed") -> None:
@@ -139,6 +176,61 @@ async def test_a_slow_receiver_does_not_hold_up_another(store: SQLBatchStore) ->
     assert len(fast.requests) == 2 and len(slow.requests) == 2 and not held.is_set()
     held.set()
     await asyncio.gather(*deliverer._tasks)
+
+
+async def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_attempt_timeout_and_retried(
+    store: SQLBatchStore,
+) -> None:
+    with serving(FakeServer(Trickling)) as server:
+        deliverer = deliverer_for(store, None, f"http://127.0.0.1:{server.port}/hook", attempt_timeout_seconds=0.5)
+        await end_batch(store, "batch_t")
+        started = time.monotonic()
+        async with asyncio.timeout(5):  # the attempt used to last as long as the bytes kept coming
+            await one_pass(deliverer)
+        assert time.monotonic() - started < 2
+        [row] = await delivery_rows(store)
+        assert (row.attempts, row.last_error) == (1, "No answer within 0.5 s")  # tried again later
+        await deliverer.close()
+
+
+async def test_a_2xx_counts_at_once_however_long_its_body(store: SQLBatchStore) -> None:
+    with serving(FakeServer(TricklingBody)) as server:
+        deliverer = deliverer_for(store, None, f"http://127.0.0.1:{server.port}/hook", attempt_timeout_seconds=2)
+        await end_batch(store, "batch_b")
+        started = time.monotonic()
+        async with asyncio.timeout(5):  # the whole body used to be read, into memory
+            await one_pass(deliverer)
+        assert time.monotonic() - started < 1 and await deliverer.store.pending() == 0
+        await deliverer.close()
+
+
+async def test_a_secret_this_server_cannot_open_fails_its_attempts_until_the_event_is_dropped(
+    store: SQLBatchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_delivery, "retry_delay", lambda attempts, first: 0.0)
+    warnings: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(
+        webhook_delivery.logger, "warning", lambda message, **fields: warnings.append((message, fields))
+    )
+    receiver = Receiver(200)
+    deliverer = WebhookDeliverer(
+        store.webhook_store(SecretBox(Fernet.generate_key())),
+        WebhooksConfig(allowed_hosts=["127.0.0.1"], retry_hours=1),
+    )
+    deliverer.client = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    sealed_elsewhere = store.webhook_store(SecretBox(Fernet.generate_key()))  # another replica's key
+    await store._db.create_tables()
+    endpoint = await sealed_elsewhere.create_endpoint(None, "e", "http://127.0.0.1:9000/hook", ALL, SECRET, 1, 10)
+    assert endpoint is not None
+    await end_batch(store, "batch_k")
+    await one_pass(deliverer)
+    [row] = await delivery_rows(store)
+    assert receiver.requests == [] and row.attempts == 1 and "does not open" in row.last_error
+    [(message, fields)] = warnings
+    assert fields["endpoint_id"] == endpoint.id and "secret" in message and SECRET not in str(warnings)
+    deliverer.clock = lambda: time.time() + 3601  # past its retry period: dropped, as any failing delivery
+    await one_pass(deliverer)
+    assert await deliverer.store.pending() == 0 and receiver.requests == []
 
 
 def test_retries_back_off_from_seconds_to_an_hour() -> None:

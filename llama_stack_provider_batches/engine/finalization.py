@@ -12,7 +12,8 @@ Every batch that got past validation ends through `Finalizer.close`, whatever st
 The files hold one line per stored result, in input order; a request stored twice (it ran on two
 servers) keeps its first result. Closing is idempotent: a file is recorded in the batch once uploaded,
 and the start of each upload is recorded before it, so that a close interrupted between the two
-finds the file it uploaded (by name and size) instead of uploading a second one.
+finds the file it uploaded (by name and size) instead of uploading a second one, and records its
+expiry (`output_expires_after`) again, in case the interruption came before that.
 """
 
 import asyncio
@@ -20,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 from fastapi import UploadFile
 from openai.types.batch import Errors
@@ -52,6 +53,13 @@ MAX_FILES_SCANNED = 10_000
 Outcome = Literal["completed", "expired", "failed"]
 # The error line of a request that never ran, from its custom_id (None if it is not known).
 UnrunLine = Callable[[str | None], str]
+
+
+class UploadedFile(Protocol):
+    """What an upload, or the Files API's list, says of a result file."""
+
+    id: str
+    created_at: int
 
 
 @dataclass
@@ -114,7 +122,9 @@ class Finalizer:
                         await self._record(uploading=dict(uploading))
                         content.seek(0)
                         found = await self._upload(kind, content, stored)
-                    uploaded[kind] = found
+                    else:  # its expiry may not have been recorded before the interruption
+                        await self._expire(found, stored)
+                    uploaded[kind] = found.id
                     await self._record(uploaded_files=dict(uploaded))
         fields: dict[str, object] = {
             "output_file_id": uploaded.get("output"),
@@ -137,7 +147,7 @@ class Finalizer:
     async def _record(self, **fields: object) -> None:
         await self.store.update_record(self.batch_id, lambda s: s.model_copy(update=fields), self.lease)
 
-    async def _find_upload(self, kind: str, since: int, size: int) -> str | None:
+    async def _find_upload(self, kind: str, since: int, size: int) -> UploadedFile | None:
         """The file an interrupted close uploaded (same name and size, created since it began), if any.
 
         Files newer than `since` are few (those created since a crash, at most MAX_FILES_SCANNED are
@@ -152,29 +162,31 @@ class Finalizer:
                 if info.created_at < since - 1:  # older than the close that was interrupted
                     return None
                 if info.filename == name and info.bytes == size:
-                    return info.id
+                    return info
             scanned += len(page.data)
             if not page.has_more or not page.data:
                 return None
             after = page.data[-1].id
         return None
 
-    async def _upload(self, kind: str, content: BinaryIO, stored: StoredBatch | None) -> str:
+    async def _upload(self, kind: str, content: BinaryIO, stored: StoredBatch | None) -> UploadedFile:
         upload = UploadFile(file=content, filename=f"{self.batch_id}_{kind}.jsonl")
         seconds = stored.output_expires_after_seconds if stored is not None else None
         expires_after = _expires_after(seconds)
         uploaded = await self.files.openai_upload_file(
             request=UploadFileRequest(purpose=OpenAIFileUploadPurpose.BATCH, expires_after=expires_after), file=upload
         )
-        if seconds is not None and stored is not None:
-            await self._expire_at(uploaded.id, uploaded.created_at + seconds, stored)
-        return uploaded.id
+        await self._expire(uploaded, stored)
+        return uploaded
 
-    async def _expire_at(self, file_id: str, expires_at: int, stored: StoredBatch) -> None:
+    async def _expire(self, uploaded: UploadedFile, stored: StoredBatch | None) -> None:
         """The batch's `output_expires_after`: the file's `expires_at` says so (set here where the Files
-        provider ignored it), and the sweep deletes it then (housekeeping.py)."""
-        await set_file_expiry(self.files, file_id, expires_at)
-        await self.store.retention.expire_file_at(file_id, self.batch_id, stored.owner, expires_at)
+        provider ignored it), and the sweep deletes it then (housekeeping.py). Doing it again is harmless."""
+        if stored is None or stored.output_expires_after_seconds is None:
+            return
+        expires_at = uploaded.created_at + stored.output_expires_after_seconds
+        await set_file_expiry(self.files, uploaded.id, expires_at)
+        await self.store.retention.expire_file_at(uploaded.id, self.batch_id, stored.owner, expires_at)
 
 
 def _expires_after(seconds: int | None) -> ExpiresAfter | None:

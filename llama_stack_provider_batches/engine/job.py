@@ -115,10 +115,11 @@ class BatchJob:
         """End the batch `failed` (or `cancelled`, if that was asked) after processing it failed for good.
 
         The results stored so far go into its result files; if even that fails, they stay in the
-        store under `results/<batch_id>/`, and the batch is marked failed without files. A batch
-        whose every request has a stored result is not failed: it is closed `completed`, and if that
-        fails too the error reaches the caller (attempts.py sets the batch aside, to be resumed);
-        unless a dependency's `outage` outlasted the batch's grace, when its files cannot be written.
+        store under `results/<batch_id>/` until its record's retention removes them (retention.py),
+        and the batch is marked failed without files. A batch whose every request has a stored
+        result is not failed: it is closed `completed`, and if that fails too the error reaches the
+        caller (attempts.py sets the batch aside, to be resumed); unless a dependency's `outage`
+        outlasted the batch's grace, when its files cannot be written.
         """
         stored = await self.store.get(self.batch_id)
         if stored is None or is_terminal(stored.batch.status):
@@ -140,7 +141,10 @@ class BatchJob:
             return
         except Exception:
             logger.exception("Cannot write the result files of a failed batch; its results stay stored")
-        kept = "Its results so far stay in the provider's SQL store; no result file could be written."
+        kept = (
+            "Its results so far stay in the provider's SQL store until the batch's record is removed;"
+            " no result file could be written."
+        )
         errors = [errors[0].model_copy(update={"message": f"{cause} {kept}"})]
         closed = "cancelled" if stored.batch.status == "cancelling" else "failed"
         # The counts of the stored results, not those of the last progress written to the record.

@@ -12,6 +12,7 @@ import pytest
 from llama_stack_provider_batches import BatchesService
 from llama_stack_provider_batches.api.idempotency import CreateParams
 from llama_stack_provider_batches.domain.outages import DependencyGate
+from llama_stack_provider_batches.domain.results import decode_results
 from llama_stack_provider_batches.engine.parking import TooManyWaitingBatchesError
 from llama_stack_provider_batches.stack import RequestProviderDataContext, User
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, ProviderFactory
@@ -302,6 +303,28 @@ async def test_a_file_store_outage_past_the_deadline_and_grace_ends_failed_with_
     [error] = final.errors.data
     assert error.code == "batch_processing_failed" and "did not answer" in error.message
     assert (final.request_counts.total, final.request_counts.completed) == (3, 3)
+    await provider.shutdown()
+
+
+async def test_the_results_of_a_batch_that_gave_up_on_the_file_store_stay_until_its_retention(
+    make_provider: ProviderFactory, files: FakeFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = await make_provider(outage_grace_seconds=60, retention_days=1)
+    fast_gate(provider)
+    unwritable_uploads(files, monkeypatch, failures=10**6)
+    batch = await start_batch(provider, files, 3)
+    provider._runner._attempts._clock = lambda: batch.expires_at + 61  # as if the outage lasted that long
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=10)
+    assert (await provider.retrieve_batch(batch.id)).status == "failed"
+    keeper = provider._runner.housekeeper
+    assert keeper is not None
+    await keeper.sweep()  # as every process does every minute
+    kept = [chunk async for chunk in provider._store.results.read(batch.id)]
+    assert sum(len(decode_results(chunk)) for chunk in kept) == 3  # readable, as its error message says
+    keeper.clock = lambda: time.time() + 2 * 86400  # its record's retention has passed
+    await keeper.sweep()
+    assert await provider._store.get(batch.id) is None
+    assert not [chunk async for chunk in provider._store.results.read(batch.id)]
     await provider.shutdown()
 
 

@@ -17,9 +17,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llama_stack_provider_batches import BatchesProviderConfig, BatchesService, telemetry
+from llama_stack_provider_batches.domain.records import StoredBatch
 from llama_stack_provider_batches.engine import runner
+from llama_stack_provider_batches.engine.housekeeping import Housekeeper
+from llama_stack_provider_batches.storage.sql_store import SQLBatchStore
 from tests.unit.conftest import FakeFiles, FakeInference, FakeModels, provider_with
-from tests.unit.helpers import chat_line, create_chat_batch, run_batch
+from tests.unit.helpers import chat_line, create_chat_batch, make_batch, run_batch
 from tools.tiktoken_cache import ensure_cache
 
 READER = InMemoryMetricReader()
@@ -187,3 +190,39 @@ async def test_the_engine_gauges_enqueued_tokens_by_model_until_the_batch_ends(
     finally:
         gate.set()
         await provider.shutdown()
+
+
+def test_webhook_deliveries_are_counted_by_event_type_and_outcome() -> None:
+    before = points()
+    telemetry.webhook_delivered("batch.completed", "retried", None)
+    telemetry.webhook_delivered("batch.completed", "delivered", 1.5)
+    telemetry.webhook_delivered("batch.failed", "dropped", None)
+    telemetry.set_webhook_pending(7)
+    after = points()
+    for event_type, outcome in (("batch.completed", "retried"), ("batch.completed", "delivered")):
+        assert delta(before, after, "webhook_deliveries_total", event_type=event_type, outcome=outcome) == 1
+    assert delta(before, after, "webhook_deliveries_total", event_type="batch.failed", outcome="dropped") == 1
+    # Latency is that of a delivery: from the event to the receiver's 2xx.
+    assert delta(before, after, "webhook_latency_seconds", event_type="batch.completed") == 1
+    assert delta(before, after, "webhook_latency_seconds", event_type="batch.failed") == 0
+    assert after[(telemetry.PREFIX + "webhook_pending", frozenset())] == 7
+
+
+async def test_a_sweep_counts_the_rows_bytes_and_files_it_removed(
+    store: SQLBatchStore, config: BatchesProviderConfig
+) -> None:
+    class Files:
+        async def openai_delete_file(self, request: Any) -> None:
+            pass
+
+    await store.retention.expire_file_at("file-1", "batch_1", None, 10.0)
+    await store.shards.create(make_batch("batch_done", status="in_progress"), [(0, 1)], 1, shareable=True)
+    await store.request_ids.save("batch_done", ["a"])
+    await store.create(StoredBatch(batch=make_batch("batch_done", status="failed", output_file_id="file-1")))
+    before = points()
+    removed = await Housekeeper(store.retention, Files(), config, clock=lambda: 100.0).sweep()
+    after = points()
+    assert (removed.rows, removed.bytes) == (2, len('["a"]'))  # the shard row and custom_id chunk left behind
+    assert delta(before, after, "swept_rows_total") == 2
+    assert delta(before, after, "swept_bytes_total") == 5
+    assert delta(before, after, "expired_files_total") == 1

@@ -109,8 +109,9 @@ def define_tables(name: str) -> tuple[Table, Table, Table]:
     return batches, shards, chunks
 
 
-def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, Table]:
-    """Webhook endpoints, events waiting to be fanned out to them, and deliveries (storage/webhooks.py)."""
+def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, Table, Table]:
+    """Webhook endpoints, their secrets' hints, events waiting to be fanned out to them, and deliveries
+    (storage/webhooks.py)."""
     endpoints = Table(
         f"{name}_webhook_endpoints",
         metadata,
@@ -128,6 +129,12 @@ def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, 
         Column("updated_at", BigInteger, nullable=False),
     )
     Index(f"{name}_webhook_endpoints_by_scope", endpoints.c.scope, endpoints.c.created_ns)
+    hints = Table(  # a table of its own: endpoints stored before it existed have no row (computed then)
+        f"{name}_webhook_hints",
+        metadata,
+        Column("endpoint_id", String(64), primary_key=True),
+        Column("hint", String(64), nullable=False),  # signing_secret_hint: read without opening the secret
+    )
     events = Table(  # written in the transaction that ends a batch; removed once fanned out
         f"{name}_events",
         metadata,
@@ -151,7 +158,7 @@ def define_webhook_tables(metadata: MetaData, name: str) -> tuple[Table, Table, 
         *lease_columns(),
     )
     Index(f"{name}_deliveries_due", deliveries.c.next_attempt_at)
-    return endpoints, events, deliveries
+    return endpoints, hints, events, deliveries
 
 
 def define_retention_tables(metadata: MetaData, name: str) -> tuple[Table, Table]:
@@ -216,7 +223,7 @@ class Database:
         self.url = make_url(sql_engine_url(reference))
         self.batches, self.shards, self.chunks = define_tables(reference.table_name)
         webhook_tables = define_webhook_tables(self.batches.metadata, reference.table_name)
-        self.endpoints, self.events, self.deliveries = webhook_tables
+        self.endpoints, self.webhook_hints, self.events, self.deliveries = webhook_tables
         self.ended, self.file_expiries = define_retention_tables(self.batches.metadata, reference.table_name)
         self.shard_tokens = define_token_table(self.batches.metadata, reference.table_name)
         self._connections = connections_to(self.url)

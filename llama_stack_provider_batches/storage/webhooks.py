@@ -22,13 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Column,
     Executable,
-    MetaData,
     Row,
     Select,
-    String,
-    Table,
     and_,
     delete,
     func,
@@ -41,20 +37,6 @@ from ..domain.ownership import Owner, scope_of
 from ..domain.webhook_events import secret_hint
 from .database import Database, Written
 from .secrets import SecretBox, SecretKeyError
-
-
-def define_hint_table(metadata: MetaData, name: str) -> Table:
-    """Each endpoint's `signing_secret_hint`. A table of its own, created if missing at start-up as
-    every table is: endpoints stored before it existed have no row (their hint is computed then)."""
-    existing = metadata.tables.get(f"{name}_webhook_hints")
-    if existing is not None:  # another WebhookStore over the same database defined it
-        return existing
-    return Table(
-        f"{name}_webhook_hints",
-        metadata,
-        Column("endpoint_id", String(64), primary_key=True),
-        Column("hint", String(64), nullable=False),
-    )
 
 
 @dataclass(frozen=True)
@@ -101,11 +83,9 @@ class WebhookStore:
     """Endpoints, events and deliveries."""
 
     def __init__(self, database: Database, box: SecretBox) -> None:
-        """Made before the database's tables are created (SQLBatchStore.initialize), which then makes
-        the hint table with the others."""
         self._db = database
         self._box = box
-        self._hints = define_hint_table(database.endpoints.metadata, database.batches.name)
+        self._hints = database.webhook_hints
 
     # --- endpoints ------------------------------------------------------------------------------
 

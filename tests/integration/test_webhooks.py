@@ -6,6 +6,7 @@ endpoint; URLs that lead inside the machine, by address or by name, are refused 
 operator allows them."""
 
 import contextlib
+import itertools
 import signal
 import time
 import uuid
@@ -17,7 +18,7 @@ import openai
 import pytest
 from openai import InvalidWebhookSignatureError, OpenAI
 
-from tests.integration.batching import chat_lines, create_chat_batch, upload_jsonl, wait_for_batch
+from tests.integration.batching import chat_lines, create_chat_batch, record, upload_jsonl, wait_for_batch
 from tools.harness import ServerProcess, StandInControl, start_stack, warm_up
 from tools.webhook_receiver import HANG, Received, WebhookReceiver
 
@@ -113,6 +114,8 @@ def test_a_failing_receiver_gets_the_same_event_again_even_across_a_crash(
     assert {r.headers["webhook-id"] for r in every} == {events[0].id}  # every attempt carried the same id
     assert {r.body for r in every} == {accepted[0].body}  # and the same event
     assert {e.id for e in receiver.events(endpoint.signing_secret, accepted=False)} == {events[0].id}
+    gaps = [round(later.at - earlier.at, 2) for earlier, later in itertools.pairwise(every)]
+    record(run_dir, "webhooks.json", "retries", {"answers": answered, "seconds_between_attempts": gaps})
 
 
 def test_the_sdk_manages_an_endpoint_from_create_to_delete(server: ServerProcess) -> None:

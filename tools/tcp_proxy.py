@@ -2,7 +2,10 @@
 
 It forwards every connection made to its port to the target. `cut()` drops every connection through
 it and refuses new ones (they are accepted and closed at once, as a firewall's reset does) until
-`heal()`; the target itself goes on serving everyone else. It runs on its own thread and event loop,
+`heal()`. `silence()` is the other kind of partition, where packets are lost rather than refused:
+connections stay open and new ones are accepted, but nothing gets through either way and no error
+comes, until `heal()` lets what was held go on (as TCP does once the network is back). The target
+itself goes on serving everyone else. It runs on its own thread and event loop,
 so the process that starts it (pytest, a benchmark) may block meanwhile.
 
     with TcpProxy(target_port=5432) as proxy:
@@ -30,6 +33,7 @@ class TcpProxy:
         self.port = 0  # known once started
         self.refused = 0  # connections refused while cut
         self._cut = False
+        self._flowing: asyncio.Event | None = None  # cleared while silenced; made on the proxy's loop
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
@@ -37,6 +41,7 @@ class TcpProxy:
 
     def start(self) -> None:
         self._thread.start()
+        self._flowing = self._call(self._new_event())
         self._server = self._call(asyncio.start_server(self._serve, "127.0.0.1", 0))
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -44,9 +49,14 @@ class TcpProxy:
         """Drop every connection through the proxy, and refuse new ones until `heal`."""
         self._call(self._cut_off())
 
+    def silence(self) -> None:
+        """Let nothing through, and say nothing, until `heal`: connections hang rather than fail."""
+        self._call(self._set_flowing(False))
+
     def heal(self) -> None:
-        """Let connections through again."""
+        """Let connections through again (and what a silence held)."""
         self._cut = False
+        self._call(self._set_flowing(True))
 
     def stop(self) -> None:
         if self._server is not None:
@@ -56,6 +66,18 @@ class TcpProxy:
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    async def _new_event(self) -> asyncio.Event:
+        flowing = asyncio.Event()
+        flowing.set()
+        return flowing
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
 
     async def _cut_off(self) -> None:
         self._cut = True
@@ -72,6 +94,8 @@ class TcpProxy:
             self.refused += 1
             client_writer.transport.abort()
             return
+        assert self._flowing is not None
+        await self._flowing.wait()  # silenced: the client's connect hangs in the (lost) handshake
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:  # the target is down: the client sees its connection closed, as with no proxy
@@ -88,6 +112,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK_BYTES):
+                assert self._flowing is not None
+                await self._flowing.wait()  # silenced: held, as the network would lose and resend it
                 if self._cut:
                     break
                 writer.write(data)

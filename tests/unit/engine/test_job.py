@@ -530,3 +530,36 @@ async def test_the_next_shard_runs_beside_the_last_requests_of_the_one_before(
     lines = read_lines(files, batch.output_file_id)
     assert sorted(line["custom_id"] for line in lines) == sorted(f"r{n}" for n in range(40))
     await provider.shutdown()
+
+
+async def test_a_store_that_hangs_bounds_what_is_sent_across_two_shard_runs_side_by_side(
+    make_provider: ProviderFactory, files: FakeFiles, inference: FakeInference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A partition: result writes neither fail nor return. What was sent and is not stored is what
+    # would run again elsewhere; it stays within two windows (20) when the first shard of 15 has sent
+    # everything and the next runs beside it.
+    provider = await make_provider(requests_per_shard=15, max_concurrent_requests_per_batch=10)
+    heal = asyncio.Event()
+    real_save = provider._store.results.save
+
+    async def hangs(*args: Any, **kwargs: Any) -> None:
+        await heal.wait()
+        await real_save(*args, **kwargs)
+
+    async def takes_a_while(_: dict[str, Any]) -> None:
+        await asyncio.sleep(0.01)
+
+    inference.behaviour = takes_a_while
+    monkeypatch.setattr(provider._store.results, "save", hangs)
+    batch = await create_chat_batch(provider, files, [chat_line(f"r{n}", f"question {n}") for n in range(60)])
+    for _ in range(100):  # until sending stops
+        sent = len(inference.calls)
+        await asyncio.sleep(0.05)
+        if sent and len(inference.calls) == sent:
+            break
+    assert len(inference.calls) == 20  # the whole bound is used, and not one request more
+    heal.set()
+    await asyncio.wait_for(provider._runner.wait_idle(), timeout=20)
+    final = await provider.retrieve_batch(batch.id)
+    assert final.status == "completed" and final.request_counts.completed == 60
+    await provider.shutdown()

@@ -50,3 +50,26 @@ def test_traffic_goes_through_until_cut_and_again_once_healed(proxy: TcpProxy) -
     assert echo(after, b"back") == b"back"
     for connection in (before, during, after):
         connection.close()
+
+
+def test_a_silence_holds_traffic_without_an_error_and_lets_it_on_once_healed(proxy: TcpProxy) -> None:
+    before = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    assert echo(before, b"hello") == b"hello"
+    proxy.silence()
+    before.settimeout(0.3)
+    before.sendall(b"anyone?")
+    with pytest.raises(TimeoutError):  # no answer, and no reset either: the packets are lost
+        before.recv(1024)
+    during = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)  # accepted ...
+    during.sendall(b"new")
+    during.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # ... and nothing comes back
+        during.recv(1024)
+    proxy.heal()
+    before.settimeout(5)
+    during.settimeout(5)
+    assert before.recv(1024) == b"anyone?"  # what was held goes on
+    assert during.recv(1024) == b"new"
+    assert proxy.refused == 0
+    for connection in (before, during):
+        connection.close()

@@ -343,6 +343,17 @@ def run_yaml_without(directory: Path, apis: set[str], base: Path = RUN_YAML) -> 
     return path
 
 
+def run_yaml_with_operator_webhooks(directory: Path, endpoints: list[dict[str, Any]], base: Path = RUN_YAML) -> Path:
+    """A copy of a run.yaml whose batches provider sends every batch's events to the operator's
+    `endpoints` (`webhooks.endpoints`: url, secret, event_types)."""
+
+    def add_endpoints(config: dict[str, Any]) -> None:
+        [batches] = config["providers"]["batches"]
+        batches["config"]["webhooks"]["endpoints"] = endpoints
+
+    return _run_yaml_copy(base, directory / f"{base.stem}-operator-webhooks.yaml", add_endpoints)
+
+
 def run_yaml_with_workers(directory: Path, workers: int, base: Path = RUN_YAML) -> Path:
     """A copy of a run.yaml whose server runs `workers` uvicorn worker processes (`server.workers`), each
     building its own providers over the same stores."""

@@ -5,6 +5,7 @@ delivers its event after the restart; a receiver that hangs costs one attempt an
 endpoint; URLs that lead inside the machine, by address or by name, are refused unless the
 operator allows them."""
 
+import base64
 import contextlib
 import itertools
 import signal
@@ -19,7 +20,7 @@ import pytest
 from openai import InvalidWebhookSignatureError, OpenAI
 
 from tests.integration.batching import chat_lines, create_chat_batch, record, upload_jsonl, wait_for_batch
-from tools.harness import ServerProcess, StandInControl, start_stack, warm_up
+from tools.harness import ServerProcess, StandInControl, run_yaml_with_operator_webhooks, start_stack, warm_up
 from tools.webhook_receiver import HANG, Received, WebhookReceiver
 
 ALL_EVENTS = ["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
@@ -84,6 +85,32 @@ def test_every_kind_of_end_reaches_the_receiver_once_verified_by_the_sdk(
         (batch_id, f"batch.{status}") for batch_id, status in ended.items()
     )
     assert len({e.id for e in events}) == 4 and all(e.object == "event" for e in events)
+
+
+def test_an_operators_endpoint_from_run_yaml_receives_every_batchs_events(
+    run_dir: Path, standin_server: ServerProcess
+) -> None:
+    operator_secret = "whsec_" + base64.b64encode(b"the operator's own signing key!!").decode()
+    with WebhookReceiver(path="/operator") as operator, WebhookReceiver() as users:
+        endpoint = {"url": operator.url, "secret": operator_secret, "event_types": ["batch.completed"]}
+        run_yaml = run_yaml_with_operator_webhooks(run_dir, [endpoint])
+        state = run_dir / f"webhooks-operator-{uuid.uuid4().hex[:6]}"
+        server = start_stack(run_dir, state, f"{standin_server.url}/v1", SETTINGS, run_yaml=run_yaml)
+        try:
+            warm_up(server)
+            client = client_of(server)
+            mine = client.webhooks.create(name="mine", url=users.url, event_types=["batch.completed"])
+            with_endpoint = wait_for_batch(client, create_chat_batch(client, chat_lines(2)).id)
+            client.webhooks.delete(mine.id)
+            without = wait_for_batch(client, create_chat_batch(client, chat_lines(2)).id)
+            operator.wait_for(2, accepted=True)
+            listed = [endpoint.id for endpoint in client.webhooks.list()]
+        finally:
+            server.stop()
+    # The operator's endpoint hears of every batch, signed with its own secret, and no user sees it.
+    assert sorted(e.data.id for e in operator.events(operator_secret)) == sorted([with_endpoint.id, without.id])
+    assert [e.data.id for e in users.events(mine.signing_secret)] == [with_endpoint.id]
+    assert listed == []
 
 
 def test_a_failing_receiver_gets_the_same_event_again_even_across_a_crash(

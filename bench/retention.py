@@ -86,9 +86,8 @@ async def fill(store: SQLBatchStore, count: int) -> int:
             for b in batches
         ]
         size = len(rows[0]["record"])
-        async with db.engine().begin() as connection:
-            await connection.execute(db.batches.insert(), rows)
-            await connection.execute(db.ended.insert(), [{"batch_id": b.batch.id, "ended_at": 1.0} for b in batches])
+        ended = [{"batch_id": b.batch.id, "ended_at": 1.0} for b in batches]
+        await db.write_if(db.batches.insert().values(rows), db.ended.insert().values(ended))
     return size
 
 

@@ -4,6 +4,7 @@ one replica does, the other sees, and a lease taken over fences its old holder o
 import asyncio
 
 import pytest
+from sqlalchemy import update
 
 from llama_stack_provider_batches.domain.lifecycle import transition
 from llama_stack_provider_batches.domain.ownership import Owner
@@ -33,9 +34,12 @@ async def test_fifty_creates_with_one_key_over_two_replicas_store_one_batch(repl
 async def test_an_expired_lease_is_taken_over_and_its_old_holder_fenced_off(replicas: Replicas) -> None:
     first, second = replicas
     await create(first, StoredBatch(batch=make_batch("batch_t")))
-    [old] = await first.claim("server-a", 1, lease_seconds=0.5)
+    [old] = await first.claim("server-a", 1, lease_seconds=30)
     assert await second.claim("server-b", 1, lease_seconds=30) == []  # held
-    await asyncio.sleep(0.8)  # the holder stops renewing: it died
+    # The holder died and stopped renewing: its lease ran out (set in the past, not waited for, so
+    # that a loaded machine cannot let it run out before the check above).
+    batches = first._db.batches
+    await first._db.write(update(batches).where(batches.c.id == "batch_t").values(lease_expires_at=0.0))
     [new] = await second.claim("server-b", 1, lease_seconds=30)
     assert (new.batch_id, new.epoch) == ("batch_t", old.epoch + 1)
 

@@ -33,7 +33,8 @@ class TcpProxy:
         self.port = 0  # known once started
         self.refused = 0  # connections refused while cut
         self._cut = False
-        self._flowing: asyncio.Event | None = None  # cleared while silenced; made on the proxy's loop
+        self._flowing = asyncio.Event()  # cleared while silenced; set and cleared on the proxy's loop
+        self._flowing.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
@@ -41,7 +42,6 @@ class TcpProxy:
 
     def start(self) -> None:
         self._thread.start()
-        self._flowing = self._call(self._new_event())
         self._server = self._call(asyncio.start_server(self._serve, "127.0.0.1", 0))
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -67,13 +67,7 @@ class TcpProxy:
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
 
-    async def _new_event(self) -> asyncio.Event:
-        flowing = asyncio.Event()
-        flowing.set()
-        return flowing
-
     async def _set_flowing(self, flowing: bool) -> None:
-        assert self._flowing is not None
         if flowing:
             self._flowing.set()
         else:
@@ -94,7 +88,6 @@ class TcpProxy:
             self.refused += 1
             client_writer.transport.abort()
             return
-        assert self._flowing is not None
         await self._flowing.wait()  # silenced: the client's connect hangs in the (lost) handshake
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
@@ -112,7 +105,6 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(CHUNK_BYTES):
-                assert self._flowing is not None
                 await self._flowing.wait()  # silenced: held, as the network would lose and resend it
                 if self._cut:
                     break

@@ -136,24 +136,20 @@ class Housekeeper:
     async def _delete_failed(self, expiring: ExpiringFile, exc: Exception) -> None:
         """Make the file due again later, or give it up after MAX_DELETE_TRIES: one log line either way."""
         tries = self._delete_tries.pop(expiring.file_id, 0) + 1
-        error = f"{type(exc).__name__}: {exc}"[:300]
-        if tries >= MAX_DELETE_TRIES:
-            logger.warning(
-                "Giving up deleting an expired result file",
-                file_id=expiring.file_id,
-                batch_id=expiring.batch_id,
-                tries=tries,
-                error=error,
-            )
-            await self.store.file_expired(expiring.file_id)
-            return
+        giving_up = tries >= MAX_DELETE_TRIES
         delay = FIRST_RETRY_SECONDS * 2 ** (tries - 1)
         logger.warning(
-            "Cannot delete an expired result file; trying again later",
+            "Giving up deleting an expired result file"
+            if giving_up
+            else "Cannot delete an expired result file; trying again later",
             file_id=expiring.file_id,
             batch_id=expiring.batch_id,
-            retry_seconds=delay,
-            error=error,
+            tries=tries,
+            retry_seconds=None if giving_up else delay,
+            error=f"{type(exc).__name__}: {exc}"[:300],
         )
+        if giving_up:
+            await self.store.file_expired(expiring.file_id)
+            return
         self._delete_tries[expiring.file_id] = tries
         await self.store.retry_file_at(expiring.file_id, self.clock() + delay)

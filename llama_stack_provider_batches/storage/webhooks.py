@@ -89,10 +89,6 @@ class WebhookStore:
 
     # --- endpoints ------------------------------------------------------------------------------
 
-    async def count_endpoints(self, scope: str) -> int:
-        [(count,)] = await self._db.read(self._count_query(scope))
-        return int(count)
-
     async def create_endpoint(
         self, owner: Owner | None, name: str, url: str, event_types: list[str], secret: str, now: int, limit: int
     ) -> EndpointRecord | None:
@@ -174,7 +170,7 @@ class WebhookStore:
         (rotating is also how an endpoint whose secret was sealed with another key is mended)."""
         table = self._db.endpoints
         values = {"secret": self._box.seal(secret), "updated_at": now, "previous_secret": None, "previous_until": None}
-        if keep_old_for > 0 and self._opens(endpoint.sealed_secret):
+        if keep_old_for > 0 and self._opened(endpoint.sealed_secret) is not None:
             values |= {"previous_secret": endpoint.sealed_secret, "previous_until": time.time() + keep_old_for}
         hint = secret_hint(secret)
         set_hint = (
@@ -218,17 +214,15 @@ class WebhookStore:
 
     def _hint_of(self, sealed: str) -> str | None:
         """The hint of an endpoint stored before hints were: from its secret, if it opens."""
+        secret = self._opened(sealed)
+        return secret_hint(secret) if secret is not None else None
+
+    def _opened(self, sealed: str) -> str | None:
+        """The secret, or None if this server's key does not open it."""
         try:
-            return secret_hint(self._box.open(sealed))
+            return self._box.open(sealed)
         except SecretKeyError:
             return None
-
-    def _opens(self, sealed: str) -> bool:
-        try:
-            self._box.open(sealed)
-        except SecretKeyError:
-            return False
-        return True
 
     # --- events ---------------------------------------------------------------------------------
 

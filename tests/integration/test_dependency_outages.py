@@ -164,7 +164,9 @@ def serves_models(server: ServerProcess) -> bool:
 # Seconds the database stays down, one entry per stop, spread over the batch: a server that blinks
 # again and again, one down for longer than the shipped lease (15 s), and one for a minute and a half.
 RESTARTS = {"2s-x4": (2.0, 2.0, 2.0, 2.0), "20s-x2": (20.0, 20.0), "90s": (90.0,)}
-RESUMED_WITHIN_S = 15  # the design's figure is under 5 s (claims every 2 s, leases probed at once); loaded CI slack
+# The design's figure is under 5 s (claims every 2 s, leases probed at once); the rest is slack for a
+# loaded CI machine, still below the 15 s lease, so that a takeover alone would not pass.
+RESUMED_WITHIN_S = 10
 
 
 @pytest.mark.parametrize("down_seconds", list(RESTARTS.values()), ids=list(RESTARTS))
@@ -210,9 +212,9 @@ def test_database_restarts_during_a_batch_lose_nothing_and_need_no_restart_of_th
     repeated = sum(count - 1 for count in sent)
     # Only what was in flight or not yet stored when the database went can run again: a window of
     # each per replica per outage (a stack whose registry still answers, as OGX's may from its cache,
-    # sends on until results wait for the store). The test allows a third window: with four test
-    # workers on two cores, 41 and 82 came for bounds of 40 and 80, one request over per outage.
-    assert min(sent) >= 1 and repeated <= len(down_seconds) * REPLICAS * 3 * WINDOW
+    # sends on until results wait for the store). The test allows one request more per replica and
+    # outage: with four test workers on two cores, 41 and 82 came for bounds of 40 and 80.
+    assert min(sent) >= 1 and repeated <= len(down_seconds) * REPLICAS * (2 * WINDOW + 1)
     assert all(serves_models(server) for server in replicas)  # the registry reconnected
     record(
         run_dir,

@@ -31,6 +31,14 @@ def run_sql(statement: str) -> int:
     return int(value or 0)
 
 
+def end_connections_of(table: str) -> int:
+    """End the connections that used `table` (this test's own), as a server restart ends them; how many."""
+    return run_sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
+    )
+
+
 @pytest.fixture
 def table() -> str:
     """A kvstore table of this test's own: only its connections are ended, never other tests'."""
@@ -52,10 +60,7 @@ async def test_the_stacks_postgresql_kvstore_answers_again_after_the_server_drop
     kvstore = await kvstore_impl(KVStoreReference(backend="kv_reconnect", namespace="registry"))
     await kvstore.set("model", "m-chat")
     # As a restart does to it: the server ends the store's connections (found by the table they use).
-    ended = run_sql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
-    )
+    ended = end_connections_of(table)
     assert ended >= 1
     assert await kvstore.get("model") == "m-chat"  # its one connection was opened again within the call
     await kvstore.set("model", "m-chat-2")
@@ -76,10 +81,7 @@ async def test_a_failed_reconnect_raises_an_outage_without_the_stores_traceback(
     register_kvstore_backends({"kv_gone": config})
     kvstore = await kvstore_impl(KVStoreReference(backend="kv_gone", namespace="registry"))
     kvstore.config.port = free_port()  # the server is gone: the next connect is refused
-    run_sql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
-    )
+    end_connections_of(table)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(Exception) as raised:
         await kvstore.get("model")
@@ -97,10 +99,7 @@ async def test_a_reconnect_to_a_server_that_never_answers_gives_up_within_its_ti
     kvstore = await kvstore_impl(KVStoreReference(backend="kv_silent", namespace="registry"))
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections and never says a word
         kvstore.config.port = silent.getsockname()[1]
-        run_sql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            f" WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE '%{table}%'"
-        )
+        end_connections_of(table)
         started = time.monotonic()
         with pytest.raises(Exception) as raised:
             await kvstore.get("model")

@@ -180,13 +180,15 @@ async def test_the_engine_gauges_enqueued_tokens_by_model_until_the_batch_ends(
     try:
         batch = await create_chat_batch(provider, files, [chat_line(f"r{i}") for i in range(4)])
         # The tokens count from the admission on; the batch shows its estimate once it is in progress.
-        while not points().get(key) or (running := await provider.retrieve_batch(batch.id)).status != "in_progress":
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not points().get(key) or (running := await provider.retrieve_batch(batch.id)).status != "in_progress":
+                await asyncio.sleep(0.01)
         assert points()[key] == running.model_extra["estimated_input_tokens"] > 0
         assert points()[(telemetry.PREFIX + "enqueued_tokens", frozenset({("model", "local/gone")}))] == 0
         gate.set()
-        while points()[key]:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while points()[key]:
+                await asyncio.sleep(0.01)
     finally:
         gate.set()
         await provider.shutdown()

@@ -552,11 +552,10 @@ async def test_a_store_that_hangs_bounds_what_is_sent_across_two_shard_runs_side
     inference.behaviour = takes_a_while
     monkeypatch.setattr(provider._store.results, "save", hangs)
     batch = await create_chat_batch(provider, files, [chat_line(f"r{n}", f"question {n}") for n in range(60)])
-    for _ in range(100):  # until sending stops
-        sent = len(inference.calls)
-        await asyncio.sleep(0.05)
-        if sent and len(inference.calls) == sent:
-            break
+    async with asyncio.timeout(10):
+        while len(inference.calls) < 20:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # time enough for a 21st, were the bound not kept
     assert len(inference.calls) == 20  # the whole bound is used, and not one request more
     heal.set()
     await asyncio.wait_for(provider._runner.wait_idle(), timeout=20)

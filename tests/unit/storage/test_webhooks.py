@@ -134,7 +134,8 @@ async def test_endpoints_are_listed_per_scope_newest_first(hooks: WebhookStore) 
     rest = await hooks.page_endpoints(scope_of(ALICE), first[0][-1].id, 2)
     assert rest is not None and [e.name for e in rest[0]] == ["e0"] and not rest[1]
     assert await hooks.page_endpoints(scope_of(BOB), made[0].id, 2) is None
-    assert await hooks.count_endpoints(scope_of(ALICE)) == 3
+    listed = await hooks.page_endpoints(scope_of(ALICE), None, 100)
+    assert listed is not None and len(listed[0]) == 3
 
 
 async def test_a_delivery_given_back_untried_is_due_again_with_no_attempt_counted(
@@ -205,6 +206,6 @@ async def test_creates_racing_on_two_replicas_stay_within_the_limit(
         for hooks in (first, second)
     ]
     made = [record for record in await asyncio.gather(*creates) if record is not None]
-    assert len(made) == 3 and await first.count_endpoints(scope_of(ALICE)) == 3
+    assert len(made) == 3
     page = await second.page_endpoints(scope_of(ALICE), None, 10)
     assert page is not None and sorted(e.id for e in page[0]) == sorted(e.id for e in made)
